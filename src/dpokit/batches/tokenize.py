@@ -1,0 +1,112 @@
+"""Pairs → token ids: the prompt once, each completion as the tokens that follow it.
+
+The completion is defined inside the tokenization of prompt+completion, not by tokenizing the
+completion alone: BPE may merge characters across the boundary (": " + "Sure" → ":", " Sure", or a
+single token spanning both), and the model must be scored on the tokens it would actually see. The
+prompt is the longest common prefix of tokenize(prompt), tokenize(prompt+chosen) and
+tokenize(prompt+rejected); whatever follows belongs to the completion, so the two sequences of a pair
+always share an identical prompt.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from dpokit.data.formats import Pair
+
+
+@dataclass
+class TokenizedPair:
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    source: str
+
+    @property
+    def n_tokens(self) -> int:
+        """Tokens of prompt+chosen plus prompt+rejected, as a padded two-sequence batch computes them."""
+        return 2 * len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
+
+
+@dataclass
+class TokenizeReport:
+    pairs: int = 0
+    prompts_truncated: int = 0
+    completions_truncated: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    dropped_sources: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        text = (f"{self.pairs} pairs tokenized; {self.prompts_truncated} prompts and "
+                f"{self.completions_truncated} completions truncated")
+        if self.dropped:
+            shown = ", ".join(self.dropped_sources[:5]) + (" …" if len(self.dropped_sources) > 5 else "")
+            text += "; dropped " + ", ".join(f"{n} ({why})" for why, n in self.dropped.items()) + f": {shown}"
+        return text
+
+
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def render(pair: Pair, tokenizer) -> tuple[list[int], list[int], list[int]]:
+    """Token ids of the prompt, prompt+chosen and prompt+rejected, before boundary resolution."""
+    if pair.conversational:
+        def chat(messages, gen):
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+        texts = [chat(pair.prompt, True), chat(pair.prompt + pair.chosen, False),
+                 chat(pair.prompt + pair.rejected, False)]
+        add_special = False  # the template already wrote BOS and the turn tokens
+    else:
+        eos = tokenizer.eos_token
+        # EOS ends each completion, so the model learns where a good answer stops.
+        chosen = pair.chosen if pair.chosen.endswith(eos) else pair.chosen + eos
+        rejected = pair.rejected if pair.rejected.endswith(eos) else pair.rejected + eos
+        texts = [pair.prompt, pair.prompt + chosen, pair.prompt + rejected]
+        add_special = True
+    ids = tokenizer(texts, add_special_tokens=add_special)["input_ids"]
+    return ids[0], ids[1], ids[2]
+
+
+def tokenize_pair(pair: Pair, tokenizer, max_length: int, max_prompt_length: int | None,
+                  report: TokenizeReport | None = None) -> TokenizedPair | None:
+    """Tokenize and truncate one pair; None (and a count in `report`) if a completion would vanish."""
+    report = report if report is not None else TokenizeReport()
+    prompt_ids, full_chosen, full_rejected = render(pair, tokenizer)
+    n = min(common_prefix_length(prompt_ids, full_chosen), common_prefix_length(prompt_ids, full_rejected))
+    prompt, chosen, rejected = prompt_ids[:n], full_chosen[n:], full_rejected[n:]
+
+    # Keep the latest turns of a long prompt: the end of a dialogue is what the answer responds to.
+    if max_prompt_length is not None and len(prompt) > max_prompt_length:
+        prompt = prompt[len(prompt) - max_prompt_length:]
+        report.prompts_truncated += 1
+    budget = max_length - len(prompt)
+    for name in ("chosen", "rejected"):
+        ids = chosen if name == "chosen" else rejected
+        if len(ids) > budget:
+            report.completions_truncated += 1
+            ids = ids[:max(budget, 0)]
+        if not ids:
+            reason = "prompt_fills_max_length" if budget <= 0 else f"empty_{name}_tokens"
+            report.dropped[reason] += 1
+            report.dropped_sources.append(pair.source)
+            return None
+        if name == "chosen":
+            chosen = ids
+        else:
+            rejected = ids
+    report.pairs += 1
+    return TokenizedPair(prompt, chosen, rejected, pair.source)
+
+
+def tokenize_pairs(pairs: list[Pair], tokenizer, max_length: int,
+                   max_prompt_length: int | None) -> tuple[list[TokenizedPair], TokenizeReport]:
+    report = TokenizeReport()
+    out = [t for p in pairs if (t := tokenize_pair(p, tokenizer, max_length, max_prompt_length, report))]
+    return out, report

@@ -1,0 +1,103 @@
+"""`dpokit` command line. Flags are generated from TrainConfig, so `--help` always matches the code."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import fields
+
+from dpokit.config import ConfigError, TrainConfig
+
+
+def _parse_optional(kind):
+    def parse(text: str):
+        return None if text.lower() in ("none", "null") else kind(text)
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field; unset flags stay absent so YAML values are not overridden."""
+    parser.add_argument("--config", help="YAML file of options (keys as below, with _ or -); flags override it")
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata["help"] + (f" (default: {f.default})" if f.default is not None else "")
+        kind = f.type if isinstance(f.type, str) else f.type.__name__
+        base = kind.replace("| None", "").strip()
+        if base == "bool":
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=help_text)
+            continue
+        convert = {"int": int, "float": float, "str": str}[base]
+        if "None" in kind:
+            convert = _parse_optional(convert)
+        parser.add_argument(flag, dest=f.name, type=convert, default=argparse.SUPPRESS,
+                            choices=f.metadata.get("choices"), metavar=base.upper() if not f.metadata.get("choices")
+                            else None, help=help_text)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    if args.config:
+        return TrainConfig.from_yaml(args.config, overrides=values)
+    return TrainConfig.from_dict(values, source="command line")
+
+
+def cmd_train(args) -> int:
+    from dpokit.loop import train
+    cfg = config_from_args(args)
+    result = train(cfg)
+    if result.eval_before and result.eval_after:
+        b, a = result.eval_before, result.eval_after
+        print(f"held-out implicit-reward accuracy: {b['eval/rewards/accuracies']:.3f} before → "
+              f"{a['eval/rewards/accuracies']:.3f} after")
+    return 0
+
+
+def cmd_data_check(args) -> int:
+    from dpokit.batches import tokenize_pairs
+    from dpokit.data import load_pairs
+    from dpokit.models import load_tokenizer
+    tokenizer = load_tokenizer(args.model)
+    for path in args.files:
+        pairs, report = load_pairs(path, args.on_bad_row)
+        print(report.summary())
+        _, tok_report = tokenize_pairs(pairs, tokenizer, args.max_length, args.max_prompt_length)
+        print("  " + tok_report.summary())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dpokit", description="Align a language model from preference pairs "
+                                     "with Direct Preference Optimization.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_train = sub.add_parser("train", help="train with DPO (no arguments: embedded model and built-in pairs)",
+                             description="Train with DPO. Every option can also be set in a YAML --config.")
+    add_config_flags(p_train)
+    p_train.set_defaults(func=cmd_train)
+
+    p_data = sub.add_parser("data", help="inspect preference files")
+    data_sub = p_data.add_subparsers(dest="data_command", required=True)
+    p_check = data_sub.add_parser("check", help="load and tokenize files, reporting formats, bad rows, truncation")
+    p_check.add_argument("files", nargs="+")
+    p_check.add_argument("--model", default="embedded", help="tokenizer to use (default: embedded)")
+    p_check.add_argument("--max-length", type=int, default=TrainConfig.max_length)
+    p_check.add_argument("--max-prompt-length", type=_parse_optional(int), default=TrainConfig.max_prompt_length)
+    p_check.add_argument("--on-bad-row", choices=("error", "skip"), default="error")
+    p_check.set_defaults(func=cmd_data_check)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from dpokit.data import DataError
+    from dpokit.models.load import ModelError
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, ModelError, FileNotFoundError) as e:
+        print(f"dpokit: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,14 @@
+"""Stage 1 — data: read preference files of any supported format into `Pair`s, or fail precisely."""
+
+from importlib import resources
+
+from dpokit.data.errors import DataError
+from dpokit.data.formats import LoadReport, Pair, load_pairs
+
+
+def builtin_path(name: str) -> str:
+    """Path of a preference file shipped inside dpokit ("helpful_train", "helpful_eval")."""
+    return str(resources.files("dpokit.data") / "builtin" / f"{name}.jsonl")
+
+
+__all__ = ["DataError", "LoadReport", "Pair", "builtin_path", "load_pairs"]

@@ -1,0 +1,162 @@
+"""Turn raw rows into preference pairs, detecting the format of each file.
+
+Three formats, decided per file from its first valid row and then required of every row:
+- explicit: `prompt`, `chosen`, `rejected` strings;
+- implicit: `chosen`, `rejected` full texts; the prompt is their longest common prefix cut back to the
+  end of the last assistant turn marker inside it (Anthropic HH's "\\n\\nHuman: … \\n\\nAssistant:");
+- conversational: `chosen`/`rejected` (and optionally `prompt`) are lists of {role, content} messages.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Union
+
+from dpokit.data.errors import DataError
+from dpokit.data.readers import read_rows
+
+Messages = list[dict]
+Text = Union[str, Messages]
+
+ROLES = ("system", "user", "assistant", "tool")
+# Where an assistant turn begins in raw dialogue text; the implicit prompt ends right after one of these.
+TURN_MARKERS = ("\n\nAssistant:", "\nAssistant:", "<|im_start|>assistant\n", "[/INST]",
+                "<|start_header_id|>assistant<|end_header_id|>\n\n", "<start_of_turn>model\n")
+
+
+@dataclass
+class Pair:
+    prompt: Text
+    chosen: Text
+    rejected: Text
+    source: str  # "file:line", carried along so later stages (tokenization, training) can name the row
+    conversational: bool = False
+
+
+@dataclass
+class LoadReport:
+    path: str
+    format: str = "unknown"
+    rows: int = 0
+    skipped: Counter = field(default_factory=Counter)
+
+    def summary(self) -> str:
+        text = f"{self.path}: {self.rows} pairs, format {self.format}"
+        if self.skipped:
+            text += "; skipped " + ", ".join(f"{n} {why}" for why, n in sorted(self.skipped.items()))
+        return text
+
+
+def detect_format(row: dict) -> str:
+    chosen = row.get("chosen")
+    if isinstance(chosen, list):
+        return "conversational"
+    if "prompt" in row:
+        return "explicit"
+    return "implicit"
+
+
+def load_pairs(path: str, on_bad_row: str = "error") -> tuple[list[Pair], LoadReport]:
+    """Read every row of `path` as a Pair. Bad rows raise DataError, or with on_bad_row="skip" are
+    counted by reason in the report (never dropped silently)."""
+    if on_bad_row not in ("error", "skip"):
+        raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
+    report, pairs, fmt = LoadReport(path), [], None
+    for line, row in read_rows(path):
+        try:
+            if fmt is None:
+                fmt = detect_format(row)
+                report.format = fmt
+            pairs.append(parse_row(row, fmt, path, line))
+        except DataError as e:
+            if on_bad_row == "error":
+                raise
+            report.skipped[e.reason] += 1
+    report.rows = len(pairs)
+    if not pairs:
+        raise DataError(path, None, None, "no usable preference pairs" +
+                        (f" ({report.summary()})" if report.skipped else ""), reason="empty")
+    return pairs, report
+
+
+def parse_row(row: dict, fmt: str, path: str, line: int) -> Pair:
+    def fail(fieldname, message, reason):
+        raise DataError(path, line, fieldname, message, reason=reason)
+
+    for key in ("chosen", "rejected") + (("prompt",) if fmt == "explicit" else ()):
+        if key not in row or row[key] is None:
+            fail(key, f"missing (a {fmt}-format file needs it in every row)", "missing_field")
+    source = f"{path}:{line}"
+
+    if fmt == "conversational":
+        chosen = _messages(row["chosen"], "chosen", fail)
+        rejected = _messages(row["rejected"], "rejected", fail)
+        if row.get("prompt") is not None:
+            prompt = _messages(row["prompt"], "prompt", fail)
+        else:  # implicit conversational: the shared leading messages are the prompt
+            n = 0
+            while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+                n += 1
+            prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+        if not prompt:
+            fail("prompt", "no prompt messages", "empty_prompt")
+        for key, msgs in (("chosen", chosen), ("rejected", rejected)):
+            if not msgs or not any(m["content"].strip() for m in msgs):
+                fail(key, "empty completion", "empty_completion")
+            if msgs[0]["role"] != "assistant":
+                fail(key, f"completion must start with an assistant message, got role '{msgs[0]['role']}'",
+                     "bad_role")
+        if chosen == rejected:
+            fail("rejected", "identical to chosen: the pair carries no preference", "chosen_equals_rejected")
+        return Pair(prompt, chosen, rejected, source, conversational=True)
+
+    for key in ("chosen", "rejected") + (("prompt",) if fmt == "explicit" else ()):
+        if not isinstance(row[key], str):
+            fail(key, f"expected a string, got {type(row[key]).__name__} (this file is {fmt} format)", "wrong_type")
+    if fmt == "explicit":
+        prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
+    else:
+        prompt, chosen, rejected = split_implicit(row["chosen"], row["rejected"], fail)
+    if not prompt.strip():
+        fail("prompt", "empty prompt", "empty_prompt")
+    for key, text in (("chosen", chosen), ("rejected", rejected)):
+        if not text.strip():
+            fail(key, "empty completion", "empty_completion")
+    if chosen == rejected:
+        fail("rejected", "identical to chosen: the pair carries no preference", "chosen_equals_rejected")
+    return Pair(prompt, chosen, rejected, source)
+
+
+def split_implicit(chosen: str, rejected: str, fail) -> tuple[str, str, str]:
+    """Prompt = longest common prefix of the two texts, cut back to the end of the last turn marker in it.
+
+    Cutting back matters: two answers that both begin " Sure" share that word, but it is part of the
+    completions, not of the prompt."""
+    n = 0
+    limit = min(len(chosen), len(rejected))
+    while n < limit and chosen[n] == rejected[n]:
+        n += 1
+    if n == len(chosen) and n == len(rejected):
+        fail("rejected", "identical to chosen: the pair carries no preference", "chosen_equals_rejected")
+    common = chosen[:n]
+    cut = max((common.rfind(m) + len(m) for m in TURN_MARKERS if m in common), default=-1)
+    if cut <= 0:
+        fail("chosen", "implicit format: no assistant turn marker (e.g. '\\n\\nAssistant:') in the text shared "
+             "by chosen and rejected; give an explicit 'prompt' field", "no_prompt_boundary")
+    return chosen[:cut], chosen[cut:], rejected[cut:]
+
+
+def _messages(value, key: str, fail) -> Messages:
+    if not isinstance(value, list):
+        fail(key, f"expected a list of {{role, content}} messages, got {type(value).__name__}", "wrong_type")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            fail(f"{key}[{i}]", "expected a {role, content} message", "bad_message")
+        if m["role"] not in ROLES:
+            fail(f"{key}[{i}].role", f"unknown role {m['role']!r}; expected one of {', '.join(ROLES)}", "bad_role")
+        if not isinstance(m["content"], str):
+            fail(f"{key}[{i}].content", f"expected a string, got {type(m['content']).__name__}", "wrong_type")
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
