@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # transformers' per-load progress bars ("Loading weights …") drown dpokit's own report
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
     from dpokit.data import DataError
     from dpokit.models.load import ModelError
     try:

@@ -65,6 +65,8 @@ def load_pairs(path: str, on_bad_row: str = "error") -> tuple[list[Pair], LoadRe
     report, pairs, fmt = LoadReport(path), [], None
     for line, row in read_rows(path):
         try:
+            if isinstance(row, DataError):
+                raise row
             if fmt is None:
                 fmt = detect_format(row)
                 report.format = fmt

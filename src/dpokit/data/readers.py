@@ -1,7 +1,9 @@
 """Read rows out of preference files: JSONL, JSON, Parquet, CSV, saved `datasets` folders, hub names.
 
 Every reader yields `(line, row)` where `line` is what a user would look up in the file (1-based line
-for JSONL/CSV, 1-based row index otherwise), so every later error can point at it.
+for JSONL/CSV, 1-based row index otherwise), so every later error can point at it. A row that cannot
+be parsed is yielded as a `DataError` in place of the dict, so the caller decides whether to stop or
+to skip and count it; problems with the whole file raise.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 from dpokit.data.errors import DataError
 
 
-def read_rows(path: str) -> Iterator[tuple[int, dict]]:
+def read_rows(path: str) -> Iterator[tuple[int, dict | DataError]]:
     """Yield `(line, row_dict)` from a file, a saved `datasets` folder, or a `datasets` hub name."""
     p = Path(path)
     if p.is_dir():
@@ -39,17 +41,15 @@ def read_rows(path: str) -> Iterator[tuple[int, dict]]:
                         reason="unknown_format")
 
 
-def _decode(path: Path, line: int, raw: bytes) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(str(path), line, None, f"invalid UTF-8 at byte {e.start}", reason="invalid_utf8") from None
-
-
-def _read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+def _read_jsonl(path: Path) -> Iterator[tuple[int, dict | DataError]]:
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, start=1):
-            text = _decode(path, line_no, raw)
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield line_no, DataError(str(path), line_no, None, f"invalid UTF-8 at byte {e.start}",
+                                         reason="invalid_utf8")
+                continue
             if line_no == 1:
                 text = text.removeprefix("\ufeff")  # a BOM is an encoding artefact, not data
             if not text.strip():
@@ -57,16 +57,20 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
             try:
                 row = json.loads(text)
             except json.JSONDecodeError as e:
-                raise DataError(str(path), line_no, None, f"invalid JSON: {e.msg} (column {e.colno})",
-                                reason="invalid_json") from None
+                yield line_no, DataError(str(path), line_no, None, f"invalid JSON: {e.msg} (column {e.colno})",
+                                         reason="invalid_json")
+                continue
             if not isinstance(row, dict):
-                raise DataError(str(path), line_no, None, f"expected a JSON object, got {type(row).__name__}",
+                row = DataError(str(path), line_no, None, f"expected a JSON object, got {type(row).__name__}",
                                 reason="not_an_object")
             yield line_no, row
 
 
-def _read_json(path: Path) -> Iterator[tuple[int, dict]]:
-    text = _decode(path, 1, path.read_bytes()).removeprefix("\ufeff")
+def _read_json(path: Path) -> Iterator[tuple[int, dict | DataError]]:
+    try:
+        text = path.read_bytes().decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        raise DataError(str(path), None, None, f"invalid UTF-8 at byte {e.start}", reason="invalid_utf8") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -78,7 +82,7 @@ def _read_json(path: Path) -> Iterator[tuple[int, dict]]:
         raise DataError(str(path), None, None, "expected a JSON array of objects", reason="not_an_object")
     for i, row in enumerate(data, start=1):
         if not isinstance(row, dict):
-            raise DataError(str(path), i, None, f"row {i}: expected a JSON object, got {type(row).__name__}",
+            row = DataError(str(path), i, None, f"expected a JSON object, got {type(row).__name__}",
                             reason="not_an_object")
         yield i, row
 
@@ -89,7 +93,7 @@ def _read_csv(path: Path) -> Iterator[tuple[int, dict]]:
         try:
             for row in reader:
                 if None in row:
-                    raise DataError(str(path), reader.line_num, None, "more values than header columns",
+                    row = DataError(str(path), reader.line_num, None, "more values than header columns",
                                     reason="invalid_csv")
                 yield reader.line_num, row
         except UnicodeDecodeError as e:

@@ -17,8 +17,12 @@ from torch.utils.checkpoint import checkpoint
 CHUNK_ELEMENTS = 2**25
 
 
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _token_logps(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor) -> torch.Tensor:
-    logits = head(hidden).float()
+    logits = _at_least_fp32(head(hidden))
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
@@ -34,7 +38,7 @@ def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     """Sum of log π(token | prefix) over completion tokens, per row.
 
     input_ids, attention_mask, completion_mask: [N, T]; completion_mask marks the tokens to score.
-    Returns [N] fp32. Token t is predicted from position t-1, so the first token of a row is never scored.
+    Returns [N] in fp32 (fp64 for an fp64 model). Token t is predicted from position t-1, so the first token of a row is never scored.
     """
     if not _has_plain_head(model):
         return sequence_logps_full(model, input_ids, attention_mask, completion_mask, position_ids)
@@ -56,7 +60,7 @@ def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
             parts.append(checkpoint(_token_logps, s, head, t, use_reentrant=False) if recompute
                          else _token_logps(s, head, t))
         token_logps = torch.cat(parts)
-    out = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
+    out = torch.zeros(input_ids.shape[0], dtype=token_logps.dtype, device=input_ids.device)
     return out.index_add(0, rows, token_logps)
 
 
@@ -64,7 +68,8 @@ def sequence_logps_full(model, input_ids: torch.Tensor, attention_mask: torch.Te
                         completion_mask: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Same result as `sequence_logps`, from the model's full [N, T, vocab] logits (simple, memory-hungry)."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   use_cache=False).logits[:, :-1].float()
+                   use_cache=False).logits[:, :-1]
+    logits = _at_least_fp32(logits)
     token_logps = F.log_softmax(logits, dim=-1).gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
     return (token_logps * completion_mask[:, 1:]).sum(-1)
 

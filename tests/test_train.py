@@ -1,0 +1,117 @@
+"""Stage 5: the loop on tiny random models — ln 2 at step 0, overfitting, resume, config, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import write_jsonl
+from dpokit import ConfigError, TrainConfig, train
+from dpokit.cli import main
+
+
+def _metrics(out) -> list[dict]:
+    return [json.loads(line) for line in open(out / "metrics.jsonl")]
+
+
+def _quiet(*_args):
+    pass
+
+
+def test_first_step_loss_is_exactly_ln2_and_metrics_use_trl_names(tmp_path, tiny_model_dir, explicit_rows):
+    data = write_jsonl(tmp_path / "d.jsonl", explicit_rows)
+    result = train(model=tiny_model_dir, data=data, output_dir=str(tmp_path / "run"), max_steps=2,
+                   batch_size=4, progress=False, log=_quiet)
+    first = _metrics(result.output_dir)[0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-7)
+    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                "logps/chosen", "logps/rejected", "lr", "grad_norm", "pairs_per_s", "tokens_per_s"):
+        assert key in first
+    assert first["rewards/margins"] == 0.0
+
+
+def test_overfits_eight_pairs_to_full_accuracy(tmp_path, tiny_model_dir, explicit_rows):
+    data = write_jsonl(tmp_path / "d.jsonl", explicit_rows)
+    result = train(model=tiny_model_dir, data=data, eval_data=data, output_dir=str(tmp_path / "run"),
+                   max_steps=30, batch_size=8, lr=3e-3, warmup_steps=0, beta=0.5, progress=False, log=_quiet)
+    assert result.eval_before["eval/rewards/accuracies"] == 0.0  # policy == reference: every margin is 0
+    assert result.eval_after["eval/rewards/accuracies"] == 1.0
+    assert result.eval_after["eval/rewards/margins"] > 1.0
+    from transformers import AutoModelForCausalLM
+    reloaded = AutoModelForCausalLM.from_pretrained(result.final_dir)
+    assert isinstance(reloaded, torch.nn.Module)
+    assert (result.output_dir / "config.yaml").is_file()
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_model_dir, explicit_rows):
+    data = write_jsonl(tmp_path / "d.jsonl", explicit_rows)
+    common = dict(model=tiny_model_dir, data=data, max_steps=6, batch_size=2, grad_accum=2, lr=1e-3,
+                  warmup_steps=2, lr_scheduler="cosine", progress=False, log=_quiet)
+    full = train(output_dir=str(tmp_path / "full"), **common)
+    # same run, stopped after step 2's checkpoint, then resumed to the end
+    part = tmp_path / "part"
+    train(output_dir=str(part), save_every=2, **{**common, "max_steps": 6})
+    import shutil
+    for later in ("step-0000004",):
+        shutil.rmtree(part / "checkpoints" / later)  # pretend the run died after step 2
+    resumed = train(output_dir=str(part), save_every=2, resume="auto", **common)
+    a = load_file(full.final_dir / "model.safetensors")
+    b = load_file(resumed.final_dir / "model.safetensors")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    losses_full = [m["loss"] for m in _metrics(full.output_dir) if "loss" in m]
+    losses_resumed = [m["loss"] for m in _metrics(part) if "loss" in m]
+    assert losses_resumed[-4:] == losses_full[-4:]
+
+
+def test_label_smoothing_and_rmsprop_run(tmp_path, tiny_model_dir, explicit_rows):
+    data = write_jsonl(tmp_path / "d.jsonl", explicit_rows)
+    result = train(model=tiny_model_dir, data=data, output_dir=str(tmp_path / "run"), max_steps=2,
+                   label_smoothing=0.1, optimizer="rmsprop", progress=False, log=_quiet)
+    assert math.isfinite(_metrics(result.output_dir)[-1]["loss"])
+
+
+def test_bad_config_is_refused_with_key_and_range(tmp_path):
+    with pytest.raises(ConfigError, match=r"beta = -1.0 is out of range: must be > 0"):
+        TrainConfig.from_dict({"beta": -1})
+    with pytest.raises(ConfigError, match=r"batch_size = 0 is out of range"):
+        TrainConfig.from_dict({"batch_size": 0})
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) betaa"):
+        TrainConfig.from_dict({"betaa": 0.1})
+    (tmp_path / "c.yaml").write_text("lr: fast\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: lr expects float, got str"):
+        TrainConfig.from_yaml(str(tmp_path / "c.yaml"))
+
+
+def test_cli_yaml_with_flag_override(tmp_path, tiny_model_dir, explicit_rows, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", explicit_rows)
+    out = tmp_path / "run"
+    (tmp_path / "c.yaml").write_text(f"model: {tiny_model_dir}\ndata: {data}\nbeta: 0.3\nmax-steps: 5\n"
+                                     f"output_dir: {out}\n")
+    assert main(["train", "--config", str(tmp_path / "c.yaml"), "--max-steps", "1", "--no-progress"]) == 0
+    resolved = (out / "config.yaml").read_text()
+    assert "beta: 0.3" in resolved and "max_steps: 1" in resolved
+    assert len([m for m in _metrics(out) if "loss" in m]) == 1
+
+
+def test_cli_reports_bad_data_without_a_traceback(tmp_path, tiny_model_dir, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Q", "chosen": " a", "rejected": " a"}])
+    code = main(["train", "--model", tiny_model_dir, "--data", data, "--output-dir", str(tmp_path / "r")])
+    assert code == 2
+    assert f"{data}:1: field 'rejected' identical to chosen" in capsys.readouterr().err
+
+
+def test_train_help_documents_every_option(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--model", "--ref-model", "--data", "--eval-data", "--output-dir", "--config", "--beta",
+                 "--label-smoothing", "--lr", "--optimizer", "--batch-size", "--grad-accum", "--max-steps",
+                 "--epochs", "--warmup-steps", "--max-length", "--max-prompt-length", "--seed", "--save-every",
+                 "--resume"):
+        assert flag in text, flag
+    assert "default: 0.1" in text
