@@ -107,7 +107,7 @@ def test_skip_counts_every_bad_row_by_reason(tmp_path):
     assert len(pairs) == 2
     assert dict(report.skipped) == {"missing_field": 1, "chosen_equals_rejected": 1, "invalid_json": 1,
                                     "wrong_type": 1}
-    assert "skipped" in report.summary()
+    assert "skipped" in report.summary() and "line 2 (missing_field)" in report.summary()
 
 
 def test_invalid_utf8_and_bom(tmp_path):

@@ -36,10 +36,14 @@ class TokenizeReport:
     completions_truncated: int = 0
     dropped: Counter = field(default_factory=Counter)
     dropped_sources: list[str] = field(default_factory=list)
+    lengths: dict[str, list[int]] = field(default_factory=lambda: {"prompt": [], "chosen": [], "rejected": []})
 
     def summary(self) -> str:
         text = (f"{self.pairs} pairs tokenized; {self.prompts_truncated} prompts and "
                 f"{self.completions_truncated} completions truncated")
+        if self.pairs:
+            text += "; tokens mean/max " + ", ".join(
+                f"{k} {sum(v) / len(v):.0f}/{max(v)}" for k, v in self.lengths.items())
         if self.dropped:
             shown = ", ".join(self.dropped_sources[:5]) + (" …" if len(self.dropped_sources) > 5 else "")
             text += "; dropped " + ", ".join(f"{n} ({why})" for why, n in self.dropped.items()) + f": {shown}"
@@ -102,6 +106,8 @@ def tokenize_pair(pair: Pair, tokenizer, max_length: int, max_prompt_length: int
         else:
             rejected = ids
     report.pairs += 1
+    for key, ids in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
+        report.lengths[key].append(len(ids))
     return TokenizedPair(prompt, chosen, rejected, pair.source)
 
 

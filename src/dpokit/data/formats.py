@@ -40,11 +40,14 @@ class LoadReport:
     format: str = "unknown"
     rows: int = 0
     skipped: Counter = field(default_factory=Counter)
+    skipped_lines: list[str] = field(default_factory=list)  # "line N (reason)", in file order
 
     def summary(self) -> str:
         text = f"{self.path}: {self.rows} pairs, format {self.format}"
         if self.skipped:
             text += "; skipped " + ", ".join(f"{n} {why}" for why, n in sorted(self.skipped.items()))
+            shown = self.skipped_lines[:10]
+            text += " at " + ", ".join(shown) + (" …" if len(self.skipped_lines) > len(shown) else "")
         return text
 
 
@@ -75,6 +78,7 @@ def load_pairs(path: str, on_bad_row: str = "error") -> tuple[list[Pair], LoadRe
             if on_bad_row == "error":
                 raise
             report.skipped[e.reason] += 1
+            report.skipped_lines.append(f"line {e.line} ({e.reason})")
     report.rows = len(pairs)
     if not pairs:
         raise DataError(path, None, None, "no usable preference pairs" +

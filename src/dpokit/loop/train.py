@@ -12,7 +12,6 @@ import copy
 import json
 import math
 import random
-import statistics
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -64,17 +63,11 @@ def load_data(cfg: TrainConfig, tokenizer, log) -> tuple[list[TokenizedPair], li
         pairs, report = load_pairs(path, cfg.on_bad_row)
         tokenized, tok_report = tokenize_pairs(pairs, tokenizer, cfg.max_length, cfg.max_prompt_length)
         log(f"{role} data: {report.summary()}")
-        log(f"  {tok_report.summary()}; mean tokens prompt {_mean(t.prompt_ids for t in tokenized):.0f}, "
-            f"chosen {_mean(t.chosen_ids for t in tokenized):.0f}, rejected {_mean(t.rejected_ids for t in tokenized):.0f}")
+        log(f"  {tok_report.summary()}")
         if not tokenized:
             raise ValueError(f"{path}: no pair survived tokenization ({tok_report.summary()})")
         out.append(tokenized)
     return out[0], out[1]
-
-
-def _mean(seqs) -> float:
-    lengths = [len(s) for s in seqs]
-    return statistics.fmean(lengths) if lengths else 0.0
 
 
 def train(config: TrainConfig | None = None, log=print, **overrides) -> TrainResult:
