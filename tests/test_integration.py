@@ -60,7 +60,8 @@ def test_parity_with_trl_dpotrainer(tmp_path, embedded):
     # dpokit: same pairs, log-probs of the (identical) policy and reference, loss at step 0
     tokenized, _ = tokenize_pairs(pairs, tokenizer, 1024, None)
     with torch.no_grad():
-        chosen, rejected = pair_logps(model, collate(tokenized, tokenizer.pad_token_id))
+        logps = pair_logps(model, collate(tokenized, tokenizer.pad_token_id))
+    chosen, rejected = logps.chosen, logps.rejected
     losses, _, _ = dpo_loss(chosen, rejected, chosen, rejected, beta=0.1)
 
     # TRL: explicit prompt/chosen/rejected, so both tools split the texts alike; fp32 (bf16=False)

@@ -29,7 +29,8 @@ def test_padded_batch_equals_one_sequence_at_a_time(tokenizer, explicit_rows):
     model = make_tiny_model(len(tokenizer))
     pairs = _pairs(tokenizer, explicit_rows)
     with torch.no_grad():
-        chosen, rejected = pair_logps(model, collate(pairs, tokenizer.pad_token_id))
+        logps = pair_logps(model, collate(pairs, tokenizer.pad_token_id))
+        chosen, rejected = logps.chosen, logps.rejected
         for i, p in enumerate(pairs):
             for ids, expected in ((p.chosen_ids, chosen[i]), (p.rejected_ids, rejected[i])):
                 x = torch.tensor([p.prompt_ids + ids])

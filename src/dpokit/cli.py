@@ -23,7 +23,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata["help"] + (f" (default: {f.default})" if f.default is not None else "")
         kind = f.type if isinstance(f.type, str) else f.type.__name__
-        base = kind.replace("| None", "").strip()
+        base = kind.replace("| None", "").replace("| list", "").strip()  # lists come in as "a,b" on the CLI
         if base == "bool":
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=help_text)

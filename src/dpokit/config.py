@@ -34,9 +34,32 @@ class TrainConfig:
     eval_data: str | None = opt(None, "held-out pairs for evaluation; default: the built-in held-out set when "
                                 "--data is not given, else none")
     output_dir: str = opt("runs/dpo", "where metrics.jsonl, config.yaml, checkpoints and final/ are written")
-    # objective
-    beta: float = opt(0.1, "DPO inverse temperature β: strength of the KL penalty to the reference (> 0)")
-    label_smoothing: float = opt(0.0, "cDPO: assumed probability ε that a preference label is flipped, in [0, 0.5)")
+    # objective (see `dpokit losses`)
+    loss: str | list = opt("sigmoid", "objective(s), comma-separated: e.g. sigmoid (DPO), ipo, simpo, orpo, "
+                           "sigmoid,sft (RPO); `dpokit losses` lists them all")
+    loss_weights: str | list | None = opt(None, "weights of the --loss objectives, comma-separated (default: all 1)")
+    beta: float = opt(0.1, "DPO inverse temperature β: strength of the KL penalty to the reference (> 0); "
+                      "τ for ipo, β for simpo (its paper uses 2–2.5)")
+    label_smoothing: float = opt(0.0, "label-flip probability ε in [0, 0.5): cDPO for sigmoid, rDPO's ε for "
+                                 "robust, EXO's ε (must be > 0) for exo_pair; also aot, cpo, simpo")
+    ipo_normalize: str = opt("token", "ipo: divide log-ratios by completion length ('token', TRL and the IPO "
+                             "authors' reported setting) or not ('sum', the authors' reference code)",
+                             ("token", "sum"))
+    f_divergence: str = opt("reverse_kl", "divergence to the reference (Wang 2023); reverse_kl is DPO",
+                            ("reverse_kl", "forward_kl", "js", "alpha"))
+    f_alpha: float = opt(0.5, "α of --f-divergence alpha")
+    use_weighting: bool = opt(False, "WPO (Zhou 2024): weight each pair by its length-normalised probability "
+                              "under the policy")
+    ld_alpha: float | None = opt(None, "LD-DPO (Liu 2024): weight in [0, 1] of tokens beyond the shorter "
+                                 "completion's length (null: off)")
+    sync_ref_every: int = opt(0, "TR-DPO (Gorbatovski 2024): every N steps move the reference toward the "
+                              "policy (0: frozen reference)")
+    sync_ref_alpha: float = opt(0.6, "TR-DPO mix: π_ref ← α·π + (1 − α)·π_ref")
+    cpo_alpha: float = opt(1.0, "cpo: weight of the NLL(chosen) term")
+    simpo_gamma: float = opt(0.5, "simpo: target reward margin γ")
+    orpo_lambda: float = opt(0.1, "orpo: weight λ of the odds-ratio term")
+    dpop_lambda: float = opt(50.0, "dpop: weight λ of the penalty on the chosen log-prob falling below the reference")
+    discopop_tau: float = opt(0.05, "discopop: temperature τ of the modulation (the paper's value)")
     # optimisation
     lr: float = opt(5e-6, "peak learning rate")
     optimizer: str = opt("adamw", "optimizer; the DPO paper used rmsprop", ("adamw", "rmsprop"))
@@ -90,6 +113,7 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(f"{key} = {getattr(self, key)!r} is out of range: {allowed}")
 
+        self._validate_objectives()
         need(self.beta > 0, "beta", "must be > 0")
         need(0 <= self.label_smoothing < 0.5, "label_smoothing", "must be in [0, 0.5)")
         need(self.lr >= 0, "lr", "must be >= 0")
@@ -112,11 +136,78 @@ class TrainConfig:
             if choices:
                 need(getattr(self, f.name) in choices, f.name, f"must be one of {', '.join(choices)}")
 
+    @property
+    def loss_names(self) -> list[str]:
+        return _as_list(self.loss)
+
+    @property
+    def loss_weight_values(self) -> list[float]:
+        if self.loss_weights is None:
+            return [1.0] * len(self.loss_names)
+        return [float(w) for w in _as_list(self.loss_weights)]
+
+    def _validate_objectives(self) -> None:
+        from dpokit.objectives.registry import OBJECTIVES  # late: objectives import torch
+
+        names = self.loss_names
+        unknown = [n for n in names if n not in OBJECTIVES]
+        if not names or unknown:
+            raise ConfigError(f"loss = {self.loss!r}: unknown objective(s) {unknown}; choose from "
+                              f"{', '.join(OBJECTIVES)} (`dpokit losses` describes them)")
+        if len(set(names)) != len(names):
+            raise ConfigError(f"loss = {self.loss!r}: an objective is listed twice")
+        try:
+            weights = self.loss_weight_values
+        except (TypeError, ValueError):
+            raise ConfigError(f"loss_weights = {self.loss_weights!r}: expected numbers") from None
+        if len(weights) != len(names) or any(w < 0 for w in weights):
+            raise ConfigError(f"loss_weights = {self.loss_weights!r}: need {len(names)} non-negative weight(s), "
+                              f"one per objective in {names}")
+        used = {key for n in names for key in OBJECTIVES[n].options}
+        defaults = {f.name: f.default for f in fields(self)}
+        for key in ("label_smoothing", "ipo_normalize", "cpo_alpha", "simpo_gamma", "orpo_lambda", "dpop_lambda",
+                    "discopop_tau"):
+            if getattr(self, key) != defaults[key] and key not in used:
+                owners = [n for n, o in OBJECTIVES.items() if key in o.options]
+                raise ConfigError(f"{key} = {getattr(self, key)!r} has no effect on loss {','.join(names)}: "
+                                  f"it is used by {', '.join(owners)}; remove it or change --loss")
+        if "exo_pair" in names and self.label_smoothing <= 0:
+            raise ConfigError("loss exo_pair needs label_smoothing > 0 (EXO's ε; log ε is in the loss), "
+                              "e.g. --label-smoothing 0.001")
+        with_ref = any(OBJECTIVES[n].reference for n in names)
+        for key, active in (("f_divergence", self.f_divergence != "reverse_kl"),
+                            ("ld_alpha", self.ld_alpha is not None), ("sync_ref_every", self.sync_ref_every > 0),
+                            ("ref_model", self.ref_model is not None)):
+            if active and not with_ref:
+                raise ConfigError(f"{key} = {getattr(self, key)!r} needs a reference model, but loss "
+                                  f"{','.join(names)} is reference-free; remove it or add a reference objective")
+        if self.f_alpha != defaults["f_alpha"] and self.f_divergence != "alpha":
+            raise ConfigError(f"f_alpha = {self.f_alpha} only applies with f_divergence alpha")
+        if self.sync_ref_alpha != defaults["sync_ref_alpha"] and not self.sync_ref_every:
+            raise ConfigError(f"sync_ref_alpha = {self.sync_ref_alpha} only applies with sync_ref_every > 0")
+        if self.ld_alpha is not None and not 0 <= self.ld_alpha <= 1:
+            raise ConfigError(f"ld_alpha = {self.ld_alpha} is out of range: must be in [0, 1]")
+        if not 0 < self.sync_ref_alpha <= 1:
+            raise ConfigError(f"sync_ref_alpha = {self.sync_ref_alpha} is out of range: must be in (0, 1]")
+        if self.sync_ref_every < 0:
+            raise ConfigError(f"sync_ref_every = {self.sync_ref_every} is out of range: must be >= 0")
+        for key in ("cpo_alpha", "orpo_lambda", "dpop_lambda"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key} = {getattr(self, key)} is out of range: must be >= 0")
+        if self.discopop_tau <= 0:
+            raise ConfigError(f"discopop_tau = {self.discopop_tau} is out of range: must be > 0")
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _as_list(value) -> list:
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return list(value)
 
 
 def _coerce(key: str, value: Any, f: dataclasses.Field, source: str) -> Any:

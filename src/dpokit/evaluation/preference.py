@@ -5,44 +5,52 @@ from __future__ import annotations
 import torch
 
 from dpokit.batches import TokenizedPair, collate
-from dpokit.logprobs import pair_logps
-from dpokit.objectives import dpo_loss
+from dpokit.logprobs import PairLogps, pair_logps
+from dpokit.objectives import combined_loss
 
 
 @torch.no_grad()
-def reference_logps(model, pairs: list[TokenizedPair], batch_size: int, pad_id: int,
-                    device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed completion log-probs of every pair under `model`: (chosen [n], rejected [n]), on CPU.
+def reference_logps(model, pairs: list[TokenizedPair], batch_size: int, pad_id: int, device,
+                    ld_alpha: float | None = None, with_wpo: bool = False) -> PairLogps:
+    """Log-prob summaries of every pair under `model`, concatenated over batches, on CPU.
 
-    The reference is frozen, so these are computed once and reused by every evaluation."""
-    chosen, rejected = [], []
+    Used for the frozen reference (computed once, reused by every evaluation) and for the policy."""
+    parts = []
     for i in range(0, len(pairs), batch_size):
         batch = {k: v.to(device) for k, v in collate(pairs[i:i + batch_size], pad_id).items()}
-        c, r = pair_logps(model, batch)
-        chosen.append(c.cpu())
-        rejected.append(r.cpu())
-    return torch.cat(chosen), torch.cat(rejected)
+        parts.append(pair_logps(model, batch, ld_alpha, with_wpo))
+
+    def cat(name):
+        values = [getattr(p, name) for p in parts]
+        return None if values[0] is None else torch.cat(values).cpu()
+    return PairLogps(*(cat(n) for n in ("chosen", "rejected", "chosen_tokens", "rejected_tokens",
+                                        "chosen_wpo", "rejected_wpo")))
 
 
 @torch.no_grad()
-def evaluate_pairs(policy, pairs: list[TokenizedPair], ref: tuple[torch.Tensor, torch.Tensor], beta: float,
-                   label_smoothing: float, batch_size: int, pad_id: int, device) -> dict[str, float]:
-    """Implicit-reward accuracy (chosen reward strictly above rejected, as TRL counts it), margins,
-    rewards and log-probs of the policy on held-out pairs; `ref` from `reference_logps`."""
+def evaluate_pairs(policy, pairs: list[TokenizedPair], ref: PairLogps, cfg, pad_id: int, device) -> dict[str, float]:
+    """Held-out metrics of the policy against `ref` (the starting reference, from `reference_logps`).
+
+    eval/loss is the configured objective; eval/rewards/* are always β·(log π − log π_ref) against the
+    starting model, so "did it align" reads the same for every objective. Accuracy counts chosen
+    strictly above rejected, as TRL does (ties, e.g. before training, count as wrong)."""
     was_training = policy.training
     policy.eval()
-    chosen, rejected = reference_logps(policy, pairs, batch_size, pad_id, device)
+    pol = reference_logps(policy, pairs, cfg.eval_batch_size, pad_id, device, cfg.ld_alpha, cfg.use_weighting)
     policy.train(was_training)
-    losses, rc, rr = dpo_loss(chosen, rejected, ref[0], ref[1], beta, label_smoothing)
+    from dpokit.objectives import needs_reference
+    losses, _ = combined_loss(cfg.loss_names, cfg.loss_weight_values, pol,
+                              ref if needs_reference(cfg.loss_names) else None, cfg)
+    rc, rr = cfg.beta * (pol.chosen - ref.chosen), cfg.beta * (pol.rejected - ref.rejected)
     return {
         "eval/loss": losses.mean().item(),
         "eval/rewards/chosen": rc.mean().item(),
         "eval/rewards/rejected": rr.mean().item(),
         "eval/rewards/margins": (rc - rr).mean().item(),
         "eval/rewards/accuracies": (rc > rr).float().mean().item(),
-        "eval/logps/chosen": chosen.mean().item(),
-        "eval/logps/rejected": rejected.mean().item(),
+        "eval/logps/chosen": pol.chosen.mean().item(),
+        "eval/logps/rejected": pol.rejected.mean().item(),
         # A falling chosen log-prob is a known DPO failure mode (both completions pushed down): show it.
-        "eval/logps/chosen_shift": (chosen - ref[0]).mean().item(),
-        "eval/logps/rejected_shift": (rejected - ref[1]).mean().item(),
+        "eval/logps/chosen_shift": (pol.chosen - ref.chosen).mean().item(),
+        "eval/logps/rejected_shift": (pol.rejected - ref.rejected).mean().item(),
     }

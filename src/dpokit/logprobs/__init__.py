@@ -1,5 +1,7 @@
 """Stage 3 — log-probs: per-sequence sums of completion-token log-probabilities, in fp32."""
 
-from dpokit.logprobs.sequence import pair_logps, sequence_logps, sequence_logps_full
+from dpokit.logprobs.sequence import (PairLogps, TokenLogps, completion_token_logps, pair_logps, sequence_logps,
+                                      sequence_logps_full)
 
-__all__ = ["pair_logps", "sequence_logps", "sequence_logps_full"]
+__all__ = ["PairLogps", "TokenLogps", "completion_token_logps", "pair_logps", "sequence_logps",
+           "sequence_logps_full"]

@@ -1,12 +1,14 @@
-"""Summed completion log-probs log π(y|x) for each row of a batch.
+"""Completion log-probs log π(y|x): per token, summed per sequence, and per pair.
 
-`sequence_logps` runs the transformer body once, keeps the hidden states only at positions that
-predict a completion token, and applies the LM head to those alone, in chunks: the [rows, T, vocab]
-fp32 logits tensor (49k vocab here, 128k+ for Llama 3) never exists. `sequence_logps_full` is the
-plain textbook computation from the full logits; tests hold the two equal.
+The fast path runs the transformer body once, keeps the hidden states only at positions that predict
+a completion token, and applies the LM head to those alone, in chunks: the [rows, T, vocab] fp32
+logits tensor (49k vocab here, 128k+ for Llama 3) never exists. `sequence_logps_full` is the plain
+textbook computation from the full logits; tests hold the two equal.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -17,13 +19,36 @@ from torch.utils.checkpoint import checkpoint
 CHUNK_ELEMENTS = 2**25
 
 
+@dataclass
+class TokenLogps:
+    """Log-probs of the K completion tokens of a batch, flattened. All tensors are [K]."""
+    values: torch.Tensor      # log π(y_t | x, y_<t), with grad when the model has it
+    rows: torch.Tensor        # batch row of each token
+    positions: torch.Tensor   # 0-based index of the token inside its completion
+    log_sum_sq: torch.Tensor | None  # log Σ_v π(v | ·)², detached (for WPO), when asked for
+    n_rows: int
+
+    def sums(self, weights: torch.Tensor | None = None) -> torch.Tensor:
+        values = self.values if weights is None else self.values * weights
+        return torch.zeros(self.n_rows, dtype=values.dtype, device=values.device).index_add(0, self.rows, values)
+
+    def counts(self) -> torch.Tensor:
+        ones = torch.ones_like(self.values, dtype=torch.float32).detach()
+        return torch.zeros(self.n_rows, device=ones.device).index_add(0, self.rows, ones)
+
+
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def _token_logps(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor) -> torch.Tensor:
-    logits = _at_least_fp32(head(hidden))
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+def _token_stats(states: torch.Tensor, head, targets: torch.Tensor, with_sq: bool):
+    logits = _at_least_fp32(head(states))
+    lse = torch.logsumexp(logits, dim=-1)
+    logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
+    if not with_sq:
+        return logps, None
+    with torch.no_grad():
+        return logps, torch.logsumexp(2 * logits.detach(), dim=-1) - 2 * lse.detach()
 
 
 def _has_plain_head(model) -> bool:
@@ -33,35 +58,39 @@ def _has_plain_head(model) -> bool:
             and model.get_output_embeddings() is not None)
 
 
-def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   completion_mask: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Sum of log π(token | prefix) over completion tokens, per row.
+def completion_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                           completion_mask: torch.Tensor, position_ids: torch.Tensor | None = None,
+                           with_sq: bool = False) -> TokenLogps:
+    """Log-probs of every completion token (completion_mask == 1) of a [N, T] batch.
 
-    input_ids, attention_mask, completion_mask: [N, T]; completion_mask marks the tokens to score.
-    Returns [N] in fp32 (fp64 for an fp64 model). Token t is predicted from position t-1, so the first token of a row is never scored.
-    """
-    if not _has_plain_head(model):
-        return sequence_logps_full(model, input_ids, attention_mask, completion_mask, position_ids)
-    body = model.get_decoder()
-    hidden = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                  use_cache=False).last_hidden_state
+    Token t is predicted from position t−1, so the first token of a row is never scored."""
     scored = completion_mask[:, 1:].bool()
-    states = hidden[:, :-1][scored]                               # [K, H] only the positions that matter
-    targets = input_ids[:, 1:][scored]                            # [K]
+    targets = input_ids[:, 1:][scored]                                          # [K]
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(scored)[scored]
-    head = model.get_output_embeddings()
-    chunk = max(1, CHUNK_ELEMENTS // head.out_features)
+    positions = (scored.long().cumsum(1) - 1)[scored]
+    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    if _has_plain_head(model):
+        states = model.get_decoder()(**kwargs).last_hidden_state[:, :-1][scored]  # [K, H]
+        head = model.get_output_embeddings()
+    else:  # logits post-processed by the model: take them whole, then select
+        states, head = model(**kwargs).logits[:, :-1][scored], torch.nn.Identity()
+    width = head.out_features if hasattr(head, "out_features") else states.shape[-1]
+    chunk = max(1, CHUNK_ELEMENTS // width)
     if states.shape[0] <= chunk:
-        token_logps = _token_logps(states, head, targets)
+        values, sq = _token_stats(states, head, targets, with_sq)
     else:
         recompute = torch.is_grad_enabled()
-        parts = []
-        for s, t in zip(states.split(chunk), targets.split(chunk)):
-            parts.append(checkpoint(_token_logps, s, head, t, use_reentrant=False) if recompute
-                         else _token_logps(s, head, t))
-        token_logps = torch.cat(parts)
-    out = torch.zeros(input_ids.shape[0], dtype=token_logps.dtype, device=input_ids.device)
-    return out.index_add(0, rows, token_logps)
+        parts = [checkpoint(_token_stats, s, head, t, with_sq, use_reentrant=False) if recompute
+                 else _token_stats(s, head, t, with_sq) for s, t in zip(states.split(chunk), targets.split(chunk))]
+        values = torch.cat([p[0] for p in parts])
+        sq = torch.cat([p[1] for p in parts]) if with_sq else None
+    return TokenLogps(values, rows, positions, sq, input_ids.shape[0])
+
+
+def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   completion_mask: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum of log π(token | prefix) over completion tokens, per row: [N] in fp32 (fp64 for fp64 models)."""
+    return completion_token_logps(model, input_ids, attention_mask, completion_mask, position_ids).sums()
 
 
 def sequence_logps_full(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -74,7 +103,44 @@ def sequence_logps_full(model, input_ids: torch.Tensor, attention_mask: torch.Te
     return (token_logps * completion_mask[:, 1:]).sum(-1)
 
 
-def pair_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chosen_logps [B], rejected_logps [B]) for a batch built by `batches.collate` (chosen rows first)."""
-    logps = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
-    return logps.chunk(2)
+@dataclass
+class PairLogps:
+    """Per-pair log-prob summaries of a batch from `batches.collate` (rows: B chosen, then B rejected)."""
+    chosen: torch.Tensor            # [B] summed completion log-probs (LD-weighted when ld_alpha is set)
+    rejected: torch.Tensor          # [B]
+    chosen_tokens: torch.Tensor     # [B] completion lengths
+    rejected_tokens: torch.Tensor   # [B]
+    chosen_wpo: torch.Tensor | None = None    # [B] mean_t (log π(y_t) − log Σ_v π(v)²), for WPO
+    rejected_wpo: torch.Tensor | None = None
+
+    @property
+    def chosen_avg(self) -> torch.Tensor:
+        return self.chosen / self.chosen_tokens.clamp(min=1)
+
+    @property
+    def rejected_avg(self) -> torch.Tensor:
+        return self.rejected / self.rejected_tokens.clamp(min=1)
+
+
+def pair_logps(model, batch: dict[str, torch.Tensor], ld_alpha: float | None = None,
+               with_wpo: bool = False) -> PairLogps:
+    """Log-prob summaries of each pair.
+
+    ld_alpha (LD-DPO, Liu 2024): tokens beyond the shorter completion's length count with weight α, so
+    the longer answer's extra tokens stop dominating the log-ratio. α = 1 is plain DPO.
+    """
+    tok = completion_token_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
+                                 with_sq=with_wpo)
+    counts = tok.counts()
+    b = tok.n_rows // 2
+    weights = None
+    if ld_alpha is not None:
+        shared = torch.minimum(counts[:b], counts[b:]).repeat(2)   # per row: the pair's shorter length
+        weights = torch.where(tok.positions < shared[tok.rows], 1.0, ld_alpha).to(tok.values.dtype)
+    sums = tok.sums(weights)
+    out = PairLogps(sums[:b], sums[b:], counts[:b], counts[b:])
+    if with_wpo:
+        aligned = torch.zeros(tok.n_rows, device=counts.device, dtype=tok.values.dtype).index_add(
+            0, tok.rows, tok.values.detach() - tok.log_sum_sq) / counts.clamp(min=1)
+        out.chosen_wpo, out.rejected_wpo = aligned[:b], aligned[b:]
+    return out

@@ -29,7 +29,7 @@ from dpokit.loop.checkpoint import find_checkpoint, load_checkpoint, save_checkp
 from dpokit.loop.optim import build_optimizer, build_scheduler
 from dpokit.models import load_model, load_tokenizer
 from dpokit.models.load import ModelError
-from dpokit.objectives import dpo_loss
+from dpokit.objectives import combined_loss, needs_reference, rewards
 
 
 @dataclass
@@ -85,17 +85,22 @@ def train(config: TrainConfig | None = None, log=print, **overrides) -> TrainRes
     train_set, eval_set = load_data(cfg, tokenizer, log)
     pad_id = tokenizer.pad_token_id
     policy = load_model(cfg.model, device)
+    with_ref = needs_reference(cfg.loss_names)
+    reference = None
     if cfg.ref_model:
         if load_tokenizer(cfg.ref_model).get_vocab() != tokenizer.get_vocab():
             raise ModelError(f"--ref-model {cfg.ref_model} has a different tokenizer from --model {cfg.model}; "
                              "log-prob ratios need the same token ids")
         reference = load_model(cfg.ref_model, device)
-    else:
+    elif with_ref:
         reference = copy.deepcopy(policy)  # the starting policy, frozen
-    reference.requires_grad_(False)
-    # Dropout stays off in both (eval mode): log π − log π_ref must compare the same deterministic function.
+    else:
+        log(f"loss {cfg.loss} is reference-free: no reference model loaded")
+    if reference is not None:
+        reference.requires_grad_(False)
+        reference.eval()
+    # Dropout stays off (eval mode): log π − log π_ref must compare the same deterministic function.
     policy.eval()
-    reference.eval()
 
     # ---- schedule ---------------------------------------------------------------------------------
     n = len(train_set)
@@ -112,18 +117,24 @@ def train(config: TrainConfig | None = None, log=print, **overrides) -> TrainRes
 
     optimizer = build_optimizer(policy.parameters(), cfg.optimizer, cfg.lr, cfg.weight_decay)
     scheduler = build_scheduler(optimizer, cfg.warmup_steps, total_steps, cfg.lr_scheduler)
+    # Held-out log-probs of the starting reference, computed once; without a reference model, the
+    # starting policy is the reference (so reference-free runs report the same eval/rewards too).
+    eval_ref = None
+    if eval_set:
+        eval_ref = reference_logps(reference or policy, eval_set, cfg.eval_batch_size, pad_id, device,
+                                   cfg.ld_alpha)
     start_step = 0
     if cfg.resume:
         ckpt = find_checkpoint(cfg.output_dir, cfg.resume)
-        start_step = load_checkpoint(ckpt, policy, optimizer, scheduler)
+        start_step, eval_ref = load_checkpoint(ckpt, policy, optimizer, scheduler, reference, eval_ref)
         log(f"resumed from {ckpt} at step {start_step}")
 
     # ---- held-out evaluation before training ---------------------------------------------------------
-    eval_ref, eval_before = None, None
+    eval_before = None
     if eval_set:
-        eval_ref = reference_logps(reference, eval_set, cfg.eval_batch_size, pad_id, device)
         eval_before = run_eval(policy, eval_set, eval_ref, cfg, pad_id, device)
-        log(f"held-out before training ({len(eval_set)} pairs): {format_eval(eval_before)}")
+        log(f"held-out {'before training' if not start_step else 'at resume'} ({len(eval_set)} pairs): "
+            f"{format_eval(eval_before)}")
 
     # ---- training -------------------------------------------------------------------------------
     log(f"training {total_steps - start_step} steps × {cfg.batch_size * cfg.grad_accum} pairs "
@@ -140,23 +151,27 @@ def train(config: TrainConfig | None = None, log=print, **overrides) -> TrainRes
         for idx in micro:
             rows = [train_set[i] for i in idx]
             batch = {k: v.to(device) for k, v in collate(rows, pad_id).items()}
-            with torch.no_grad():
-                ref_chosen, ref_rejected = pair_logps(reference, batch)
-            chosen, rejected = pair_logps(policy, batch)
-            losses, r_chosen, r_rejected = dpo_loss(chosen, rejected, ref_chosen, ref_rejected,
-                                                    cfg.beta, cfg.label_smoothing)
+            ref = None
+            if reference is not None and with_ref:
+                with torch.no_grad():
+                    ref = pair_logps(reference, batch, cfg.ld_alpha)
+            pol = pair_logps(policy, batch, cfg.ld_alpha, cfg.use_weighting)
+            losses, extra = combined_loss(cfg.loss_names, cfg.loss_weight_values, pol, ref, cfg)
             # Sum/step_pairs per micro-batch: the accumulated gradient is that of the mean over the step.
             loss = losses.sum() / step_pairs
             if not torch.isfinite(loss):
                 raise NonFiniteError(f"step {step + 1}: non-finite loss on rows {[r.source for r in rows]}")
             loss.backward()
+            r_chosen, r_rejected = rewards(pol, ref, cfg)
             sums["loss"] += losses.detach().sum().item()
             sums["rewards/chosen"] += r_chosen.sum().item()
             sums["rewards/rejected"] += r_rejected.sum().item()
             sums["rewards/margins"] += (r_chosen - r_rejected).sum().item()
             sums["rewards/accuracies"] += (r_chosen > r_rejected).float().sum().item()
-            sums["logps/chosen"] += chosen.detach().sum().item()
-            sums["logps/rejected"] += rejected.detach().sum().item()
+            sums["logps/chosen"] += pol.chosen.detach().sum().item()
+            sums["logps/rejected"] += pol.rejected.detach().sum().item()
+            for key, value in extra.items():  # batch means → weighted by the micro-batch's pairs
+                sums[key] += value.item() * len(rows)
             tokens += int(batch["attention_mask"].sum())
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm or float("inf"))
         if not torch.isfinite(grad_norm):
@@ -166,6 +181,8 @@ def train(config: TrainConfig | None = None, log=print, **overrides) -> TrainRes
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if cfg.sync_ref_every and (step + 1) % cfg.sync_ref_every == 0:
+            sync_reference(reference, policy, cfg.sync_ref_alpha)
         seconds = time.perf_counter() - t0
 
         record = {"step": step + 1, "epoch": round((step + 1) / steps_per_epoch, 4)}
@@ -179,7 +196,8 @@ def train(config: TrainConfig | None = None, log=print, **overrides) -> TrainRes
         bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}",
                         margin=f"{record['rewards/margins']:.3f}")
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total_steps:
-            save_checkpoint(cfg.output_dir, step + 1, policy, tokenizer, optimizer, scheduler, cfg.to_yaml())
+            save_checkpoint(cfg.output_dir, step + 1, policy, tokenizer, optimizer, scheduler, cfg.to_yaml(),
+                            reference if cfg.sync_ref_every else None, eval_ref)
     bar.close()
 
     # ---- held-out evaluation after training, and the final model ------------------------------------
@@ -196,9 +214,15 @@ def train(config: TrainConfig | None = None, log=print, **overrides) -> TrainRes
     return TrainResult(out, total_steps, eval_before, eval_after, final)
 
 
+@torch.no_grad()
+def sync_reference(reference, policy, alpha: float) -> None:
+    """TR-DPO (Gorbatovski 2024) soft update: π_ref ← α·π + (1 − α)·π_ref."""
+    for ref_param, param in zip(reference.parameters(), policy.parameters()):
+        ref_param.mul_(1 - alpha).add_(param, alpha=alpha)
+
+
 def run_eval(policy, eval_set, eval_ref, cfg: TrainConfig, pad_id: int, device) -> dict[str, float]:
-    return evaluate_pairs(policy, eval_set, eval_ref, cfg.beta, cfg.label_smoothing, cfg.eval_batch_size,
-                          pad_id, device)
+    return evaluate_pairs(policy, eval_set, eval_ref, cfg, pad_id, device)
 
 
 def format_eval(m: dict[str, float]) -> str:

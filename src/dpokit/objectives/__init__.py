@@ -1,5 +1,10 @@
-"""Stage 4 — objectives: preference losses as pure functions of per-sequence log-probs."""
+"""Stage 4 — objectives: preference losses as pure functions of per-sequence log-probs.
+
+paired.py: with a reference (DPO family); reference_free.py: CPO, SimPO, ORPO; modifiers.py:
+f-divergences and WPO weights; registry.py: names, options and the combined loss the loop calls.
+"""
 
 from dpokit.objectives.dpo import dpo_loss
+from dpokit.objectives.registry import OBJECTIVES, Objective, combined_loss, needs_reference, rewards
 
-__all__ = ["dpo_loss"]
+__all__ = ["OBJECTIVES", "Objective", "combined_loss", "dpo_loss", "needs_reference", "rewards"]

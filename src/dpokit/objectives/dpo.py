@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from dpokit.objectives.paired import sigmoid_loss
 
 
 def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
@@ -17,10 +18,9 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
     ε = 0 is plain DPO; ε > 0 assumes each label is flipped with probability ε (cDPO).
     All inputs are [B] summed completion log-probs. Returns (losses [B], chosen_rewards [B],
     rejected_rewards [B]) where the implicit rewards are β · (log π − log π_ref), detached.
-    `F.logsigmoid` keeps the loss and its gradient finite for any |β h|.
+    log σ is computed as `F.logsigmoid`, finite with a finite gradient for any |β h|.
     """
     chosen_logratios = policy_chosen_logps - ref_chosen_logps
     rejected_logratios = policy_rejected_logps - ref_rejected_logps
-    logits = beta * (chosen_logratios - rejected_logratios)
-    losses = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+    losses = sigmoid_loss(chosen_logratios, rejected_logratios, beta, label_smoothing)
     return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()

@@ -1,0 +1,147 @@
+"""Every objective by name: what it needs, which options it reads, and how to call it on a batch.
+
+The loop asks `combined_loss` for the weighted sum of the selected objectives; each entry below is a
+thin adapter from `PairLogps` (+ reference log-probs and config) to one pure function.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from dpokit.logprobs.sequence import PairLogps
+from dpokit.objectives import paired as P
+from dpokit.objectives import reference_free as RF
+from dpokit.objectives.modifiers import f_divergence_scores, wpo_weights
+
+
+@dataclass(frozen=True)
+class Objective:
+    name: str
+    summary: str
+    paper: str
+    reference: bool                 # needs π_ref log-probs
+    options: tuple[str, ...]        # config keys it reads besides beta
+    compute: Callable               # (Inputs, cfg) -> per-pair losses [B]
+    data: str = "paired"
+
+
+@dataclass
+class Inputs:
+    policy: PairLogps
+    ref: PairLogps | None
+    c: Tensor | None = None         # chosen score (log-ratio, f-divergence transformed)
+    r: Tensor | None = None
+
+
+def _scores(pol: PairLogps, ref: PairLogps, cfg) -> tuple[Tensor, Tensor]:
+    return (f_divergence_scores(pol.chosen - ref.chosen, cfg.f_divergence, cfg.f_alpha),
+            f_divergence_scores(pol.rejected - ref.rejected, cfg.f_divergence, cfg.f_alpha))
+
+
+def _entry(name, summary, paper, compute, options=(), reference=True, data="paired"):
+    return Objective(name, summary, paper, reference, tuple(options), compute, data)
+
+
+OBJECTIVES: dict[str, Objective] = {o.name: o for o in [
+    _entry("sigmoid", "DPO; with label_smoothing > 0, conservative DPO (cDPO)",
+           "Rafailov et al. 2023 (arXiv:2305.18290); cDPO: Mitchell 2023",
+           lambda x, cfg: P.sigmoid_loss(x.c, x.r, cfg.beta, cfg.label_smoothing), ["label_smoothing"]),
+    _entry("robust", "rDPO: unbiased DPO under label-flip rate ε = label_smoothing",
+           "Chowdhury et al. 2024 (arXiv:2403.00409)",
+           lambda x, cfg: P.robust_loss(x.c, x.r, cfg.beta, cfg.label_smoothing), ["label_smoothing"]),
+    _entry("ipo", "IPO: squared loss toward margin 1/(2β); ipo_normalize token (TRL) or sum (authors)",
+           "Azar et al. 2023 (arXiv:2310.12036)",
+           lambda x, cfg: P.ipo_loss(x.c, x.r, cfg.beta, x.policy.chosen_tokens, x.policy.rejected_tokens,
+                                     cfg.ipo_normalize), ["ipo_normalize"]),
+    _entry("hinge", "SLiC hinge loss on the DPO log-ratio margin", "Zhao et al. 2023 (arXiv:2305.10425)",
+           lambda x, cfg: P.hinge_loss(x.c, x.r, cfg.beta)),
+    _entry("exo_pair", "EXO: reverse-KL preference matching; needs label_smoothing > 0",
+           "Ji et al. 2024 (arXiv:2402.00856)",
+           lambda x, cfg: P.exo_pair_loss(x.c, x.r, cfg.beta, cfg.label_smoothing), ["label_smoothing"]),
+    _entry("nca_pair", "NCA: absolute-likelihood noise-contrastive alignment", "Chen et al. 2024 (arXiv:2402.05369)",
+           lambda x, cfg: P.nca_pair_loss(x.c, x.r, cfg.beta)),
+    _entry("bco_pair", "BCO: binary classifier on implicit rewards (no running shift, as TRL)",
+           "Jung et al. 2024 (arXiv:2404.04656)", lambda x, cfg: P.bco_pair_loss(x.c, x.r, cfg.beta)),
+    _entry("sppo_hard", "SPPO with hard win probabilities", "Wu et al. 2024 (arXiv:2405.00675)",
+           lambda x, cfg: P.sppo_hard_loss(x.c, x.r, cfg.beta)),
+    _entry("aot", "AOT paired: DPO on sorted batch quantiles of log-odds", "Melnyk et al. 2024 (arXiv:2406.05882)",
+           lambda x, cfg: P.aot_loss(x.policy.chosen, x.policy.rejected, x.ref.chosen, x.ref.rejected, cfg.beta,
+                                     cfg.label_smoothing), ["label_smoothing"]),
+    _entry("aot_unpaired", "AOT unpaired: sorted chosen vs sorted rejected log-ratios",
+           "Melnyk et al. 2024 (arXiv:2406.05882)",
+           lambda x, cfg: P.aot_unpaired_loss(x.c, x.r, cfg.beta, cfg.label_smoothing), ["label_smoothing"]),
+    _entry("apo_zero", "APO-zero: raise chosen, lower rejected likelihood (chosen better than the model)",
+           "D'Oosterlinck et al. 2024 (arXiv:2408.06266)", lambda x, cfg: P.apo_zero_loss(x.c, x.r, cfg.beta)),
+    _entry("apo_down", "APO-down: lower both, rejected more (chosen worse than the model)",
+           "D'Oosterlinck et al. 2024 (arXiv:2408.06266)", lambda x, cfg: P.apo_down_loss(x.c, x.r, cfg.beta)),
+    _entry("discopop", "DiscoPOP: log-ratio-modulated logistic/exponential blend",
+           "Lu et al. 2024 (arXiv:2406.08414)",
+           lambda x, cfg: P.discopop_loss(x.c, x.r, cfg.beta, cfg.discopop_tau), ["discopop_tau"]),
+    _entry("dpop", "DPO-Positive: penalises the chosen log-prob falling below the reference",
+           "Pal et al. 2024 (arXiv:2402.13228)",
+           lambda x, cfg: P.dpop_loss(x.c, x.r, cfg.beta, cfg.dpop_lambda), ["dpop_lambda"]),
+    _entry("sigmoid_norm", "DPO on length-normalised log-ratios (TRL's sigmoid_norm)", "TRL",
+           lambda x, cfg: P.sigmoid_norm_loss(x.c, x.r, cfg.beta, x.policy.chosen_tokens,
+                                              x.policy.rejected_tokens)),
+    _entry("sft", "NLL of the chosen completion (token mean); sigmoid,sft is RPO",
+           "RPO: Pang et al. 2024 (arXiv:2404.19733)",
+           lambda x, cfg: P.sft_loss(x.policy.chosen, x.policy.chosen_tokens).expand_as(x.policy.chosen),
+           reference=False),
+    _entry("cpo", "CPO: reference-free DPO on summed log-probs + cpo_alpha · NLL(chosen)",
+           "Xu et al. 2024 (arXiv:2401.08417)",
+           lambda x, cfg: RF.cpo_loss(x.policy.chosen, x.policy.rejected, cfg.beta, cfg.label_smoothing)
+           + cfg.cpo_alpha * P.sft_loss(x.policy.chosen, x.policy.chosen_tokens),
+           ["label_smoothing", "cpo_alpha"], reference=False),
+    _entry("simpo", "SimPO: reference-free, length-averaged log-probs with target margin simpo_gamma",
+           "Meng et al. 2024 (arXiv:2405.14734)",
+           lambda x, cfg: RF.simpo_loss(x.policy.chosen_avg, x.policy.rejected_avg, cfg.beta, cfg.simpo_gamma,
+                                        cfg.label_smoothing), ["simpo_gamma", "label_smoothing"], reference=False),
+    _entry("orpo", "ORPO: NLL(chosen) + orpo_lambda · odds-ratio term, reference-free",
+           "Hong et al. 2024 (arXiv:2403.07691)",
+           lambda x, cfg: RF.orpo_loss(x.policy.chosen_avg, x.policy.rejected_avg, cfg.orpo_lambda)
+           + P.sft_loss(x.policy.chosen, x.policy.chosen_tokens), ["orpo_lambda"], reference=False),
+]}
+
+
+def needs_reference(names: list[str]) -> bool:
+    return any(OBJECTIVES[n].reference for n in names)
+
+
+def combined_loss(names: list[str], weights: list[float], policy: PairLogps, ref: PairLogps | None,
+                  cfg) -> tuple[Tensor, dict[str, Tensor]]:
+    """Σ_i w_i · loss_i per pair [B], and objective-specific metrics (already detached)."""
+    x = Inputs(policy, ref)
+    if ref is not None:
+        x.c, x.r = _scores(policy, ref, cfg)
+    total = torch.zeros_like(policy.chosen)
+    metrics: dict[str, Tensor] = {}
+    for name, weight in zip(names, weights):
+        losses = OBJECTIVES[name].compute(x, cfg)
+        if cfg.use_weighting:  # WPO re-weights every objective, as in TRL
+            losses = losses * wpo_weights(policy.chosen_wpo, policy.rejected_wpo)
+        total = total + weight * losses
+        if len(names) > 1:
+            metrics[f"loss/{name}"] = losses.detach().mean()
+    if any(n in ("sft", "cpo", "orpo") for n in names):
+        metrics["nll"] = P.sft_loss(policy.chosen.detach(), policy.chosen_tokens)
+    if "orpo" in names:
+        log_odds = RF.orpo_log_odds(policy.chosen_avg.detach(), policy.rejected_avg.detach())
+        metrics["orpo/log_odds"] = log_odds.mean()
+        metrics["orpo/log_odds_ratio"] = torch.nn.functional.logsigmoid(log_odds).mean()
+    if cfg.use_weighting:
+        metrics["wpo/weight"] = wpo_weights(policy.chosen_wpo, policy.rejected_wpo).mean()
+    return total, metrics
+
+
+def rewards(policy: PairLogps, ref: PairLogps | None, cfg) -> tuple[Tensor, Tensor]:
+    """Implicit rewards [B] for logging: β·(log π − log π_ref) with a reference; without one, β·log π
+    (β·average log π for simpo/orpo), TRL's convention for its reference-free trainers."""
+    if ref is not None:
+        return cfg.beta * (policy.chosen - ref.chosen).detach(), cfg.beta * (policy.rejected - ref.rejected).detach()
+    if any(n in ("simpo", "orpo") for n in cfg.loss_names):
+        return cfg.beta * policy.chosen_avg.detach(), cfg.beta * policy.rejected_avg.detach()
+    return cfg.beta * policy.chosen.detach(), cfg.beta * policy.rejected.detach()
