@@ -67,6 +67,18 @@ def cmd_data_check(args) -> int:
     return 0
 
 
+def cmd_losses(args) -> int:
+    from dpokit.objectives import OBJECTIVES
+    print(f"{'name':<13} {'data':<9} {'reference':<10} {'options':<46} description — paper")
+    for o in OBJECTIVES.values():
+        ref = "needed" if o.reference else "none"
+        options = ", ".join(o.options) or "-"
+        print(f"{o.name:<13} {o.data:<9} {ref:<10} {options:<46} {o.summary} — {o.paper}")
+    print("\nCombine with weights: --loss sigmoid,sft --loss-weights 1.0,0.2 (RPO). Modifiers for objectives with a "
+          "reference: --f-divergence, --use-weighting (WPO), --ld-alpha (LD-DPO), --sync-ref-every (TR-DPO).")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dpokit", description="Align a language model from preference pairs "
                                      "with Direct Preference Optimization.")
@@ -75,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                              description="Train with DPO. Every option can also be set in a YAML --config.")
     add_config_flags(p_train)
     p_train.set_defaults(func=cmd_train)
+
+    p_losses = sub.add_parser("losses", help="list every objective: description, paper, data, reference")
+    p_losses.set_defaults(func=cmd_losses)
 
     p_data = sub.add_parser("data", help="inspect preference files")
     data_sub = p_data.add_subparsers(dest="data_command", required=True)

@@ -60,6 +60,8 @@ class TrainConfig:
     orpo_lambda: float = opt(0.1, "orpo: weight λ of the odds-ratio term")
     dpop_lambda: float = opt(50.0, "dpop: weight λ of the penalty on the chosen log-prob falling below the reference")
     discopop_tau: float = opt(0.05, "discopop: temperature τ of the modulation (the paper's value)")
+    kto_desirable_weight: float = opt(1.0, "kto: weight λ_D of desirable completions")
+    kto_undesirable_weight: float = opt(1.0, "kto: weight λ_U of undesirable completions")
     # optimisation
     lr: float = opt(5e-6, "peak learning rate")
     optimizer: str = opt("adamw", "optimizer; the DPO paper used rmsprop", ("adamw", "rmsprop"))
@@ -165,8 +167,19 @@ class TrainConfig:
                               f"one per objective in {names}")
         used = {key for n in names for key in OBJECTIVES[n].options}
         defaults = {f.name: f.default for f in fields(self)}
+        if "kto" in names:
+            if len(names) > 1:
+                raise ConfigError(f"loss = {self.loss!r}: kto trains on unpaired completions and cannot be "
+                                  "combined with paired objectives")
+            for key, active in (("use_weighting", self.use_weighting), ("ld_alpha", self.ld_alpha is not None),
+                                ("f_divergence", self.f_divergence != "reverse_kl")):
+                if active:
+                    raise ConfigError(f"{key} = {getattr(self, key)!r} is a paired-DPO modifier; kto does not use it")
+            if self.batch_size < 2:
+                raise ConfigError(f"batch_size = {self.batch_size} is out of range for kto: must be >= 2 (the KL "
+                                  "reference point pairs each prompt with another example's completion)")
         for key in ("label_smoothing", "ipo_normalize", "cpo_alpha", "simpo_gamma", "orpo_lambda", "dpop_lambda",
-                    "discopop_tau"):
+                    "discopop_tau", "kto_desirable_weight", "kto_undesirable_weight"):
             if getattr(self, key) != defaults[key] and key not in used:
                 owners = [n for n, o in OBJECTIVES.items() if key in o.options]
                 raise ConfigError(f"{key} = {getattr(self, key)!r} has no effect on loss {','.join(names)}: "
@@ -191,7 +204,7 @@ class TrainConfig:
             raise ConfigError(f"sync_ref_alpha = {self.sync_ref_alpha} is out of range: must be in (0, 1]")
         if self.sync_ref_every < 0:
             raise ConfigError(f"sync_ref_every = {self.sync_ref_every} is out of range: must be >= 0")
-        for key in ("cpo_alpha", "orpo_lambda", "dpop_lambda"):
+        for key in ("cpo_alpha", "orpo_lambda", "dpop_lambda", "kto_desirable_weight", "kto_undesirable_weight"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} = {getattr(self, key)} is out of range: must be >= 0")
         if self.discopop_tau <= 0:

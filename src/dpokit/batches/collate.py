@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from dpokit.batches.tokenize import TokenizedPair
+from dpokit.batches.tokenize import TokenizedCompletion, TokenizedPair
 
 
 def collate(pairs: list[TokenizedPair], pad_id: int) -> dict[str, torch.Tensor]:
@@ -13,12 +13,26 @@ def collate(pairs: list[TokenizedPair], pad_id: int) -> dict[str, torch.Tensor]:
     Returns input_ids, attention_mask and completion_mask, each [2B, T] (T = longest sequence);
     completion_mask is 1 exactly at completion tokens (the tokens whose log-probs are summed).
     """
-    seqs, masks = [], []
-    for completion in ("chosen_ids", "rejected_ids"):
-        for p in pairs:
-            ids = getattr(p, completion)
-            seqs.append(p.prompt_ids + ids)
-            masks.append([0] * len(p.prompt_ids) + [1] * len(ids))
+    rows = [(p.prompt_ids, getattr(p, completion)) for completion in ("chosen_ids", "rejected_ids") for p in pairs]
+    return pad_rows(rows, pad_id)
+
+
+def collate_kto(examples: list[TokenizedCompletion], pad_id: int, max_length: int) -> dict[str, torch.Tensor]:
+    """KTO batch: rows [x_i + y_i for i < B] then the mismatched [x_i + y_{i−1} for i < B] used to
+    estimate the KL reference point (as the KTO paper and TRL: completions cycled by one in the batch).
+    Mismatched completions are cut to fit max_length. Adds `labels` [B] (bool)."""
+    rows = [(e.prompt_ids, e.completion_ids) for e in examples]
+    shifted = [examples[-1]] + examples[:-1]
+    rows += [(e.prompt_ids, s.completion_ids[:max_length - len(e.prompt_ids)]) for e, s in zip(examples, shifted)]
+    batch = pad_rows(rows, pad_id)
+    batch["labels"] = torch.tensor([e.label for e in examples], dtype=torch.bool)
+    return batch
+
+
+def pad_rows(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """(prompt ids, completion ids) rows → right-padded input_ids, attention_mask, completion_mask."""
+    seqs = [p + c for p, c in rows]
+    masks = [[0] * len(p) + [1] * len(c) for p, c in rows]
     width = max(len(s) for s in seqs)
     input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)

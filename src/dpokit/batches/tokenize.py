@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from dpokit.data.formats import Pair
+from dpokit.data.formats import Completion, Pair
 
 
 @dataclass
@@ -43,7 +43,7 @@ class TokenizeReport:
                 f"{self.completions_truncated} completions truncated")
         if self.pairs:
             text += "; tokens mean/max " + ", ".join(
-                f"{k} {sum(v) / len(v):.0f}/{max(v)}" for k, v in self.lengths.items())
+                f"{k} {sum(v) / len(v):.0f}/{max(v)}" for k, v in self.lengths.items() if v)
         if self.dropped:
             shown = ", ".join(self.dropped_sources[:5]) + (" …" if len(self.dropped_sources) > 5 else "")
             text += "; dropped " + ", ".join(f"{n} ({why})" for why, n in self.dropped.items()) + f": {shown}"
@@ -59,30 +59,27 @@ def common_prefix_length(a: list[int], b: list[int]) -> int:
     return n
 
 
-def render(pair: Pair, tokenizer) -> tuple[list[int], list[int], list[int]]:
-    """Token ids of the prompt, prompt+chosen and prompt+rejected, before boundary resolution."""
-    if pair.conversational:
+def render(prompt, completions: list, conversational: bool, tokenizer) -> list[list[int]]:
+    """Token ids of the prompt, then of prompt+completion for each completion, before boundary resolution."""
+    if conversational:
         def chat(messages, gen):
             return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
-        texts = [chat(pair.prompt, True), chat(pair.prompt + pair.chosen, False),
-                 chat(pair.prompt + pair.rejected, False)]
+        texts = [chat(prompt, True)] + [chat(prompt + c, False) for c in completions]
         add_special = False  # the template already wrote BOS and the turn tokens
     else:
         eos = tokenizer.eos_token
         # EOS ends each completion, so the model learns where a good answer stops.
-        chosen = pair.chosen if pair.chosen.endswith(eos) else pair.chosen + eos
-        rejected = pair.rejected if pair.rejected.endswith(eos) else pair.rejected + eos
-        texts = [pair.prompt, pair.prompt + chosen, pair.prompt + rejected]
+        texts = [prompt] + [prompt + (c if c.endswith(eos) else c + eos) for c in completions]
         add_special = True
-    ids = tokenizer(texts, add_special_tokens=add_special)["input_ids"]
-    return ids[0], ids[1], ids[2]
+    return tokenizer(texts, add_special_tokens=add_special)["input_ids"]
 
 
 def tokenize_pair(pair: Pair, tokenizer, max_length: int, max_prompt_length: int | None,
                   report: TokenizeReport | None = None) -> TokenizedPair | None:
     """Tokenize and truncate one pair; None (and a count in `report`) if a completion would vanish."""
     report = report if report is not None else TokenizeReport()
-    prompt_ids, full_chosen, full_rejected = render(pair, tokenizer)
+    prompt_ids, full_chosen, full_rejected = render(pair.prompt, [pair.chosen, pair.rejected], pair.conversational,
+                                                    tokenizer)
     n = min(common_prefix_length(prompt_ids, full_chosen), common_prefix_length(prompt_ids, full_rejected))
     prompt, chosen, rejected = prompt_ids[:n], full_chosen[n:], full_rejected[n:]
 
@@ -115,4 +112,39 @@ def tokenize_pairs(pairs: list[Pair], tokenizer, max_length: int,
                    max_prompt_length: int | None) -> tuple[list[TokenizedPair], TokenizeReport]:
     report = TokenizeReport()
     out = [t for p in pairs if (t := tokenize_pair(p, tokenizer, max_length, max_prompt_length, report))]
+    return out, report
+
+
+@dataclass
+class TokenizedCompletion:
+    """One labelled completion (KTO), tokenized like a pair's completions."""
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    label: bool
+    source: str
+
+
+def tokenize_completions(examples: list[Completion], tokenizer, max_length: int,
+                         max_prompt_length: int | None) -> tuple[list[TokenizedCompletion], TokenizeReport]:
+    """Tokenize KTO examples with the same boundary and truncation rules as pairs."""
+    report, out = TokenizeReport(), []
+    for ex in examples:
+        prompt_ids, full = render(ex.prompt, [ex.completion], ex.conversational, tokenizer)
+        n = common_prefix_length(prompt_ids, full)
+        prompt, completion = prompt_ids[:n], full[n:]
+        if max_prompt_length is not None and len(prompt) > max_prompt_length:
+            prompt = prompt[len(prompt) - max_prompt_length:]
+            report.prompts_truncated += 1
+        budget = max_length - len(prompt)
+        if len(completion) > budget:
+            report.completions_truncated += 1
+            completion = completion[:max(budget, 0)]
+        if not completion:
+            report.dropped["prompt_fills_max_length" if budget <= 0 else "empty_completion_tokens"] += 1
+            report.dropped_sources.append(ex.source)
+            continue
+        report.pairs += 1
+        report.lengths["prompt"].append(len(prompt))
+        report.lengths["chosen" if ex.label else "rejected"].append(len(completion))
+        out.append(TokenizedCompletion(prompt, completion, ex.label, ex.source))
     return out, report

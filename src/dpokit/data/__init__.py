@@ -3,7 +3,7 @@
 from importlib import resources
 
 from dpokit.data.errors import DataError
-from dpokit.data.formats import LoadReport, Pair, load_pairs
+from dpokit.data.formats import Completion, LoadReport, Pair, load_completions, load_pairs
 
 
 def builtin_path(name: str) -> str:
@@ -11,4 +11,4 @@ def builtin_path(name: str) -> str:
     return str(resources.files("dpokit.data") / "builtin" / f"{name}.jsonl")
 
 
-__all__ = ["DataError", "LoadReport", "Pair", "builtin_path", "load_pairs"]
+__all__ = ["Completion", "DataError", "LoadReport", "Pair", "builtin_path", "load_completions", "load_pairs"]

@@ -1,10 +1,11 @@
 """Turn raw rows into preference pairs, detecting the format of each file.
 
-Three formats, decided per file from its first valid row and then required of every row:
+Four formats, decided per file from its first valid row and then required of every row:
 - explicit: `prompt`, `chosen`, `rejected` strings;
 - implicit: `chosen`, `rejected` full texts; the prompt is their longest common prefix cut back to the
   end of the last assistant turn marker inside it (Anthropic HH's "\\n\\nHuman: … \\n\\nAssistant:");
-- conversational: `chosen`/`rejected` (and optionally `prompt`) are lists of {role, content} messages.
+- conversational: `chosen`/`rejected` (and optionally `prompt`) are lists of {role, content} messages;
+- unpaired (KTO): `prompt`, `completion` (strings or message lists) and a boolean `label`.
 """
 
 from __future__ import annotations
@@ -51,7 +52,19 @@ class LoadReport:
         return text
 
 
+@dataclass
+class Completion:
+    """One labelled completion (KTO): label True = desirable."""
+    prompt: Text
+    completion: Text
+    label: bool
+    source: str
+    conversational: bool = False
+
+
 def detect_format(row: dict) -> str:
+    if "completion" in row and "label" in row and "chosen" not in row:
+        return "unpaired"
     chosen = row.get("chosen")
     if isinstance(chosen, list):
         return "conversational"
@@ -73,6 +86,9 @@ def load_pairs(path: str, on_bad_row: str = "error") -> tuple[list[Pair], LoadRe
             if fmt is None:
                 fmt = detect_format(row)
                 report.format = fmt
+                if fmt == "unpaired":
+                    raise DataError(path, line, "completion", "unpaired rows (prompt, completion, label) need an "
+                                    "unpaired objective: --loss kto", reason="unpaired_data")
             pairs.append(parse_row(row, fmt, path, line))
         except DataError as e:
             if on_bad_row == "error":
@@ -132,6 +148,65 @@ def parse_row(row: dict, fmt: str, path: str, line: int) -> Pair:
     if chosen == rejected:
         fail("rejected", "identical to chosen: the pair carries no preference", "chosen_equals_rejected")
     return Pair(prompt, chosen, rejected, source)
+
+
+def load_completions(path: str, on_bad_row: str = "error") -> tuple[list[Completion], LoadReport]:
+    """Labelled completions for KTO: unpaired rows as they are, or each preference pair split into a
+    desirable (chosen) and an undesirable (rejected) completion of the same prompt."""
+    report, out, fmt = LoadReport(path), [], None
+    for line, row in read_rows(path):
+        try:
+            if isinstance(row, DataError):
+                raise row
+            if fmt is None:
+                fmt = detect_format(row)
+                report.format = fmt if fmt == "unpaired" else f"{fmt} pairs split into desirable/undesirable"
+            if fmt == "unpaired":
+                out.append(parse_unpaired(row, path, line))
+            else:
+                p = parse_row(row, fmt, path, line)
+                out += [Completion(p.prompt, p.chosen, True, p.source, p.conversational),
+                        Completion(p.prompt, p.rejected, False, p.source, p.conversational)]
+        except DataError as e:
+            if on_bad_row == "error":
+                raise
+            report.skipped[e.reason] += 1
+            report.skipped_lines.append(f"line {e.line} ({e.reason})")
+    report.rows = len(out)
+    if not out:
+        raise DataError(path, None, None, "no usable completions", reason="empty")
+    return out, report
+
+
+_LABELS = {True: True, False: False, 1: True, 0: False, "true": True, "false": False, "1": True, "0": False}
+
+
+def parse_unpaired(row: dict, path: str, line: int) -> Completion:
+    def fail(fieldname, message, reason):
+        raise DataError(path, line, fieldname, message, reason=reason)
+
+    for key in ("prompt", "completion", "label"):
+        if key not in row or row[key] is None:
+            fail(key, "missing (an unpaired file needs prompt, completion and label in every row)", "missing_field")
+    label = row["label"].strip().lower() if isinstance(row["label"], str) else row["label"]
+    if not isinstance(label, (bool, int, str)) or label not in _LABELS:
+        fail("label", f"expected true/false, got {row['label']!r}", "wrong_type")
+    if isinstance(row["completion"], list):
+        prompt = _messages(row["prompt"], "prompt", fail)
+        completion = _messages(row["completion"], "completion", fail)
+        if not prompt:
+            fail("prompt", "no prompt messages", "empty_prompt")
+        if not completion or completion[0]["role"] != "assistant":
+            fail("completion", "completion must start with an assistant message", "bad_role")
+        return Completion(prompt, completion, _LABELS[label], f"{path}:{line}", conversational=True)
+    for key in ("prompt", "completion"):
+        if not isinstance(row[key], str):
+            fail(key, f"expected a string, got {type(row[key]).__name__}", "wrong_type")
+    if not row["prompt"].strip():
+        fail("prompt", "empty prompt", "empty_prompt")
+    if not row["completion"].strip():
+        fail("completion", "empty completion", "empty_completion")
+    return Completion(row["prompt"], row["completion"], _LABELS[label], f"{path}:{line}")
 
 
 def split_implicit(chosen: str, rejected: str, fail) -> tuple[str, str, str]:

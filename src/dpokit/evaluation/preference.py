@@ -6,7 +6,7 @@ import torch
 
 from dpokit.batches import TokenizedPair, collate
 from dpokit.logprobs import PairLogps, pair_logps
-from dpokit.objectives import combined_loss
+from dpokit.objectives import OBJECTIVES, combined_loss, needs_reference
 
 
 @torch.no_grad()
@@ -31,19 +31,20 @@ def reference_logps(model, pairs: list[TokenizedPair], batch_size: int, pad_id: 
 def evaluate_pairs(policy, pairs: list[TokenizedPair], ref: PairLogps, cfg, pad_id: int, device) -> dict[str, float]:
     """Held-out metrics of the policy against `ref` (the starting reference, from `reference_logps`).
 
-    eval/loss is the configured objective; eval/rewards/* are always β·(log π − log π_ref) against the
+    eval/loss is the configured paired objective (absent for KTO); eval/rewards/* are always β·(log π − log π_ref) against the
     starting model, so "did it align" reads the same for every objective. Accuracy counts chosen
     strictly above rejected, as TRL does (ties, e.g. before training, count as wrong)."""
     was_training = policy.training
     policy.eval()
     pol = reference_logps(policy, pairs, cfg.eval_batch_size, pad_id, device, cfg.ld_alpha, cfg.use_weighting)
     policy.train(was_training)
-    from dpokit.objectives import needs_reference
-    losses, _ = combined_loss(cfg.loss_names, cfg.loss_weight_values, pol,
-                              ref if needs_reference(cfg.loss_names) else None, cfg)
     rc, rr = cfg.beta * (pol.chosen - ref.chosen), cfg.beta * (pol.rejected - ref.rejected)
-    return {
-        "eval/loss": losses.mean().item(),
+    metrics = {}
+    if all(OBJECTIVES[n].data == "paired" for n in cfg.loss_names):  # KTO's loss is not defined on pairs
+        losses, _ = combined_loss(cfg.loss_names, cfg.loss_weight_values, pol,
+                                  ref if needs_reference(cfg.loss_names) else None, cfg)
+        metrics["eval/loss"] = losses.mean().item()
+    return metrics | {
         "eval/rewards/chosen": rc.mean().item(),
         "eval/rewards/rejected": rr.mean().item(),
         "eval/rewards/margins": (rc - rr).mean().item(),

@@ -20,16 +20,16 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from dpokit.batches import TokenizedPair, collate, tokenize_pairs
+from dpokit.batches import TokenizedPair, tokenize_completions, tokenize_pairs
 from dpokit.config import TrainConfig
-from dpokit.data import builtin_path, load_pairs
+from dpokit.data import builtin_path, load_completions, load_pairs
 from dpokit.evaluation import evaluate_pairs, reference_logps
-from dpokit.logprobs import pair_logps
 from dpokit.loop.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from dpokit.loop.optim import build_optimizer, build_scheduler
 from dpokit.models import load_model, load_tokenizer
 from dpokit.models.load import ModelError
-from dpokit.objectives import combined_loss, needs_reference, rewards
+from dpokit.loop.steps import NonFiniteError, finish_kto_metrics, kto_step, paired_step
+from dpokit.objectives import OBJECTIVES, needs_reference
 
 
 @dataclass
@@ -41,18 +41,17 @@ class TrainResult:
     final_dir: Path
 
 
-class NonFiniteError(RuntimeError):
-    """A NaN/inf loss or gradient; the step was not applied."""
-
-
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
 
 
-def load_data(cfg: TrainConfig, tokenizer, log) -> tuple[list[TokenizedPair], list[TokenizedPair]]:
-    """Read, check and tokenize the training and held-out pairs, reporting what happened to every row."""
+def load_data(cfg: TrainConfig, tokenizer, unpaired: bool, log) -> tuple[list, list[TokenizedPair]]:
+    """Read, check and tokenize the training and held-out data, reporting what happened to every row.
+
+    Training rows are pairs, or labelled completions for unpaired objectives (KTO); held-out rows are
+    always pairs, so every objective reports the same implicit-reward accuracy."""
     train_path = cfg.data or builtin_path("helpful_train")
     eval_path = cfg.eval_data or (None if cfg.data else builtin_path("helpful_eval"))
     out = []
@@ -60,8 +59,12 @@ def load_data(cfg: TrainConfig, tokenizer, log) -> tuple[list[TokenizedPair], li
         if path is None:
             out.append([])
             continue
-        pairs, report = load_pairs(path, cfg.on_bad_row)
-        tokenized, tok_report = tokenize_pairs(pairs, tokenizer, cfg.max_length, cfg.max_prompt_length)
+        if unpaired and role == "train":
+            examples, report = load_completions(path, cfg.on_bad_row)
+            tokenized, tok_report = tokenize_completions(examples, tokenizer, cfg.max_length, cfg.max_prompt_length)
+        else:
+            pairs, report = load_pairs(path, cfg.on_bad_row)
+            tokenized, tok_report = tokenize_pairs(pairs, tokenizer, cfg.max_length, cfg.max_prompt_length)
         log(f"{role} data: {report.summary()}")
         log(f"  {tok_report.summary()}")
         if not tokenized:
@@ -71,7 +74,7 @@ def load_data(cfg: TrainConfig, tokenizer, log) -> tuple[list[TokenizedPair], li
 
 
 def train(config: TrainConfig | None = None, log=print, **overrides) -> TrainResult:
-    """Train a policy with DPO as configured; `overrides` are TrainConfig fields (train(beta=0.5, ...))."""
+    """Train a policy with the configured objective (DPO by default); `overrides` are TrainConfig fields (train(beta=0.5, ...))."""
     cfg = TrainConfig.from_dict({**(config.to_dict() if config else {}), **overrides})
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
@@ -82,7 +85,9 @@ def train(config: TrainConfig | None = None, log=print, **overrides) -> TrainRes
 
     # ---- data and models --------------------------------------------------------------------------
     tokenizer = load_tokenizer(cfg.model)
-    train_set, eval_set = load_data(cfg, tokenizer, log)
+    unpaired = any(OBJECTIVES[n].data == "unpaired" for n in cfg.loss_names)
+    step_fn = kto_step if unpaired else paired_step
+    train_set, eval_set = load_data(cfg, tokenizer, unpaired, log)
     pad_id = tokenizer.pad_token_id
     policy = load_model(cfg.model, device)
     with_ref = needs_reference(cfg.loss_names)
@@ -137,8 +142,9 @@ def train(config: TrainConfig | None = None, log=print, **overrides) -> TrainRes
             f"{format_eval(eval_before)}")
 
     # ---- training -------------------------------------------------------------------------------
-    log(f"training {total_steps - start_step} steps × {cfg.batch_size * cfg.grad_accum} pairs "
-        f"({n} pairs, {steps_per_epoch} steps/epoch) on {device}")
+    unit = "completions" if unpaired else "pairs"
+    log(f"training {cfg.loss} for {total_steps - start_step} steps × {cfg.batch_size * cfg.grad_accum} {unit} "
+        f"({n} {unit}, {steps_per_epoch} steps/epoch) on {device}")
     metrics_file = open(out / "metrics.jsonl", "a" if cfg.resume else "w", encoding="utf-8")
     bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, disable=not cfg.progress,
                desc="dpo", dynamic_ncols=True)
@@ -149,30 +155,11 @@ def train(config: TrainConfig | None = None, log=print, **overrides) -> TrainRes
         sums: dict[str, float] = defaultdict(float)
         tokens = 0
         for idx in micro:
-            rows = [train_set[i] for i in idx]
-            batch = {k: v.to(device) for k, v in collate(rows, pad_id).items()}
-            ref = None
-            if reference is not None and with_ref:
-                with torch.no_grad():
-                    ref = pair_logps(reference, batch, cfg.ld_alpha)
-            pol = pair_logps(policy, batch, cfg.ld_alpha, cfg.use_weighting)
-            losses, extra = combined_loss(cfg.loss_names, cfg.loss_weight_values, pol, ref, cfg)
-            # Sum/step_pairs per micro-batch: the accumulated gradient is that of the mean over the step.
-            loss = losses.sum() / step_pairs
-            if not torch.isfinite(loss):
-                raise NonFiniteError(f"step {step + 1}: non-finite loss on rows {[r.source for r in rows]}")
-            loss.backward()
-            r_chosen, r_rejected = rewards(pol, ref, cfg)
-            sums["loss"] += losses.detach().sum().item()
-            sums["rewards/chosen"] += r_chosen.sum().item()
-            sums["rewards/rejected"] += r_rejected.sum().item()
-            sums["rewards/margins"] += (r_chosen - r_rejected).sum().item()
-            sums["rewards/accuracies"] += (r_chosen > r_rejected).float().sum().item()
-            sums["logps/chosen"] += pol.chosen.detach().sum().item()
-            sums["logps/rejected"] += pol.rejected.detach().sum().item()
-            for key, value in extra.items():  # batch means → weighted by the micro-batch's pairs
-                sums[key] += value.item() * len(rows)
-            tokens += int(batch["attention_mask"].sum())
+            micro_sums, micro_tokens = step_fn(policy, reference if with_ref else None, [train_set[i] for i in idx],
+                                               cfg, pad_id, device, step_pairs, step + 1)
+            for key, value in micro_sums.items():
+                sums[key] += value
+            tokens += micro_tokens
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm or float("inf"))
         if not torch.isfinite(grad_norm):
             raise NonFiniteError(f"step {step + 1}: non-finite gradient norm on rows "
@@ -187,14 +174,16 @@ def train(config: TrainConfig | None = None, log=print, **overrides) -> TrainRes
 
         record = {"step": step + 1, "epoch": round((step + 1) / steps_per_epoch, 4)}
         record.update({k: v / step_pairs for k, v in sums.items()})
+        if unpaired:
+            finish_kto_metrics(record)
         record.update({"lr": lr, "grad_norm": grad_norm.item(), "pairs_per_s": step_pairs / seconds,
                        "tokens_per_s": tokens / seconds})
         if eval_set and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < total_steps:
             record.update(run_eval(policy, eval_set, eval_ref, cfg, pad_id, device))
         metrics_file.write(json.dumps(record) + "\n")
         metrics_file.flush()
-        bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}",
-                        margin=f"{record['rewards/margins']:.3f}")
+        bar.set_postfix(loss=f"{record['loss']:.4f}", **({"acc": f"{record['rewards/accuracies']:.2f}",
+                        "margin": f"{record['rewards/margins']:.3f}"} if not unpaired else {}))
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total_steps:
             save_checkpoint(cfg.output_dir, step + 1, policy, tokenizer, optimizer, scheduler, cfg.to_yaml(),
                             reference if cfg.sync_ref_every else None, eval_ref)
@@ -226,6 +215,7 @@ def run_eval(policy, eval_set, eval_ref, cfg: TrainConfig, pad_id: int, device) 
 
 
 def format_eval(m: dict[str, float]) -> str:
+    loss = f"loss {m['eval/loss']:.4f}, " if "eval/loss" in m else ""
     return (f"implicit-reward accuracy {m['eval/rewards/accuracies']:.3f}, margin {m['eval/rewards/margins']:+.3f}, "
-            f"loss {m['eval/loss']:.4f}, chosen log-prob shift {m['eval/logps/chosen_shift']:+.2f}, "
+            f"{loss}chosen log-prob shift {m['eval/logps/chosen_shift']:+.2f}, "
             f"rejected {m['eval/logps/rejected_shift']:+.2f}")

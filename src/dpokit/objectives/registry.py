@@ -104,6 +104,10 @@ OBJECTIVES: dict[str, Objective] = {o.name: o for o in [
            "Hong et al. 2024 (arXiv:2403.07691)",
            lambda x, cfg: RF.orpo_loss(x.policy.chosen_avg, x.policy.rejected_avg, cfg.orpo_lambda)
            + P.sft_loss(x.policy.chosen, x.policy.chosen_tokens), ["orpo_lambda"], reference=False),
+    # Unpaired: the loop batches labelled completions and calls objectives/kto.py directly.
+    _entry("kto", "KTO: unpaired desirable/undesirable completions vs a batch KL reference point",
+           "Ethayarajh et al. 2024 (arXiv:2402.01306)", None,
+           ["kto_desirable_weight", "kto_undesirable_weight"], data="unpaired"),
 ]}
 
 

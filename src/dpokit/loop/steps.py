@@ -1,0 +1,88 @@
+"""One micro-batch of work: log-probs, loss, backward, and the metric sums the loop averages.
+
+`paired_step` serves every paired objective; `kto_step` serves KTO's labelled completions. Both
+return (sum of per-example losses, metric sums over examples, tokens computed) after calling
+backward on loss_sum / step_examples, so grad accumulation yields the mean over the whole step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dpokit.batches import collate, collate_kto
+from dpokit.logprobs import pair_logps, sequence_logps
+from dpokit.objectives import combined_loss, rewards
+from dpokit.objectives.kto import kto_loss, kto_reference_point
+
+
+class NonFiniteError(RuntimeError):
+    """A NaN/inf loss or gradient; the step was not applied."""
+
+
+def _backward(losses: torch.Tensor, step_examples: int, rows, step: int) -> None:
+    loss = losses.sum() / step_examples
+    if not torch.isfinite(loss):
+        raise NonFiniteError(f"step {step}: non-finite loss on rows {[r.source for r in rows]}")
+    loss.backward()
+
+
+def paired_step(policy, reference, rows, cfg, pad_id: int, device, step_examples: int, step: int):
+    batch = {k: v.to(device) for k, v in collate(rows, pad_id).items()}
+    ref = None
+    if reference is not None:
+        with torch.no_grad():
+            ref = pair_logps(reference, batch, cfg.ld_alpha)
+    pol = pair_logps(policy, batch, cfg.ld_alpha, cfg.use_weighting)
+    losses, extra = combined_loss(cfg.loss_names, cfg.loss_weight_values, pol, ref, cfg)
+    _backward(losses, step_examples, rows, step)
+    r_chosen, r_rejected = rewards(pol, ref, cfg)
+    sums = {
+        "loss": losses.detach().sum().item(),
+        "rewards/chosen": r_chosen.sum().item(),
+        "rewards/rejected": r_rejected.sum().item(),
+        "rewards/margins": (r_chosen - r_rejected).sum().item(),
+        "rewards/accuracies": (r_chosen > r_rejected).float().sum().item(),
+        "logps/chosen": pol.chosen.detach().sum().item(),
+        "logps/rejected": pol.rejected.detach().sum().item(),
+    }
+    for key, value in extra.items():  # batch means → weighted by the micro-batch's size
+        sums[key] = value.item() * len(rows)
+    return sums, int(batch["attention_mask"].sum())
+
+
+def kto_step(policy, reference, rows, cfg, pad_id: int, device, step_examples: int, step: int):
+    batch = {k: v.to(device) for k, v in collate_kto(rows, pad_id, cfg.max_length).items()}
+    labels = batch.pop("labels")
+    n = len(rows)
+    with torch.no_grad():
+        ref_all = sequence_logps(reference, **batch)
+    # The mismatched (KL) rows need no gradient: z_ref is detached. Running them without grad saves
+    # the memory of their activations.
+    main = {k: v[:n] for k, v in batch.items()}
+    pol = sequence_logps(policy, **main)
+    with torch.no_grad():
+        pol_kl = sequence_logps(policy, **{k: v[n:] for k, v in batch.items()})
+    z_ref = kto_reference_point(pol_kl, ref_all[n:])
+    losses = kto_loss(pol, ref_all[:n], labels, z_ref, cfg.beta, cfg.kto_desirable_weight,
+                      cfg.kto_undesirable_weight)
+    _backward(losses, step_examples, rows, step)
+    reward = cfg.beta * (pol.detach() - ref_all[:n])
+    sums = {"loss": losses.detach().sum().item(), "kto/kl": z_ref.item() * n,
+            "kto/desirable_fraction": labels.float().sum().item()}
+    # Per-label means need per-label counts: logged as sums here, divided by the loop via *_count.
+    for name, mask in (("chosen", labels), ("rejected", ~labels)):
+        sums[f"rewards/{name}_sum"] = reward[mask].sum().item()
+        sums[f"logps/{name}_sum"] = pol.detach()[mask].sum().item()
+        sums[f"count/{name}"] = mask.sum().item()
+    return sums, int(batch["attention_mask"].sum())
+
+
+def finish_kto_metrics(record: dict) -> dict:
+    """Turn kto_step's per-label sums into means (rewards/chosen = mean β·Δ over desirable examples)."""
+    for name in ("chosen", "rejected"):
+        count = record.pop(f"count/{name}", 0)
+        for kind in ("rewards", "logps"):
+            total = record.pop(f"{kind}/{name}_sum", 0.0)
+            if count:
+                record[f"{kind}/{name}"] = total / count
+    return record
