@@ -77,6 +77,10 @@ class TrainConfig:
     max_length: int = opt(512, "max tokens of prompt + one completion; completions are cut from their end")
     max_prompt_length: int | None = opt(256, "max prompt tokens; the prompt is cut from its start, keeping the "
                                         "latest turns (null: no separate cap)")
+    prefix_sharing: bool = opt(True, "compute each pair as one sequence prompt+chosen+rejected with a mask that "
+                               "hides chosen from rejected, so the prompt is computed once (same log-probs)")
+    pack_tokens: int = opt(1024, "with prefix sharing, pack pairs into rows of up to N tokens (block-diagonal "
+                           "masks, no padding between pairs); 0: one pair per row")
     on_bad_row: str = opt("error", "bad data rows: 'error' stops naming file:line:field; 'skip' skips and "
                           "counts them by reason", ("error", "skip"))
     # bookkeeping
@@ -130,6 +134,10 @@ class TrainConfig:
         if self.max_prompt_length is not None:
             need(1 <= self.max_prompt_length < self.max_length, "max_prompt_length",
                  f"must be in [1, max_length={self.max_length}) so every completion keeps at least one token")
+        need(self.pack_tokens >= 0, "pack_tokens", "must be >= 0 (0: one pair per row)")
+        if self.pack_tokens and not self.prefix_sharing:
+            raise ConfigError("pack_tokens needs prefix_sharing (packing places prompt+chosen+rejected segments); "
+                              "set --pack-tokens 0 or drop --no-prefix-sharing")
         need(self.eval_every >= 0, "eval_every", "must be >= 0")
         need(self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
         need(self.save_every >= 0, "save_every", "must be >= 0")
@@ -194,6 +202,10 @@ class TrainConfig:
             if active and not with_ref:
                 raise ConfigError(f"{key} = {getattr(self, key)!r} needs a reference model, but loss "
                                   f"{','.join(names)} is reference-free; remove it or add a reference objective")
+        raw = [n for n in names if n in ("aot",)]
+        if self.f_divergence != "reverse_kl" and raw:
+            raise ConfigError(f"f_divergence = {self.f_divergence!r} has no effect on {', '.join(raw)} (it compares "
+                              "raw log-odds); remove it or change --loss")
         if self.f_alpha != defaults["f_alpha"] and self.f_divergence != "alpha":
             raise ConfigError(f"f_alpha = {self.f_alpha} only applies with f_divergence alpha")
         if self.sync_ref_alpha != defaults["sync_ref_alpha"] and not self.sync_ref_every:

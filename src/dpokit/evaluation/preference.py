@@ -4,20 +4,22 @@ from __future__ import annotations
 
 import torch
 
-from dpokit.batches import TokenizedPair, collate
+from dpokit.batches import TokenizedPair, pair_batch
 from dpokit.logprobs import PairLogps, pair_logps
 from dpokit.objectives import OBJECTIVES, combined_loss, needs_reference
 
 
 @torch.no_grad()
 def reference_logps(model, pairs: list[TokenizedPair], batch_size: int, pad_id: int, device,
-                    ld_alpha: float | None = None, with_wpo: bool = False) -> PairLogps:
+                    ld_alpha: float | None = None, with_wpo: bool = False, prefix_sharing: bool = True,
+                    pack_tokens: int = 0) -> PairLogps:
     """Log-prob summaries of every pair under `model`, concatenated over batches, on CPU.
 
     Used for the frozen reference (computed once, reused by every evaluation) and for the policy."""
     parts = []
     for i in range(0, len(pairs), batch_size):
-        batch = {k: v.to(device) for k, v in collate(pairs[i:i + batch_size], pad_id).items()}
+        batch = pair_batch(pairs[i:i + batch_size], pad_id, prefix_sharing, pack_tokens)
+        batch = {k: v.to(device) for k, v in batch.items()}
         parts.append(pair_logps(model, batch, ld_alpha, with_wpo))
 
     def cat(name):
@@ -36,7 +38,8 @@ def evaluate_pairs(policy, pairs: list[TokenizedPair], ref: PairLogps, cfg, pad_
     strictly above rejected, as TRL does (ties, e.g. before training, count as wrong)."""
     was_training = policy.training
     policy.eval()
-    pol = reference_logps(policy, pairs, cfg.eval_batch_size, pad_id, device, cfg.ld_alpha, cfg.use_weighting)
+    pol = reference_logps(policy, pairs, cfg.eval_batch_size, pad_id, device, cfg.ld_alpha, cfg.use_weighting,
+                          cfg.prefix_sharing, cfg.pack_tokens)
     policy.train(was_training)
     rc, rr = cfg.beta * (pol.chosen - ref.chosen), cfg.beta * (pol.rejected - ref.rejected)
     metrics = {}

@@ -58,22 +58,38 @@ def _has_plain_head(model) -> bool:
             and model.get_output_embeddings() is not None)
 
 
-def completion_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                           completion_mask: torch.Tensor, position_ids: torch.Tensor | None = None,
-                           with_sq: bool = False) -> TokenLogps:
-    """Log-probs of every completion token (completion_mask == 1) of a [N, T] batch.
-
-    Token t is predicted from position t−1, so the first token of a row is never scored."""
+def padded_score_index(completion_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Score index of a right-padded batch: token t of row n is predicted from position t − 1
+    (so the first token of a row is never scored); each row is its own sequence."""
     scored = completion_mask[:, 1:].bool()
-    targets = input_ids[:, 1:][scored]                                          # [K]
-    rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(scored)[scored]
-    positions = (scored.long().cumsum(1) - 1)[scored]
-    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    rows, src = scored.nonzero(as_tuple=True)
+    return {"score_row": rows, "score_src": src, "score_tgt": src + 1, "score_seq": rows,
+            "score_pos": (scored.long().cumsum(1) - 1)[scored],
+            "n_seqs": torch.tensor(completion_mask.shape[0])}
+
+
+def additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A 4D boolean may-attend mask → the additive float mask every attention implementation accepts."""
+    return torch.zeros((), dtype=dtype, device=attention_mask.device).masked_fill(
+        ~attention_mask, torch.finfo(dtype).min)
+
+
+def batch_token_logps(model, batch: dict[str, torch.Tensor], with_sq: bool = False) -> TokenLogps:
+    """Log-probs of every scored completion token of a batch from `collate` (padded) or
+    `collate_packed` (prefix-shared, packed)."""
+    index = batch if "score_seq" in batch else padded_score_index(batch["completion_mask"])
+    mask = batch["attention_mask"]
+    if mask.dim() == 4:
+        mask = additive_mask(mask, model.dtype)
+    kwargs = dict(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch.get("position_ids"),
+                  use_cache=False)
+    row, src = index["score_row"], index["score_src"]
+    targets = batch["input_ids"][row, index["score_tgt"]]                       # [K]
     if _has_plain_head(model):
-        states = model.get_decoder()(**kwargs).last_hidden_state[:, :-1][scored]  # [K, H]
+        states = model.get_decoder()(**kwargs).last_hidden_state[row, src]      # [K, H] only what is scored
         head = model.get_output_embeddings()
     else:  # logits post-processed by the model: take them whole, then select
-        states, head = model(**kwargs).logits[:, :-1][scored], torch.nn.Identity()
+        states, head = model(**kwargs).logits[row, src], torch.nn.Identity()
     width = head.out_features if hasattr(head, "out_features") else states.shape[-1]
     chunk = max(1, CHUNK_ELEMENTS // width)
     if states.shape[0] <= chunk:
@@ -84,7 +100,17 @@ def completion_token_logps(model, input_ids: torch.Tensor, attention_mask: torch
                  else _token_stats(s, head, t, with_sq) for s, t in zip(states.split(chunk), targets.split(chunk))]
         values = torch.cat([p[0] for p in parts])
         sq = torch.cat([p[1] for p in parts]) if with_sq else None
-    return TokenLogps(values, rows, positions, sq, input_ids.shape[0])
+    return TokenLogps(values, index["score_seq"], index["score_pos"], sq, int(index["n_seqs"]))
+
+
+def completion_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                           completion_mask: torch.Tensor, position_ids: torch.Tensor | None = None,
+                           with_sq: bool = False) -> TokenLogps:
+    """Log-probs of every completion token (completion_mask == 1) of a right-padded [N, T] batch."""
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+    if position_ids is not None:
+        batch["position_ids"] = position_ids
+    return batch_token_logps(model, batch, with_sq)
 
 
 def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -129,14 +155,14 @@ def pair_logps(model, batch: dict[str, torch.Tensor], ld_alpha: float | None = N
     ld_alpha (LD-DPO, Liu 2024): tokens beyond the shorter completion's length count with weight α, so
     the longer answer's extra tokens stop dominating the log-ratio. α = 1 is plain DPO.
     """
-    tok = completion_token_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
-                                 with_sq=with_wpo)
+    tok = batch_token_logps(model, batch, with_sq=with_wpo)
     counts = tok.counts()
     b = tok.n_rows // 2
     weights = None
     if ld_alpha is not None:
         shared = torch.minimum(counts[:b], counts[b:]).repeat(2)   # per row: the pair's shorter length
-        weights = torch.where(tok.positions < shared[tok.rows], 1.0, ld_alpha).to(tok.values.dtype)
+        one = torch.ones((), dtype=tok.values.dtype, device=counts.device)
+        weights = torch.where(tok.positions < shared[tok.rows], one, one * ld_alpha)
     sums = tok.sums(weights)
     out = PairLogps(sums[:b], sums[b:], counts[:b], counts[b:])
     if with_wpo:

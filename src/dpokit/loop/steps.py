@@ -1,15 +1,16 @@
 """One micro-batch of work: log-probs, loss, backward, and the metric sums the loop averages.
 
 `paired_step` serves every paired objective; `kto_step` serves KTO's labelled completions. Both
-return (sum of per-example losses, metric sums over examples, tokens computed) after calling
-backward on loss_sum / step_examples, so grad accumulation yields the mean over the whole step.
+call backward on loss_sum / step_examples, so grad accumulation yields the mean over the whole step,
+and return (metric sums over examples, tokens of the examples: prompt counted once, whatever the
+layout, so tokens/s compares across layouts and tools).
 """
 
 from __future__ import annotations
 
 import torch
 
-from dpokit.batches import collate, collate_kto
+from dpokit.batches import collate_kto, pair_batch
 from dpokit.logprobs import pair_logps, sequence_logps
 from dpokit.objectives import combined_loss, rewards
 from dpokit.objectives.kto import kto_loss, kto_reference_point
@@ -27,7 +28,7 @@ def _backward(losses: torch.Tensor, step_examples: int, rows, step: int) -> None
 
 
 def paired_step(policy, reference, rows, cfg, pad_id: int, device, step_examples: int, step: int):
-    batch = {k: v.to(device) for k, v in collate(rows, pad_id).items()}
+    batch = {k: v.to(device) for k, v in pair_batch(rows, pad_id, cfg.prefix_sharing, cfg.pack_tokens).items()}
     ref = None
     if reference is not None:
         with torch.no_grad():
@@ -47,7 +48,7 @@ def paired_step(policy, reference, rows, cfg, pad_id: int, device, step_examples
     }
     for key, value in extra.items():  # batch means → weighted by the micro-batch's size
         sums[key] = value.item() * len(rows)
-    return sums, int(batch["attention_mask"].sum())
+    return sums, sum(len(r.prompt_ids) + len(r.chosen_ids) + len(r.rejected_ids) for r in rows)
 
 
 def kto_step(policy, reference, rows, cfg, pad_id: int, device, step_examples: int, step: int):
@@ -74,7 +75,7 @@ def kto_step(policy, reference, rows, cfg, pad_id: int, device, step_examples: i
         sums[f"rewards/{name}_sum"] = reward[mask].sum().item()
         sums[f"logps/{name}_sum"] = pol.detach()[mask].sum().item()
         sums[f"count/{name}"] = mask.sum().item()
-    return sums, int(batch["attention_mask"].sum())
+    return sums, sum(len(r.prompt_ids) + len(r.completion_ids) for r in rows)
 
 
 def finish_kto_metrics(record: dict) -> dict:

@@ -127,7 +127,7 @@ def train(config: TrainConfig | None = None, log=print, **overrides) -> TrainRes
     eval_ref = None
     if eval_set:
         eval_ref = reference_logps(reference or policy, eval_set, cfg.eval_batch_size, pad_id, device,
-                                   cfg.ld_alpha)
+                                   cfg.ld_alpha, prefix_sharing=cfg.prefix_sharing, pack_tokens=cfg.pack_tokens)
     start_step = 0
     if cfg.resume:
         ckpt = find_checkpoint(cfg.output_dir, cfg.resume)

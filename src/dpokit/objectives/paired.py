@@ -111,16 +111,19 @@ def discopop_loss(c: Tensor, r: Tensor, beta: float, tau: float = 0.05) -> Tenso
         ρ = β h;  m = σ(ρ / τ);  loss = (1 − m) · (−log σ(ρ)) + m · exp(−ρ)
     """
     rho = beta * (c - r)
-    m = torch.sigmoid(rho / tau)
-    return (1 - m) * -F.logsigmoid(rho) + m * torch.exp(-rho)
+    # m · e^{−ρ} as exp(log m − ρ): for ρ ≪ 0, e^{−ρ} overflows while m underflows (0 · inf = NaN).
+    return torch.sigmoid(-rho / tau) * -F.logsigmoid(rho) + torch.exp(F.logsigmoid(rho / tau) - rho)
 
 
-def dpop_loss(c: Tensor, r: Tensor, beta: float, lam: float) -> Tensor:
+def dpop_loss(c: Tensor, r: Tensor, beta: float, lam: float, chosen_logratio: Tensor | None = None) -> Tensor:
     """DPO-Positive (Pal 2024, Eq. 3): DPO plus a penalty when the chosen log-prob falls below the reference.
 
-        loss = −log σ(β (h − λ · max(0, −c)))      (−c = log π_ref(y_w) − log π(y_w))
+        loss = −log σ(β (h − λ · max(0, −Δ_w)))      (−Δ_w = log π_ref(y_w) − log π(y_w))
+    The penalty always uses the raw log-ratio Δ_w (`chosen_logratio`, default c), also when c is an
+    f-divergence score.
     """
-    return -F.logsigmoid(beta * (c - r - lam * torch.relu(-c)))
+    delta_w = c if chosen_logratio is None else chosen_logratio
+    return -F.logsigmoid(beta * (c - r - lam * torch.relu(-delta_w)))
 
 
 def sigmoid_norm_loss(c: Tensor, r: Tensor, beta: float, chosen_tokens: Tensor, rejected_tokens: Tensor) -> Tensor:

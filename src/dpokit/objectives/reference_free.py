@@ -28,7 +28,11 @@ def simpo_loss(chosen_avg_logps: Tensor, rejected_avg_logps: Tensor, beta: float
 
 def log1mexp(x: Tensor) -> Tensor:
     """log(1 − exp(x)) for x < 0, stable at both ends (Mächler 2012)."""
-    return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+    # torch.where evaluates (and differentiates) both branches: clamp each to its own side of −ln 2,
+    # or the unused one yields inf/NaN gradients (e.g. log1p(−exp(x)) at x ≈ 0).
+    near_zero = x > -0.6931471805599453
+    return torch.where(near_zero, torch.log(-torch.expm1(x.clamp(min=-0.6931471805599453))),
+                       torch.log1p(-torch.exp(x.clamp(max=-0.6931471805599453))))
 
 
 def orpo_log_odds(chosen_avg_logps: Tensor, rejected_avg_logps: Tensor) -> Tensor:
