@@ -27,8 +27,10 @@ LN2 = math.log(2.0)
 PAIRED = [n for n, o in OBJECTIVES.items() if o.data == "paired"]
 UNPAIRED = [n for n, o in OBJECTIVES.items() if o.data != "paired"]
 WITH_REFERENCE = [n for n in PAIRED if OBJECTIVES[n].reference]
-# aot sorts raw log-odds, so dpokit refuses f_divergence with it (see test_config_refuses_bad_combinations).
-WITH_F_DIVERGENCE = [n for n in WITH_REFERENCE if n != "aot"]
+# f-divergence scores are defined up to log Z(x), which cancels only in chosen − rejected differences:
+# dpokit (like TRL) refuses f_divergence for objectives that use single scores or raw log-odds.
+NO_F_DIVERGENCE = {"aot", "aot_unpaired", "nca_pair", "bco_pair", "sppo_hard", "apo_zero", "apo_down", "dpop"}
+WITH_F_DIVERGENCE = [n for n in WITH_REFERENCE if n not in NO_F_DIVERGENCE]
 REFERENCE_FREE = [n for n in PAIRED if not OBJECTIVES[n].reference]
 
 
@@ -580,7 +582,7 @@ REFUSED = [
     ({"loss": "exo_pair", "label_smoothing": 0.0}, r"\blabel_smoothing\b"),
     *[({"loss": lf, key: value}, rf"\b{key}\b") for lf in ("cpo", "simpo", "orpo", "sft")
       for key, value in (("f_divergence", "js"), ("ld_alpha", 0.5), ("sync_ref_every", 10), ("ref_model", "x"))],
-    ({"loss": "aot", "f_divergence": "js"}, r"\bf_divergence\b"),
+    *[({"loss": name, "f_divergence": "js"}, r"\bf_divergence\b") for name in sorted(NO_F_DIVERGENCE)],
     ({"loss": "kto", "use_weighting": True}, r"\buse_weighting\b"),
     ({"loss": "kto,sft"}, r"^loss = "),
     ({"loss": "kto", "batch_size": 1}, r"\bbatch_size\b"),

@@ -202,10 +202,14 @@ class TrainConfig:
             if active and not with_ref:
                 raise ConfigError(f"{key} = {getattr(self, key)!r} needs a reference model, but loss "
                                   f"{','.join(names)} is reference-free; remove it or add a reference objective")
-        raw = [n for n in names if n in ("aot",)]
-        if self.f_divergence != "reverse_kl" and raw:
-            raise ConfigError(f"f_divergence = {self.f_divergence!r} has no effect on {', '.join(raw)} (it compares "
-                              "raw log-odds); remove it or change --loss")
+        # f-divergence scores f'(π/π_ref) are defined up to β·log Z(x), which cancels only in chosen − rejected
+        # differences; objectives that use each score alone (or raw log-odds) would be silently wrong.
+        unsupported = [n for n in names if n in ("aot", "aot_unpaired", "nca_pair", "bco_pair", "sppo_hard",
+                                                 "apo_zero", "apo_down", "dpop")]
+        if self.f_divergence != "reverse_kl" and unsupported:
+            raise ConfigError(f"f_divergence = {self.f_divergence!r} is not defined for {', '.join(unsupported)}: the "
+                              "partition term log Z(x) only cancels in chosen − rejected differences; use sigmoid, "
+                              "robust, ipo, hinge, exo_pair, discopop or sigmoid_norm")
         if self.f_alpha != defaults["f_alpha"] and self.f_divergence != "alpha":
             raise ConfigError(f"f_alpha = {self.f_alpha} only applies with f_divergence alpha")
         if self.sync_ref_alpha != defaults["sync_ref_alpha"] and not self.sync_ref_every:
