@@ -24,8 +24,9 @@ def _quiet(*_args):
 
 def test_first_step_loss_is_exactly_ln2_and_metrics_use_trl_names(tmp_path, tiny_model_dir, explicit_rows):
     data = write_jsonl(tmp_path / "d.jsonl", explicit_rows)
+    # Without the reference cache the reference runs on the very same batch as the policy: exactly ln 2.
     result = train(model=tiny_model_dir, data=data, output_dir=str(tmp_path / "run"), max_steps=2,
-                   batch_size=4, progress=False, log=_quiet)
+                   batch_size=4, progress=False, log=_quiet, ref_cache=False)
     first = _metrics(result.output_dir)[0]
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-7)
     for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
@@ -115,3 +116,40 @@ def test_train_help_documents_every_option(capsys):
                  "--resume"):
         assert flag in text, flag
     assert "default: 0.1" in text
+
+
+def test_fast_path_trains_like_the_plain_path(tmp_path, tiny_model_dir, explicit_rows):
+    """Prefix sharing + packing + cached reference vs padded rows with a live reference: the same
+    log-probs at step 1 and loss curves within 1e-3 over 20 steps."""
+    data = write_jsonl(tmp_path / "d.jsonl", explicit_rows)
+    common = dict(model=tiny_model_dir, data=data, max_steps=20, batch_size=4, lr=2e-3, warmup_steps=0,
+                  progress=False, log=_quiet)
+    fast = _metrics(train(output_dir=str(tmp_path / "fast"), **common).output_dir)
+    plain = _metrics(train(output_dir=str(tmp_path / "plain"), prefix_sharing=False, pack_tokens=0,
+                           ref_cache=False, **common).output_dir)
+    assert fast[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    for key in ("logps/chosen", "logps/rejected"):
+        assert fast[0][key] == pytest.approx(plain[0][key], rel=1e-5)
+    losses = [(f["loss"], p["loss"]) for f, p in zip(fast, plain) if "loss" in f]
+    assert len(losses) == 20 and losses[-1][1] < 0.6  # it really trained
+    assert max(abs(a - b) for a, b in losses) < 1e-3
+
+
+def test_reference_cache_is_reused_and_keyed_on_the_data(tmp_path, tiny_model_dir, explicit_rows, monkeypatch):
+    monkeypatch.setenv("DPOKIT_CACHE", str(tmp_path / "cache"))
+    data = write_jsonl(tmp_path / "d.jsonl", explicit_rows)
+    logs: list[str] = []
+    common = dict(model=tiny_model_dir, data=data, max_steps=1, batch_size=4, progress=False, log=logs.append)
+    train(output_dir=str(tmp_path / "a"), **common)
+    assert any("training reference log-probs: computed" in m for m in logs)
+    logs.clear()
+    train(output_dir=str(tmp_path / "b"), beta=0.5, **common)  # a β sweep reuses it
+    assert any("training reference log-probs: read from cache" in m for m in logs)
+    logs.clear()
+    train(output_dir=str(tmp_path / "c"), max_length=40, max_prompt_length=20,
+          **{**common, "data": data})  # other truncation → other token ids → recomputed
+    assert any("training reference log-probs: computed" in m for m in logs)
+    changed = write_jsonl(tmp_path / "e.jsonl", explicit_rows[:-1] + [{**explicit_rows[-1], "chosen": " changed"}])
+    logs.clear()
+    train(output_dir=str(tmp_path / "d"), **{**common, "data": changed})
+    assert any("training reference log-probs: computed" in m for m in logs)

@@ -81,6 +81,8 @@ class TrainConfig:
                                "hides chosen from rejected, so the prompt is computed once (same log-probs)")
     pack_tokens: int = opt(1024, "with prefix sharing, pack pairs into rows of up to N tokens (block-diagonal "
                            "masks, no padding between pairs); 0: one pair per row")
+    ref_cache: bool = opt(True, "compute the reference's log-probs of the training pairs once, cache them on disk "
+                          "(keyed by reference weights and token ids) and release the reference model")
     on_bad_row: str = opt("error", "bad data rows: 'error' stops naming file:line:field; 'skip' skips and "
                           "counts them by reason", ("error", "skip"))
     # bookkeeping

@@ -139,6 +139,13 @@ class PairLogps:
     chosen_wpo: torch.Tensor | None = None    # [B] mean_t (log π(y_t) − log Σ_v π(v)²), for WPO
     rejected_wpo: torch.Tensor | None = None
 
+    def select(self, index: list[int], device=None) -> "PairLogps":
+        """The rows `index` (e.g. one micro-batch out of a whole-dataset table), moved to `device`."""
+        idx = torch.tensor(index)
+        return PairLogps(*(None if (t := getattr(self, n)) is None else t[idx].to(device)
+                           for n in ("chosen", "rejected", "chosen_tokens", "rejected_tokens", "chosen_wpo",
+                                     "rejected_wpo")))
+
     @property
     def chosen_avg(self) -> torch.Tensor:
         return self.chosen / self.chosen_tokens.clamp(min=1)

@@ -27,10 +27,13 @@ def _backward(losses: torch.Tensor, step_examples: int, rows, step: int) -> None
     loss.backward()
 
 
-def paired_step(policy, reference, rows, cfg, pad_id: int, device, step_examples: int, step: int):
+def paired_step(policy, reference, rows, cfg, pad_id: int, device, step_examples: int, step: int,
+                ref_cached=None):
+    """`ref_cached`: the rows' reference log-probs from the cache; else `reference` is run (or None:
+    reference-free objective)."""
     batch = {k: v.to(device) for k, v in pair_batch(rows, pad_id, cfg.prefix_sharing, cfg.pack_tokens).items()}
-    ref = None
-    if reference is not None:
+    ref = ref_cached
+    if ref is None and reference is not None:
         with torch.no_grad():
             ref = pair_logps(reference, batch, cfg.ld_alpha)
     pol = pair_logps(policy, batch, cfg.ld_alpha, cfg.use_weighting)
@@ -51,7 +54,7 @@ def paired_step(policy, reference, rows, cfg, pad_id: int, device, step_examples
     return sums, sum(len(r.prompt_ids) + len(r.chosen_ids) + len(r.rejected_ids) for r in rows)
 
 
-def kto_step(policy, reference, rows, cfg, pad_id: int, device, step_examples: int, step: int):
+def kto_step(policy, reference, rows, cfg, pad_id: int, device, step_examples: int, step: int, ref_cached=None):
     batch = {k: v.to(device) for k, v in collate_kto(rows, pad_id, cfg.max_length).items()}
     labels = batch.pop("labels")
     n = len(rows)

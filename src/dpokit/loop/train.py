@@ -8,7 +8,6 @@ uninterrupted run would have seen.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import random
@@ -23,13 +22,13 @@ from tqdm.auto import tqdm
 from dpokit.batches import TokenizedPair, tokenize_completions, tokenize_pairs
 from dpokit.config import TrainConfig
 from dpokit.data import builtin_path, load_completions, load_pairs
-from dpokit.evaluation import evaluate_pairs, reference_logps
+from dpokit.evaluation import evaluate_pairs
 from dpokit.loop.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from dpokit.loop.optim import build_optimizer, build_scheduler
+from dpokit.loop.reference import prepare_reference
 from dpokit.models import load_model, load_tokenizer
-from dpokit.models.load import ModelError
 from dpokit.loop.steps import NonFiniteError, finish_kto_metrics, kto_step, paired_step
-from dpokit.objectives import OBJECTIVES, needs_reference
+from dpokit.objectives import OBJECTIVES
 
 
 @dataclass
@@ -90,22 +89,10 @@ def train(config: TrainConfig | None = None, log=print, **overrides) -> TrainRes
     train_set, eval_set = load_data(cfg, tokenizer, unpaired, log)
     pad_id = tokenizer.pad_token_id
     policy = load_model(cfg.model, device)
-    with_ref = needs_reference(cfg.loss_names)
-    reference = None
-    if cfg.ref_model:
-        if load_tokenizer(cfg.ref_model).get_vocab() != tokenizer.get_vocab():
-            raise ModelError(f"--ref-model {cfg.ref_model} has a different tokenizer from --model {cfg.model}; "
-                             "log-prob ratios need the same token ids")
-        reference = load_model(cfg.ref_model, device)
-    elif with_ref:
-        reference = copy.deepcopy(policy)  # the starting policy, frozen
-    else:
-        log(f"loss {cfg.loss} is reference-free: no reference model loaded")
-    if reference is not None:
-        reference.requires_grad_(False)
-        reference.eval()
     # Dropout stays off (eval mode): log π − log π_ref must compare the same deterministic function.
     policy.eval()
+    reference, train_ref, eval_ref = prepare_reference(cfg, policy, tokenizer, train_set, eval_set, unpaired,
+                                                       device, pad_id, log)
 
     # ---- schedule ---------------------------------------------------------------------------------
     n = len(train_set)
@@ -122,12 +109,6 @@ def train(config: TrainConfig | None = None, log=print, **overrides) -> TrainRes
 
     optimizer = build_optimizer(policy.parameters(), cfg.optimizer, cfg.lr, cfg.weight_decay)
     scheduler = build_scheduler(optimizer, cfg.warmup_steps, total_steps, cfg.lr_scheduler)
-    # Held-out log-probs of the starting reference, computed once; without a reference model, the
-    # starting policy is the reference (so reference-free runs report the same eval/rewards too).
-    eval_ref = None
-    if eval_set:
-        eval_ref = reference_logps(reference or policy, eval_set, cfg.eval_batch_size, pad_id, device,
-                                   cfg.ld_alpha, prefix_sharing=cfg.prefix_sharing, pack_tokens=cfg.pack_tokens)
     start_step = 0
     if cfg.resume:
         ckpt = find_checkpoint(cfg.output_dir, cfg.resume)
@@ -155,8 +136,9 @@ def train(config: TrainConfig | None = None, log=print, **overrides) -> TrainRes
         sums: dict[str, float] = defaultdict(float)
         tokens = 0
         for idx in micro:
-            micro_sums, micro_tokens = step_fn(policy, reference if with_ref else None, [train_set[i] for i in idx],
-                                               cfg, pad_id, device, step_pairs, step + 1)
+            ref_rows = train_ref.select(idx, device) if train_ref is not None else None
+            micro_sums, micro_tokens = step_fn(policy, reference, [train_set[i] for i in idx], cfg, pad_id, device,
+                                               step_pairs, step + 1, ref_rows)
             for key, value in micro_sums.items():
                 sums[key] += value
             tokens += micro_tokens

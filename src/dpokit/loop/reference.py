@@ -1,0 +1,64 @@
+"""The reference side of a run: a frozen model, or its log-probs from the on-disk cache.
+
+With a fixed reference (every paired objective except TR-DPO's moving one), the reference's
+log-probs of the training pairs are computed once — or read from the cache — and the reference model
+is then released: training never runs it again, and its weights no longer take memory.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+
+from dpokit.logprobs import PairLogps
+from dpokit.logprobs.refcache import cache_key, cache_path, compute_reference, load_cached, store, weights_digest
+from dpokit.models import load_model, load_tokenizer
+from dpokit.models.load import ModelError
+from dpokit.objectives import needs_reference
+
+
+def prepare_reference(cfg, policy, tokenizer, train_set, eval_set, unpaired: bool, device, pad_id: int, log):
+    """Return (reference model or None, cached train reference log-probs or None, eval reference log-probs).
+
+    Held-out reference log-probs always come from the starting reference — the starting policy itself
+    for reference-free objectives — so every objective reports comparable eval/rewards."""
+    with_ref = needs_reference(cfg.loss_names)
+    model = None
+    if cfg.ref_model:
+        if load_tokenizer(cfg.ref_model).get_vocab() != tokenizer.get_vocab():
+            raise ModelError(f"--ref-model {cfg.ref_model} has a different tokenizer from --model {cfg.model}; "
+                             "log-prob ratios need the same token ids")
+        model = load_model(cfg.ref_model, device)
+        model.requires_grad_(False)
+    if not with_ref:
+        log(f"loss {cfg.loss} is reference-free: no reference model loaded")
+    cacheable = with_ref and cfg.ref_cache and not cfg.sync_ref_every and not unpaired
+    digest = weights_digest(model or policy) if (cacheable or eval_set) else None
+
+    def the_model():
+        nonlocal model
+        if model is None:
+            model = copy.deepcopy(policy).requires_grad_(False).eval()  # the starting policy, frozen
+        return model
+
+    def logps_of(pairs, role: str) -> PairLogps:
+        key = cache_key(digest, pairs, cfg.ld_alpha)
+        cached = load_cached(key)
+        if cached is not None:
+            log(f"{role} reference log-probs: read from cache {cache_path(key)}")
+            return cached
+        start = time.perf_counter()
+        source = the_model() if (with_ref or cfg.ref_model) else policy
+        logps = compute_reference(source, pairs, cfg.eval_batch_size, pad_id, device, cfg.ld_alpha, cfg.pack_tokens)
+        path = store(key, logps)
+        log(f"{role} reference log-probs: computed for {len(pairs)} pairs in {time.perf_counter() - start:.1f} s, "
+            f"cached at {path}")
+        return logps
+
+    eval_ref = logps_of(eval_set, "held-out") if eval_set else None
+    train_ref = logps_of(train_set, "training") if cacheable else None
+    if cacheable:
+        model = None  # never run again: release its memory
+    elif with_ref:
+        model = the_model()
+    return model, train_ref, eval_ref
