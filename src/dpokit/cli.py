@@ -54,6 +54,12 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_cache_ref(args) -> int:
+    from dpokit.loop.train import cache_reference
+    cache_reference(config_from_args(args))
+    return 0
+
+
 def cmd_data_check(args) -> int:
     from dpokit.batches import tokenize_pairs
     from dpokit.data import load_pairs
@@ -88,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(p_train)
     p_train.set_defaults(func=cmd_train)
 
+    p_cache = sub.add_parser("cache-ref", help="compute the reference log-probs a `train` with the same options "
+                             "will reuse (cached on disk), then stop",
+                             description="Takes the same options as `train`; only those that change the "
+                             "reference log-probs matter (model/ref-model, data, eval-data, lengths, ld-alpha).")
+    add_config_flags(p_cache)
+    p_cache.set_defaults(func=cmd_cache_ref)
+
     p_losses = sub.add_parser("losses", help="list every objective: description, paper, data, reference")
     p_losses.set_defaults(func=cmd_losses)
 
@@ -112,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     from dpokit.models.load import ModelError
     try:
         return args.func(args)
-    except (ConfigError, DataError, ModelError, FileNotFoundError) as e:
+    except (ConfigError, DataError, ModelError, FileNotFoundError, ValueError) as e:
         print(f"dpokit: error: {e}", file=sys.stderr)
         return 2
 

@@ -185,6 +185,20 @@ def train(config: TrainConfig | None = None, log=print, **overrides) -> TrainRes
     return TrainResult(out, total_steps, eval_before, eval_after, final)
 
 
+def cache_reference(config: TrainConfig | None = None, log=print, **overrides) -> None:
+    """`dpokit cache-ref`: compute (or find) the reference log-probs a `train` with the same options
+    would use, and stop. Training then starts without loading or running the reference."""
+    cfg = TrainConfig.from_dict({**(config.to_dict() if config else {}), **overrides})
+    device = pick_device(cfg.device)
+    tokenizer = load_tokenizer(cfg.model)
+    unpaired = any(OBJECTIVES[n].data == "unpaired" for n in cfg.loss_names)
+    if unpaired or cfg.sync_ref_every or not cfg.ref_cache:
+        raise ValueError("nothing to cache: kto, TR-DPO (--sync-ref-every) and --no-ref-cache run the reference live")
+    train_set, eval_set = load_data(cfg, tokenizer, unpaired, log)
+    policy = load_model(cfg.model, device)
+    prepare_reference(cfg, policy, tokenizer, train_set, eval_set, unpaired, device, tokenizer.pad_token_id, log)
+
+
 @torch.no_grad()
 def sync_reference(reference, policy, alpha: float) -> None:
     """TR-DPO (Gorbatovski 2024) soft update: π_ref ← α·π + (1 − α)·π_ref."""
