@@ -85,6 +85,15 @@ def cmd_losses(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from dpokit import bench
+    if args.data is None:
+        from dpokit.data import builtin_path
+        args.data = builtin_path("helpful_train")
+    bench.run(args)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dpokit", description="Align a language model from preference pairs "
                                      "with Direct Preference Optimization.")
@@ -100,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "reference log-probs matter (model/ref-model, data, eval-data, lengths, ld-alpha).")
     add_config_flags(p_cache)
     p_cache.set_defaults(func=cmd_cache_ref)
+
+    from dpokit import bench
+    p_bench = sub.add_parser("bench", help="time dpokit against TRL's DPOTrainer on the same pairs (each tool in "
+                             "its own process): s/pair, tokens/s, GFLOP/s vs measured peak, peak RSS, ratios")
+    bench.add_arguments(p_bench)
+    p_bench.set_defaults(func=cmd_bench)
 
     p_losses = sub.add_parser("losses", help="list every objective: description, paper, data, reference")
     p_losses.set_defaults(func=cmd_losses)

@@ -10,7 +10,10 @@ import torch
 def build_optimizer(params, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     params = [p for p in params if p.requires_grad]
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        # The fused kernel updates each tensor in one pass: less time and no temporary copies of the state.
+        fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16, torch.float16)
+                    for p in params)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)
     if name == "rmsprop":  # the DPO paper's choice (with lr 1e-6, batch 64)
         return torch.optim.RMSprop(params, lr=lr, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {name!r}")

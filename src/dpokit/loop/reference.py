@@ -48,7 +48,8 @@ def prepare_reference(cfg, policy, tokenizer, train_set, eval_set, unpaired: boo
             log(f"{role} reference log-probs: read from cache {cache_path(key)}")
             return cached
         start = time.perf_counter()
-        source = the_model() if (with_ref or cfg.ref_model) else policy
+        # Before training the policy *is* the default reference: no copy is needed to compute a cache.
+        source = model if model is not None else (policy if cacheable or not with_ref else the_model())
         logps = compute_reference(source, pairs, cfg.eval_batch_size, pad_id, device, cfg.ld_alpha, cfg.pack_tokens)
         path = store(key, logps)
         log(f"{role} reference log-probs: computed for {len(pairs)} pairs in {time.perf_counter() - start:.1f} s, "

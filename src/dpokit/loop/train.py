@@ -93,6 +93,11 @@ def train(config: TrainConfig | None = None, log=print, **overrides) -> TrainRes
     policy.eval()
     reference, train_ref, eval_ref = prepare_reference(cfg, policy, tokenizer, train_set, eval_set, unpaired,
                                                        device, pad_id, log)
+    if cfg.gradient_checkpointing:  # after the reference copy: it only runs forward, under no_grad
+        # transformers checkpoints only in train mode; zero every dropout so train mode changes nothing else
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        disable_dropout(policy)
+        policy.train()
 
     # ---- schedule ---------------------------------------------------------------------------------
     n = len(train_set)
@@ -103,7 +108,8 @@ def train(config: TrainConfig | None = None, log=print, **overrides) -> TrainRes
     def step_batches(step: int) -> list[list[int]]:
         """Row indices of each micro-batch of optimizer step `step`, from (seed, epoch) alone."""
         epoch, k = divmod(step, steps_per_epoch)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
+        order = (torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
+                 if cfg.shuffle else list(range(n)))
         micro = [order[i:i + cfg.batch_size] for i in range(0, n, cfg.batch_size)]
         return micro[k * cfg.grad_accum:(k + 1) * cfg.grad_accum]
 
@@ -197,6 +203,14 @@ def cache_reference(config: TrainConfig | None = None, log=print, **overrides) -
     train_set, eval_set = load_data(cfg, tokenizer, unpaired, log)
     policy = load_model(cfg.model, device)
     prepare_reference(cfg, policy, tokenizer, train_set, eval_set, unpaired, device, tokenizer.pad_token_id, log)
+
+
+def disable_dropout(model) -> None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
 
 
 @torch.no_grad()

@@ -1,0 +1,219 @@
+"""`dpokit bench`: train the same K steps on the same pairs with dpokit and with TRL's DPOTrainer,
+each in its own process, and print a table of speed, memory and first-step values with ratios.
+
+Useful FLOPs per pair are counted as the issue of record defines them: 6N (policy forward+backward)
+plus 2N (reference forward) per token of prompt + chosen + rejected, prompt counted once — whatever
+a tool actually computes. "floor" is the time those FLOPs take at the matmul peak measured here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+VARIANTS = {
+    # name: TrainConfig overrides. "dpokit" is the default configuration.
+    "dpokit": {},
+    "dpokit-plain": {"prefix_sharing": False, "pack_tokens": 0, "ref_cache": False},
+    "dpokit-prefix": {"pack_tokens": 0, "ref_cache": False},
+    "dpokit-packed": {"ref_cache": False},
+    "dpokit-gc": {"gradient_checkpointing": True},
+}
+
+
+def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
+    """fp32 GFLOP/s of an n³ matmul on this machine (best of `repeats`)."""
+    import torch
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * n**3 / best / 1e9
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def select_pairs(data: str, n: int, max_length: int, model: str, out: Path) -> tuple[str, int]:
+    """The first n pairs of `data` that fit max_length untruncated, written in explicit form so both
+    tools split prompt and completions identically; returns (path, unique tokens of those pairs)."""
+    from dpokit.batches import tokenize_pair
+    from dpokit.data import load_pairs
+    from dpokit.models import load_tokenizer
+    tokenizer = load_tokenizer(model)
+    pairs, _ = load_pairs(data, on_bad_row="skip")
+    chosen, tokens = [], 0
+    for p in pairs:
+        if p.conversational:
+            raise SystemExit("bench: use a file of text pairs (explicit or implicit format)")
+        t = tokenize_pair(p, tokenizer, 10**9, None)
+        if len(t.prompt_ids) + max(len(t.chosen_ids), len(t.rejected_ids)) <= max_length:
+            chosen.append(p)
+            tokens += len(t.prompt_ids) + len(t.chosen_ids) + len(t.rejected_ids)
+        if len(chosen) == n:
+            break
+    path = out / "pairs.jsonl"
+    with open(path, "w", encoding="utf-8") as f:
+        for p in chosen:
+            f.write(json.dumps({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}) + "\n")
+    return str(path), tokens
+
+
+def worker(args) -> dict:
+    """Runs in a child process: train K steps with one tool, report timings and peak RSS."""
+    import torch
+    torch.manual_seed(0)
+    step_times, first = [], {}
+    if args.tool == "trl":
+        import datasets
+        import trl
+        from transformers import TrainerCallback
+        from dpokit.models import load_model, load_tokenizer
+        rows = [json.loads(line) for line in open(args.pairs, encoding="utf-8")]
+        tokenizer, model = load_tokenizer(args.model), load_model(args.model)
+
+        class Timer(TrainerCallback):
+            def on_step_begin(self, *a, **k):
+                self.t = time.perf_counter()
+
+            def on_step_end(self, *a, **k):
+                step_times.append(time.perf_counter() - self.t)
+
+        cfg = trl.DPOConfig(output_dir=args.tmp, per_device_train_batch_size=args.batch_size, max_steps=args.steps,
+                            learning_rate=5e-6, logging_steps=1, report_to=[], bf16=False, use_cpu=True,
+                            gradient_checkpointing=False, max_length=args.max_length, save_strategy="no",
+                            beta=0.1, seed=0, dataloader_drop_last=True, train_sampling_strategy="sequential")
+        trainer = trl.DPOTrainer(model=model, args=cfg, train_dataset=datasets.Dataset.from_list(rows),
+                                 processing_class=tokenizer, callbacks=[Timer()])
+        trainer.train()
+        log = trainer.state.log_history[0]
+        first = {k: log[k] for k in ("loss", "logps/chosen", "logps/rejected")}
+        setup = 0.0
+    else:
+        from dpokit import train
+        overrides = VARIANTS[args.tool]
+        t0 = time.perf_counter()
+        result = train(model=args.model, data=args.pairs, eval_data=None, output_dir=args.tmp,
+                       max_steps=args.steps, batch_size=args.batch_size, max_length=args.max_length,
+                       max_prompt_length=None, lr=5e-6, warmup_steps=0, shuffle=False, progress=False,
+                       log=lambda *_: None,
+                       **overrides)
+        total = time.perf_counter() - t0
+        records = [json.loads(line) for line in open(result.output_dir / "metrics.jsonl")]
+        records = [r for r in records if "pairs_per_s" in r]
+        step_times = [args.batch_size / r["pairs_per_s"] for r in records]
+        first = {k: records[0][k] for k in ("loss", "logps/chosen", "logps/rejected")}
+        setup = total - sum(step_times)  # model load, tokenization, reference cache build
+    return {"tool": args.tool, "step_times": step_times, "first": first, "setup_s": setup,
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def run(args) -> None:
+    out = Path(tempfile.mkdtemp(prefix="dpokit-bench-"))
+    pairs, tokens = select_pairs(args.data, args.steps * args.batch_size, args.max_length, args.model, out)
+    n_pairs = args.steps * args.batch_size
+    peak = matmul_peak()
+    print(f"data {args.data}: {n_pairs} pairs ≤ {args.max_length} tokens, {tokens / n_pairs:.0f} unique tokens/pair; "
+          f"fp32 matmul peak {peak:.0f} GFLOP/s; {os.cpu_count()} cores", flush=True)
+    tools = [t for t in args.tools.split(",") if t]
+    results = []
+    for tool in tools:
+        if tool == "trl":
+            try:
+                import trl  # noqa: F401
+            except ImportError:
+                print("trl not installed: skipping the TRL run (pip install trl==1.16.0)")
+                continue
+        cmd = [sys.executable, "-m", "dpokit.bench", "--worker", tool, "--pairs", pairs, "--model", args.model,
+               "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
+               "--tmp", str(out / tool)]
+        print(f"running {tool} …", flush=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+        if proc.returncode or not line:
+            print(proc.stdout[-3000:], proc.stderr[-3000:])
+            raise SystemExit(f"bench: {tool} failed")
+        results.append(json.loads(line[-1]))
+    n_params = _count_params(args.model)
+    useful = 8 * n_params * tokens / n_pairs  # FLOPs per pair
+    print(f"\n{'tool':<15}{'s/pair':>8}{'pairs/s':>9}{'tokens/s':>10}{'GFLOP/s':>9}{'of peak':>8}{'RSS GB':>8}"
+          f"{'setup s':>9}{'loss@1':>10}{'logps/chosen@1':>16}")
+    base = next((r for r in results if r["tool"] == "trl"), None)
+    for r in results:
+        # steady state: skip the first step (allocator warm-up, lazy init) when there are enough steps
+        times = r["step_times"][1:] if len(r["step_times"]) > 2 else r["step_times"]
+        s_pair = statistics.median(times) / args.batch_size
+        r["s_pair"] = s_pair
+        gflops = useful / s_pair / 1e9
+        print(f"{r['tool']:<15}{s_pair:>8.2f}{1 / s_pair:>9.3f}{tokens / n_pairs / s_pair:>10.0f}{gflops:>9.0f}"
+              f"{gflops / peak:>8.0%}{r['peak_rss_gb']:>8.2f}{r['setup_s']:>9.1f}{r['first']['loss']:>10.6f}"
+              f"{r['first']['logps/chosen']:>16.4f}")
+    floor = useful / (peak * 1e9)
+    print(f"\nfloor (useful FLOPs at the measured peak): {floor:.2f} s/pair")
+    if base:
+        for r in results:
+            if r is not base:
+                print(f"{r['tool']}: {base['s_pair'] / r['s_pair']:.2f}× TRL pairs/s, "
+                      f"{r['peak_rss_gb'] / base['peak_rss_gb']:.2f}× TRL peak RSS, "
+                      f"{floor / r['s_pair']:.0%} of the floor, first-step loss Δ "
+                      f"{abs(r['first']['loss'] - base['first']['loss']):.1e}, logps/chosen rel Δ "
+                      f"{abs(r['first']['logps/chosen'] / base['first']['logps/chosen'] - 1):.1e}")
+    print("\nreproduce: dpokit bench " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in
+                                               (("data", args.data), ("model", args.model), ("steps", args.steps),
+                                                ("batch_size", args.batch_size), ("max_length", args.max_length),
+                                                ("tools", args.tools))))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"results": results, "peak_gflops": peak, "floor_s_pair": floor,
+                                               "tokens_per_pair": tokens / n_pairs}, indent=1))
+
+
+def _count_params(model: str) -> int:
+    from transformers import AutoConfig, AutoModelForCausalLM
+    import torch
+    from dpokit.models.load import resolve
+    with torch.device("meta"):
+        m = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve(model)))
+    return sum(p.numel() for p in m.parameters())
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default=None, help="pairs file (default: the built-in training pairs); for HH use "
+                   "../shared/data/hh_helpful_base_test_1k.jsonl")
+    p.add_argument("--model", default="embedded")
+    p.add_argument("--steps", type=int, default=5, help="optimizer steps per tool (the first is not timed)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--tools", default="trl,dpokit", help=f"comma list of trl and {', '.join(VARIANTS)} (both tools "
+                   "read the pairs in file order, so their first steps see the same batch)")
+    p.add_argument("--json", default=None, help="also write the raw results here")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="dpokit bench", description=__doc__.split("\n\n")[0])
+    add_arguments(p)
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--pairs", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--tmp", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        args.tool = args.worker
+        print(json.dumps(worker(args)))
+        return
+    if args.data is None:
+        from dpokit.data import builtin_path
+        args.data = builtin_path("helpful_train")
+    run(args)
+
+
+if __name__ == "__main__":
+    main()
