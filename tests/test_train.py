@@ -176,3 +176,14 @@ def test_gradient_checkpointing_and_file_order_train_identically(tmp_path, tiny_
     with torch.no_grad():
         logps = pair_logps(load_model(tiny_model_dir), collate(pairs, tok.pad_token_id))
     assert first[0]["logps/chosen"] == pytest.approx(logps.chosen.mean().item(), rel=1e-5)
+
+
+def test_bf16_autocast_keeps_logps_and_loss_in_fp32(tmp_path, tiny_model_dir, explicit_rows):
+    data = write_jsonl(tmp_path / "d.jsonl", explicit_rows)
+    common = dict(model=tiny_model_dir, data=data, max_steps=2, batch_size=4, progress=False, log=_quiet,
+                  shuffle=False, device="cpu")
+    fp32 = _metrics(train(output_dir=str(tmp_path / "a"), dtype="fp32", **common).output_dir)
+    bf16 = _metrics(train(output_dir=str(tmp_path / "b"), dtype="bf16", **common).output_dir)
+    assert bf16[0]["logps/chosen"] == pytest.approx(fp32[0]["logps/chosen"], rel=2e-2)  # bf16 matmuls
+    assert bf16[0]["logps/chosen"] != fp32[0]["logps/chosen"]  # autocast really ran
+    assert math.isfinite(bf16[-1]["loss"])

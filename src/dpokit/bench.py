@@ -29,18 +29,29 @@ VARIANTS = {
 }
 
 
-def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
-    """fp32 GFLOP/s of an n³ matmul on this machine (best of `repeats`)."""
+def uses_bf16(dtype: str, cuda: bool) -> bool:
+    return dtype == "bf16" or (dtype == "auto" and cuda)
+
+
+def matmul_peak(bf16: bool, cuda: bool, repeats: int = 5) -> float:
+    """GFLOP/s of an n³ matmul in the compute dtype on this machine (best of `repeats`)."""
     import torch
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    n = 8192 if cuda else 2048
+    kind = dict(device="cuda" if cuda else "cpu", dtype=torch.bfloat16 if bf16 else torch.float32)
+    a, b = torch.randn(n, n, **kind), torch.randn(n, n, **kind)
     a @ b
-    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    best = min(_timed(lambda: a @ b, cuda) for _ in range(repeats))
     return 2 * n**3 / best / 1e9
 
 
-def _timed(fn) -> float:
+def _timed(fn, cuda: bool = False) -> float:
+    import torch
+    if cuda:
+        torch.cuda.synchronize()
     start = time.perf_counter()
     fn()
+    if cuda:
+        torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
@@ -73,6 +84,7 @@ def worker(args) -> dict:
     """Runs in a child process: train K steps with one tool, report timings and peak RSS."""
     import torch
     torch.manual_seed(0)
+    cuda = torch.cuda.is_available()
     step_times, first = [], {}
     if args.tool == "trl":
         import datasets
@@ -80,7 +92,7 @@ def worker(args) -> dict:
         from transformers import TrainerCallback
         from dpokit.models import load_model, load_tokenizer
         rows = [json.loads(line) for line in open(args.pairs, encoding="utf-8")]
-        tokenizer, model = load_tokenizer(args.model), load_model(args.model)
+        tokenizer, model = load_tokenizer(args.model), load_model(args.model, "cuda" if cuda else "cpu")
 
         class Timer(TrainerCallback):
             def on_step_begin(self, *a, **k):
@@ -90,7 +102,8 @@ def worker(args) -> dict:
                 step_times.append(time.perf_counter() - self.t)
 
         cfg = trl.DPOConfig(output_dir=args.tmp, per_device_train_batch_size=args.batch_size, max_steps=args.steps,
-                            learning_rate=5e-6, logging_steps=1, report_to=[], bf16=False, use_cpu=True,
+                            learning_rate=5e-6, logging_steps=1, report_to=[], bf16=uses_bf16(args.dtype, cuda),
+                            use_cpu=not cuda,
                             gradient_checkpointing=False, max_length=args.max_length, save_strategy="no",
                             beta=0.1, seed=0, dataloader_drop_last=True, train_sampling_strategy="sequential")
         trainer = trl.DPOTrainer(model=model, args=cfg, train_dataset=datasets.Dataset.from_list(rows),
@@ -106,7 +119,7 @@ def worker(args) -> dict:
         result = train(model=args.model, data=args.pairs, eval_data=None, output_dir=args.tmp,
                        max_steps=args.steps, batch_size=args.batch_size, max_length=args.max_length,
                        max_prompt_length=None, lr=5e-6, warmup_steps=0, shuffle=False, progress=False,
-                       log=lambda *_: None,
+                       dtype=args.dtype, log=lambda *_: None,
                        **overrides)
         total = time.perf_counter() - t0
         records = [json.loads(line) for line in open(result.output_dir / "metrics.jsonl")]
@@ -115,16 +128,21 @@ def worker(args) -> dict:
         first = {k: records[0][k] for k in ("loss", "logps/chosen", "logps/rejected")}
         setup = total - sum(step_times)  # model load, tokenization, reference cache build
     return {"tool": args.tool, "step_times": step_times, "first": first, "setup_s": setup,
-            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "peak_gpu_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
 
 
 def run(args) -> None:
     out = Path(tempfile.mkdtemp(prefix="dpokit-bench-"))
     pairs, tokens = select_pairs(args.data, args.steps * args.batch_size, args.max_length, args.model, out)
     n_pairs = args.steps * args.batch_size
-    peak = matmul_peak()
+    import torch
+    cuda = torch.cuda.is_available()
+    bf16 = uses_bf16(args.dtype, cuda)
+    peak = matmul_peak(bf16, cuda)
+    where = torch.cuda.get_device_name() if cuda else f"{os.cpu_count()} CPU cores"
     print(f"data {args.data}: {n_pairs} pairs ≤ {args.max_length} tokens, {tokens / n_pairs:.0f} unique tokens/pair; "
-          f"fp32 matmul peak {peak:.0f} GFLOP/s; {os.cpu_count()} cores", flush=True)
+          f"{'bf16' if bf16 else 'fp32'} matmul peak {peak:.0f} GFLOP/s on {where}", flush=True)
     tools = [t for t in args.tools.split(",") if t]
     results = []
     for tool in tools:
@@ -136,7 +154,7 @@ def run(args) -> None:
                 continue
         cmd = [sys.executable, "-m", "dpokit.bench", "--worker", tool, "--pairs", pairs, "--model", args.model,
                "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
-               "--tmp", str(out / tool)]
+               "--dtype", args.dtype, "--tmp", str(out / tool)]
         print(f"running {tool} …", flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
@@ -147,7 +165,7 @@ def run(args) -> None:
     n_params = _count_params(args.model)
     useful = 8 * n_params * tokens / n_pairs  # FLOPs per pair
     print(f"\n{'tool':<15}{'s/pair':>8}{'pairs/s':>9}{'tokens/s':>10}{'GFLOP/s':>9}{'of peak':>8}{'RSS GB':>8}"
-          f"{'setup s':>9}{'loss@1':>10}{'logps/chosen@1':>16}")
+          f"{'GPU GB':>8}{'setup s':>9}{'loss@1':>10}{'logps/chosen@1':>16}")
     base = next((r for r in results if r["tool"] == "trl"), None)
     for r in results:
         # steady state: skip the first step (allocator warm-up, lazy init) when there are enough steps
@@ -156,7 +174,9 @@ def run(args) -> None:
         r["s_pair"] = s_pair
         gflops = useful / s_pair / 1e9
         print(f"{r['tool']:<15}{s_pair:>8.2f}{1 / s_pair:>9.3f}{tokens / n_pairs / s_pair:>10.0f}{gflops:>9.0f}"
-              f"{gflops / peak:>8.0%}{r['peak_rss_gb']:>8.2f}{r['setup_s']:>9.1f}{r['first']['loss']:>10.6f}"
+              f"{gflops / peak:>8.0%}{r['peak_rss_gb']:>8.2f}"
+              f"{r['peak_gpu_gb'] if r['peak_gpu_gb'] is not None else float('nan'):>8.2f}"
+              f"{r['setup_s']:>9.1f}{r['first']['loss']:>10.6f}"
               f"{r['first']['logps/chosen']:>16.4f}")
     floor = useful / (peak * 1e9)
     print(f"\nfloor (useful FLOPs at the measured peak): {floor:.2f} s/pair")
@@ -171,7 +191,7 @@ def run(args) -> None:
     print("\nreproduce: dpokit bench " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in
                                                (("data", args.data), ("model", args.model), ("steps", args.steps),
                                                 ("batch_size", args.batch_size), ("max_length", args.max_length),
-                                                ("tools", args.tools))))
+                                                ("dtype", args.dtype), ("tools", args.tools))))
     if args.json:
         Path(args.json).write_text(json.dumps({"results": results, "peak_gflops": peak, "floor_s_pair": floor,
                                                "tokens_per_pair": tokens / n_pairs}, indent=1))
@@ -195,6 +215,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--tools", default="trl,dpokit", help=f"comma list of trl and {', '.join(VARIANTS)} (both tools "
                    "read the pairs in file order, so their first steps see the same batch)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="compute precision for both tools (auto: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--json", default=None, help="also write the raw results here")
 
 

@@ -94,6 +94,9 @@ class TrainConfig:
     save_every: int = opt(0, "write a resumable checkpoint every N steps (0: only the final model)")
     resume: str | None = opt(None, "resume from a checkpoint folder, or 'auto' for the newest in --output-dir")
     device: str = opt("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', …")
+    dtype: str = opt("auto", "compute precision: weights and optimizer state stay fp32, forward passes autocast to "
+                     "bf16; log-probs and losses are always fp32. 'auto': bf16 on GPU, fp32 on CPU (bf16 is "
+                     "~4× slower than fp32 on CPUs without AMX)", ("auto", "fp32", "bf16"))
     progress: bool = opt(True, "show a progress bar on the terminal")
 
     # ---- construction and checks ----------------------------------------------------------------

@@ -19,6 +19,12 @@ from torch.utils.checkpoint import checkpoint
 CHUNK_ELEMENTS = 2**25
 
 
+def compute_precision(device: torch.device, dtype: str):
+    """The autocast context for forward passes: bf16 when asked (or 'auto' on a GPU), else none."""
+    use_bf16 = dtype == "bf16" or (dtype == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+
 @dataclass
 class TokenLogps:
     """Log-probs of the K completion tokens of a batch, flattened. All tensors are [K]."""

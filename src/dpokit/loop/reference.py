@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import time
 
-from dpokit.logprobs import PairLogps
+from dpokit.logprobs import PairLogps, compute_precision
 from dpokit.logprobs.refcache import cache_key, cache_path, compute_reference, load_cached, store, weights_digest
 from dpokit.models import load_model, load_tokenizer
 from dpokit.models.load import ModelError
@@ -50,7 +50,9 @@ def prepare_reference(cfg, policy, tokenizer, train_set, eval_set, unpaired: boo
         start = time.perf_counter()
         # Before training the policy *is* the default reference: no copy is needed to compute a cache.
         source = model if model is not None else (policy if cacheable or not with_ref else the_model())
-        logps = compute_reference(source, pairs, cfg.eval_batch_size, pad_id, device, cfg.ld_alpha, cfg.pack_tokens)
+        with compute_precision(device, cfg.dtype):
+            logps = compute_reference(source, pairs, cfg.eval_batch_size, pad_id, device, cfg.ld_alpha,
+                                      cfg.pack_tokens)
         path = store(key, logps)
         log(f"{role} reference log-probs: computed for {len(pairs)} pairs in {time.perf_counter() - start:.1f} s, "
             f"cached at {path}")

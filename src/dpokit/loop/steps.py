@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from dpokit.batches import collate_kto, pair_batch
-from dpokit.logprobs import pair_logps, sequence_logps
+from dpokit.logprobs import compute_precision, pair_logps, sequence_logps
 from dpokit.objectives import combined_loss, rewards
 from dpokit.objectives.kto import kto_loss, kto_reference_point
 
@@ -33,10 +33,11 @@ def paired_step(policy, reference, rows, cfg, pad_id: int, device, step_examples
     reference-free objective)."""
     batch = {k: v.to(device) for k, v in pair_batch(rows, pad_id, cfg.prefix_sharing, cfg.pack_tokens).items()}
     ref = ref_cached
-    if ref is None and reference is not None:
-        with torch.no_grad():
-            ref = pair_logps(reference, batch, cfg.ld_alpha)
-    pol = pair_logps(policy, batch, cfg.ld_alpha, cfg.use_weighting)
+    with compute_precision(device, cfg.dtype):
+        if ref is None and reference is not None:
+            with torch.no_grad():
+                ref = pair_logps(reference, batch, cfg.ld_alpha)
+        pol = pair_logps(policy, batch, cfg.ld_alpha, cfg.use_weighting)
     losses, extra = combined_loss(cfg.loss_names, cfg.loss_weight_values, pol, ref, cfg)
     _backward(losses, step_examples, rows, step)
     r_chosen, r_rejected = rewards(pol, ref, cfg)
@@ -58,14 +59,14 @@ def kto_step(policy, reference, rows, cfg, pad_id: int, device, step_examples: i
     batch = {k: v.to(device) for k, v in collate_kto(rows, pad_id, cfg.max_length).items()}
     labels = batch.pop("labels")
     n = len(rows)
-    with torch.no_grad():
-        ref_all = sequence_logps(reference, **batch)
     # The mismatched (KL) rows need no gradient: z_ref is detached. Running them without grad saves
     # the memory of their activations.
     main = {k: v[:n] for k, v in batch.items()}
-    pol = sequence_logps(policy, **main)
-    with torch.no_grad():
-        pol_kl = sequence_logps(policy, **{k: v[n:] for k, v in batch.items()})
+    with compute_precision(device, cfg.dtype):
+        with torch.no_grad():
+            ref_all = sequence_logps(reference, **batch)
+            pol_kl = sequence_logps(policy, **{k: v[n:] for k, v in batch.items()})
+        pol = sequence_logps(policy, **main)
     z_ref = kto_reference_point(pol_kl, ref_all[n:])
     losses = kto_loss(pol, ref_all[:n], labels, z_ref, cfg.beta, cfg.kto_desirable_weight,
                       cfg.kto_undesirable_weight)

@@ -23,6 +23,7 @@ from dpokit.batches import TokenizedPair, tokenize_completions, tokenize_pairs
 from dpokit.config import TrainConfig
 from dpokit.data import builtin_path, load_completions, load_pairs
 from dpokit.evaluation import evaluate_pairs
+from dpokit.logprobs import compute_precision
 from dpokit.loop.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from dpokit.loop.optim import build_optimizer, build_scheduler
 from dpokit.loop.reference import prepare_reference
@@ -221,7 +222,8 @@ def sync_reference(reference, policy, alpha: float) -> None:
 
 
 def run_eval(policy, eval_set, eval_ref, cfg: TrainConfig, pad_id: int, device) -> dict[str, float]:
-    return evaluate_pairs(policy, eval_set, eval_ref, cfg, pad_id, device)
+    with compute_precision(device, cfg.dtype):
+        return evaluate_pairs(policy, eval_set, eval_ref, cfg, pad_id, device)
 
 
 def format_eval(m: dict[str, float]) -> str:
