@@ -173,13 +173,13 @@ def run(args) -> None:
         s_pair = statistics.median(times) / args.batch_size
         r["s_pair"] = s_pair
         gflops = useful / s_pair / 1e9
-        print(f"{r['tool']:<15}{s_pair:>8.2f}{1 / s_pair:>9.3f}{tokens / n_pairs / s_pair:>10.0f}{gflops:>9.0f}"
+        print(f"{r['tool']:<15}{s_pair:>8.3g}{1 / s_pair:>9.4g}{tokens / n_pairs / s_pair:>10.0f}{gflops:>9.0f}"
               f"{gflops / peak:>8.0%}{r['peak_rss_gb']:>8.2f}"
               f"{r['peak_gpu_gb'] if r['peak_gpu_gb'] is not None else float('nan'):>8.2f}"
               f"{r['setup_s']:>9.1f}{r['first']['loss']:>10.6f}"
               f"{r['first']['logps/chosen']:>16.4f}")
     floor = useful / (peak * 1e9)
-    print(f"\nfloor (useful FLOPs at the measured peak): {floor:.2f} s/pair")
+    print(f"\nfloor (useful FLOPs at the measured peak): {floor:.3g} s/pair")
     if base:
         for r in results:
             if r is not base:
