@@ -45,8 +45,13 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def cmd_train(args) -> int:
     from dpokit.loop import train
+    from dpokit.loop.signals import TrainingInterrupted
     cfg = config_from_args(args)
-    result = train(cfg)
+    try:
+        result = train(cfg)
+    except TrainingInterrupted as e:
+        print(f"dpokit: {e}", file=sys.stderr)
+        return 128 + e.signum
     if result.eval_before and result.eval_after:
         b, a = result.eval_before, result.eval_after
         print(f"held-out implicit-reward accuracy: {b['eval/rewards/accuracies']:.3f} before → "
@@ -137,10 +142,12 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
     from dpokit.data import DataError
+    from dpokit.loop.checkpoint import CheckpointError
+    from dpokit.loop.steps import NonFiniteError
     from dpokit.models.load import ModelError
     try:
         return args.func(args)
-    except (ConfigError, DataError, ModelError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, DataError, ModelError, CheckpointError, NonFiniteError, FileNotFoundError, ValueError) as e:
         print(f"dpokit: error: {e}", file=sys.stderr)
         return 2
 

@@ -33,6 +33,10 @@ class TrainConfig:
                            "name; default: the built-in helpful-vs-unhelpful set")
     eval_data: str | None = opt(None, "held-out pairs for evaluation; default: the built-in held-out set when "
                                 "--data is not given, else none")
+    allow_pickle: bool = opt(False, "allow loading .bin/.pt (pickle) weights; a pickle can run arbitrary code, "
+                             "so only safetensors load without this")
+    trust_remote_code: bool = opt(False, "run model/tokenizer code shipped with a hub model (off: only code "
+                                  "that ships inside transformers)")
     output_dir: str = opt("runs/dpo", "where metrics.jsonl, config.yaml, checkpoints and final/ are written")
     # objective (see `dpokit losses`)
     loss: str | list = opt("sigmoid", "objective(s), comma-separated: e.g. sigmoid (DPO), ipo, simpo, orpo, "
@@ -91,7 +95,11 @@ class TrainConfig:
     gradient_checkpointing: bool = opt(False, "recompute activations in backward: much less memory, about a third more time")
     eval_every: int = opt(0, "evaluate on --eval-data every N steps (0: only before and after training)")
     eval_batch_size: int = opt(8, "pairs per evaluation batch")
-    save_every: int = opt(0, "write a resumable checkpoint every N steps (0: only the final model)")
+    save_every: int = opt(0, "write a resumable checkpoint every N steps (0: only the final model; a SIGTERM or "
+                          "Ctrl-C always checkpoints before stopping)")
+    keep_last: int = opt(0, "keep only the newest N checkpoints, pruned after a new one is complete (0: keep all)")
+    on_nonfinite: str = opt("stop", "a NaN/inf loss or gradient: 'stop' the run naming the rows (checkpoints "
+                            "intact), or 'skip' the step and count it", ("stop", "skip"))
     resume: str | None = opt(None, "resume from a checkpoint folder, or 'auto' for the newest in --output-dir")
     device: str = opt("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', …")
     dtype: str = opt("auto", "compute precision: weights and optimizer state stay fp32, forward passes autocast to "
@@ -148,6 +156,7 @@ class TrainConfig:
         need(self.eval_every >= 0, "eval_every", "must be >= 0")
         need(self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
         need(self.save_every >= 0, "save_every", "must be >= 0")
+        need(self.keep_last >= 0, "keep_last", "must be >= 0 (0: keep all)")
         for f in fields(self):
             choices = f.metadata.get("choices")
             if choices:

@@ -1,12 +1,16 @@
 """Resumable checkpoints: policy weights (safetensors), optimizer/scheduler state, RNG, position, config.
 
-Each checkpoint is written to a temporary folder and renamed into place, so a checkpoint folder that
-exists is complete; `state.pt` holds only tensors and plain Python values and is read with
-`weights_only=True` (no arbitrary unpickling).
+Written to a temporary folder, every file fsynced, a manifest of sha256 checksums written last, then
+renamed into place: a checkpoint folder either verifies against its manifest or is reported as
+partial/corrupt and skipped in favour of the previous one. Old checkpoints are pruned (`keep_last`)
+only after the new one is complete. `state.pt` holds only tensors and plain Python values and is read
+with `weights_only=True` (no arbitrary unpickling).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
 import shutil
@@ -17,14 +21,35 @@ from safetensors.torch import load_file, save_file
 
 STATE = "state.pt"
 REFERENCE = "reference.safetensors"
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint, or one that does not match the run."""
 
 
 def checkpoint_root(output_dir: str) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save_checkpoint(output_dir: str, step: int, policy, tokenizer, optimizer, scheduler, config_yaml: str,
-                    reference=None, eval_ref=None) -> Path:
+                    reference=None, eval_ref=None, keep_last: int = 0) -> Path:
     """Write a complete checkpoint atomically. `reference` is saved only when it moves (TR-DPO);
     `eval_ref` (held-out reference log-probs) so a resumed run compares with the same starting point."""
     root = checkpoint_root(output_dir)
@@ -45,22 +70,55 @@ def save_checkpoint(output_dir: str, step: int, policy, tokenizer, optimizer, sc
         "eval_ref": None if eval_ref is None else {k: v for k, v in vars(eval_ref).items()},
     }, tmp / STATE)
     (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
+    files = sorted(p for p in tmp.iterdir() if p.is_file())
+    for p in files:
+        _fsync(p)
+    manifest = {"step": step, "files": {p.name: _sha256(p) for p in files}}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+    _fsync(tmp / MANIFEST)
+    _fsync(tmp)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
+    _fsync(root)
+    if keep_last:
+        for old in complete_checkpoints(output_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def find_checkpoint(output_dir: str, resume: str) -> Path:
-    """The folder named by --resume, or with 'auto' the newest complete one under output_dir."""
+def verify(path: Path) -> str | None:
+    """None if the checkpoint at `path` matches its manifest, else what is wrong."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "no readable manifest (partial write)"
+    for name, digest in manifest.get("files", {}).items():
+        if not (path / name).is_file():
+            return f"{name} missing"
+        if _sha256(path / name) != digest:
+            return f"{name} does not match its checksum"
+    return None if STATE in manifest.get("files", {}) else f"manifest lists no {STATE}"
+
+
+def complete_checkpoints(output_dir: str) -> list[Path]:
+    """Checkpoint folders in step order (temporary folders of interrupted saves excluded)."""
+    return sorted(p for p in checkpoint_root(output_dir).glob("step-*") if p.is_dir())
+
+
+def find_checkpoint(output_dir: str, resume: str, log=print) -> Path:
+    """The folder named by --resume, or with 'auto' the newest one that verifies; broken ones are
+    reported and skipped."""
     if resume != "auto":
-        path = Path(resume)
-        if not (path / STATE).is_file():
-            raise FileNotFoundError(f"--resume {resume}: not a dpokit checkpoint (no {STATE})")
-        return path
-    found = sorted(p for p in checkpoint_root(output_dir).glob("step-*") if (p / STATE).is_file())
-    if not found:
-        raise FileNotFoundError(f"--resume auto: no checkpoint under {checkpoint_root(output_dir)}")
-    return found[-1]
+        problem = verify(Path(resume))
+        if problem:
+            raise CheckpointError(f"--resume {resume}: not a usable dpokit checkpoint: {problem}")
+        return Path(resume)
+    for path in reversed(complete_checkpoints(output_dir)):
+        problem = verify(path)
+        if problem is None:
+            return path
+        log(f"checkpoint {path} skipped: {problem}")
+    raise CheckpointError(f"--resume auto: no complete checkpoint under {checkpoint_root(output_dir)}")
 
 
 def load_checkpoint(path: Path, policy, optimizer, scheduler, reference=None, eval_ref=None):
@@ -68,7 +126,7 @@ def load_checkpoint(path: Path, policy, optimizer, scheduler, reference=None, ev
     _load_weights(policy, path / "model.safetensors")
     if (path / REFERENCE).is_file():
         if reference is None:
-            raise FileNotFoundError(f"{path}: holds a moving (TR-DPO) reference but this run has none")
+            raise CheckpointError(f"{path}: holds a moving (TR-DPO) reference but this run has none")
         _load_weights(reference, path / REFERENCE)
     state = torch.load(path / STATE, weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
@@ -84,10 +142,26 @@ def load_checkpoint(path: Path, policy, optimizer, scheduler, reference=None, ev
 
 def _load_weights(model, file: Path) -> None:
     if not file.is_file():
-        raise FileNotFoundError(f"{file}: missing from the checkpoint")
+        raise CheckpointError(f"{file}: missing from the checkpoint")
     state = load_file(file)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     missing = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]
     if missing or unexpected:
-        raise ValueError(f"{file}: does not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        raise CheckpointError(f"{file}: does not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+
+
+def check_writable(output_dir: str, need_bytes: int) -> None:
+    """Fail at start-up, not at the first save: the output folder must be writable and hold a checkpoint."""
+    out = Path(output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".dpokit-write-probe"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise CheckpointError(f"--output-dir {output_dir} is not writable: {e.strerror or e}") from None
+    free = shutil.disk_usage(out).free
+    if free < need_bytes:
+        raise CheckpointError(f"--output-dir {output_dir}: {free / 2**30:.1f} GiB free, a checkpoint needs about "
+                              f"{need_bytes / 2**30:.1f} GiB; free space or point --output-dir elsewhere")

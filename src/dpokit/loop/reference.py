@@ -25,10 +25,10 @@ def prepare_reference(cfg, policy, tokenizer, train_set, eval_set, unpaired: boo
     with_ref = needs_reference(cfg.loss_names)
     model = None
     if cfg.ref_model:
-        if load_tokenizer(cfg.ref_model).get_vocab() != tokenizer.get_vocab():
+        if load_tokenizer(cfg.ref_model, cfg.trust_remote_code).get_vocab() != tokenizer.get_vocab():
             raise ModelError(f"--ref-model {cfg.ref_model} has a different tokenizer from --model {cfg.model}; "
                              "log-prob ratios need the same token ids")
-        model = load_model(cfg.ref_model, device)
+        model = load_model(cfg.ref_model, device, cfg.allow_pickle, cfg.trust_remote_code)
         model.requires_grad_(False)
     if not with_ref:
         log(f"loss {cfg.loss} is reference-free: no reference model loaded")

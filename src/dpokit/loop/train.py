@@ -24,7 +24,9 @@ from dpokit.config import TrainConfig
 from dpokit.data import builtin_path, load_completions, load_pairs
 from dpokit.evaluation import evaluate_pairs
 from dpokit.logprobs import compute_precision
-from dpokit.loop.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from dpokit.loop.checkpoint import (check_writable, complete_checkpoints, find_checkpoint, load_checkpoint,
+                                    save_checkpoint)
+from dpokit.loop.signals import StopSignals, TrainingInterrupted
 from dpokit.loop.optim import build_optimizer, build_scheduler
 from dpokit.loop.reference import prepare_reference
 from dpokit.models import load_model, load_tokenizer
@@ -74,22 +76,24 @@ def load_data(cfg: TrainConfig, tokenizer, unpaired: bool, log) -> tuple[list, l
 
 
 def train(config: TrainConfig | None = None, log=print, **overrides) -> TrainResult:
-    """Train a policy with the configured objective (DPO by default); `overrides` are TrainConfig fields (train(beta=0.5, ...))."""
+    """Train a policy with the configured objective (DPO by default).
+
+    `overrides` are TrainConfig fields: train(beta=0.5, data="pairs.jsonl")."""
     cfg = TrainConfig.from_dict({**(config.to_dict() if config else {}), **overrides})
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable(cfg.output_dir, 0)  # before minutes of loading: a bad --output-dir fails now
     (out / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
 
     # ---- data and models --------------------------------------------------------------------------
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     unpaired = any(OBJECTIVES[n].data == "unpaired" for n in cfg.loss_names)
     step_fn = kto_step if unpaired else paired_step
     train_set, eval_set = load_data(cfg, tokenizer, unpaired, log)
     pad_id = tokenizer.pad_token_id
-    policy = load_model(cfg.model, device)
+    policy = load_model(cfg.model, device, cfg.allow_pickle, cfg.trust_remote_code)
     # Dropout stays off (eval mode): log π − log π_ref must compare the same deterministic function.
     policy.eval()
     reference, train_ref, eval_ref = prepare_reference(cfg, policy, tokenizer, train_set, eval_set, unpaired,
@@ -116,11 +120,18 @@ def train(config: TrainConfig | None = None, log=print, **overrides) -> TrainRes
 
     optimizer = build_optimizer(policy.parameters(), cfg.optimizer, cfg.lr, cfg.weight_decay)
     scheduler = build_scheduler(optimizer, cfg.warmup_steps, total_steps, cfg.lr_scheduler)
+    # weights + two AdamW moments (fp32), plus 10 %: refuse now rather than fail at the first save
+    check_writable(cfg.output_dir, int(sum(p.numel() for p in policy.parameters()) * 4 * 3 * 1.1))
     start_step = 0
     if cfg.resume:
-        ckpt = find_checkpoint(cfg.output_dir, cfg.resume)
+        ckpt = find_checkpoint(cfg.output_dir, cfg.resume, log)
         start_step, eval_ref = load_checkpoint(ckpt, policy, optimizer, scheduler, reference, eval_ref)
         log(f"resumed from {ckpt} at step {start_step}")
+        keep_metrics_until(out / "metrics.jsonl", start_step)  # steps after the checkpoint are redone
+
+    def checkpoint(step_done: int):
+        return save_checkpoint(cfg.output_dir, step_done, policy, tokenizer, optimizer, scheduler, cfg.to_yaml(),
+                               reference if cfg.sync_ref_every else None, eval_ref, cfg.keep_last)
 
     # ---- held-out evaluation before training ---------------------------------------------------------
     eval_before = None
@@ -136,7 +147,8 @@ def train(config: TrainConfig | None = None, log=print, **overrides) -> TrainRes
     metrics_file = open(out / "metrics.jsonl", "a" if cfg.resume else "w", encoding="utf-8")
     bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, disable=not cfg.progress,
                desc="dpo", dynamic_ncols=True)
-    for step in bar:
+    def optimizer_step(step: int) -> dict:
+        """grad_accum micro-batches, clip, update; the step's metrics. Raises NonFiniteError before the update."""
         t0 = time.perf_counter()
         micro = step_batches(step)
         step_pairs = sum(len(m) for m in micro)
@@ -160,22 +172,42 @@ def train(config: TrainConfig | None = None, log=print, **overrides) -> TrainRes
         if cfg.sync_ref_every and (step + 1) % cfg.sync_ref_every == 0:
             sync_reference(reference, policy, cfg.sync_ref_alpha)
         seconds = time.perf_counter() - t0
-
         record = {"step": step + 1, "epoch": round((step + 1) / steps_per_epoch, 4)}
         record.update({k: v / step_pairs for k, v in sums.items()})
         if unpaired:
             finish_kto_metrics(record)
         record.update({"lr": lr, "grad_norm": grad_norm.item(), "pairs_per_s": step_pairs / seconds,
                        "tokens_per_s": tokens / seconds})
-        if eval_set and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < total_steps:
-            record.update(run_eval(policy, eval_set, eval_ref, cfg, pad_id, device))
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
-        bar.set_postfix(loss=f"{record['loss']:.4f}", **({"acc": f"{record['rewards/accuracies']:.2f}",
-                        "margin": f"{record['rewards/margins']:.3f}"} if not unpaired else {}))
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total_steps:
-            save_checkpoint(cfg.output_dir, step + 1, policy, tokenizer, optimizer, scheduler, cfg.to_yaml(),
-                            reference if cfg.sync_ref_every else None, eval_ref)
+        return record
+
+    skipped_nonfinite = 0
+    with StopSignals() as stop:
+        for step in bar:
+            try:
+                record = optimizer_step(step)
+            except NonFiniteError as e:
+                optimizer.zero_grad(set_to_none=True)  # nothing of this step reaches the weights
+                if cfg.on_nonfinite == "stop":
+                    last = complete_checkpoints(cfg.output_dir)
+                    raise NonFiniteError(f"{e}; weights not updated; last checkpoint: {last[-1] if last else 'none'}"
+                                         " (--on-nonfinite skip skips such steps)") from None
+                skipped_nonfinite += 1
+                log(f"skipped: {e}")
+                record = {"step": step + 1, "skipped_nonfinite": skipped_nonfinite}
+            if "loss" in record and eval_set and cfg.eval_every and (step + 1) % cfg.eval_every == 0 \
+                    and step + 1 < total_steps:
+                record.update(run_eval(policy, eval_set, eval_ref, cfg, pad_id, device))
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+            if "loss" in record:
+                bar.set_postfix(loss=f"{record['loss']:.4f}", **({"acc": f"{record['rewards/accuracies']:.2f}",
+                                "margin": f"{record['rewards/margins']:.3f}"} if not unpaired else {}))
+            if stop.received is not None:
+                bar.close()
+                metrics_file.close()
+                raise TrainingInterrupted(stop.received, checkpoint(step + 1))
+            if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total_steps:
+                checkpoint(step + 1)
     bar.close()
 
     # ---- held-out evaluation after training, and the final model ------------------------------------
@@ -192,17 +224,26 @@ def train(config: TrainConfig | None = None, log=print, **overrides) -> TrainRes
     return TrainResult(out, total_steps, eval_before, eval_after, final)
 
 
+def keep_metrics_until(path: Path, step: int) -> None:
+    """Drop metric lines of steps after `step` (written by a run that died before its next checkpoint)."""
+    if not path.is_file():
+        return
+    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= step]
+    path.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
+
+
 def cache_reference(config: TrainConfig | None = None, log=print, **overrides) -> None:
     """`dpokit cache-ref`: compute (or find) the reference log-probs a `train` with the same options
     would use, and stop. Training then starts without loading or running the reference."""
     cfg = TrainConfig.from_dict({**(config.to_dict() if config else {}), **overrides})
     device = pick_device(cfg.device)
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     unpaired = any(OBJECTIVES[n].data == "unpaired" for n in cfg.loss_names)
     if unpaired or cfg.sync_ref_every or not cfg.ref_cache:
         raise ValueError("nothing to cache: kto, TR-DPO (--sync-ref-every) and --no-ref-cache run the reference live")
     train_set, eval_set = load_data(cfg, tokenizer, unpaired, log)
-    policy = load_model(cfg.model, device)
+    policy = load_model(cfg.model, device, cfg.allow_pickle, cfg.trust_remote_code)
     prepare_reference(cfg, policy, tokenizer, train_set, eval_set, unpaired, device, tokenizer.pad_token_id, log)
 
 

@@ -44,7 +44,7 @@ def embedded_gguf_path() -> Path:
     return path
 
 
-def resolve(spec: str) -> str:
+def resolve(spec: str, allow_pickle: bool = False) -> str:
     """Turn a model spec into something `from_pretrained` can open safely (a folder or a hub id)."""
     if spec == "embedded":
         return str(gguf_to_safetensors(embedded_gguf_path()))
@@ -54,10 +54,11 @@ def resolve(spec: str) -> str:
         return str(gguf_to_safetensors(Path(spec)))
     path = Path(spec)
     if path.is_dir():
-        if not any(path.glob("*.safetensors")):
+        if not any(path.glob("*.safetensors")) and not allow_pickle:
             found = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
-            raise ModelError(f"{spec}: no .safetensors weights" + (f" (found pickle files {found}; dpokit does not "
-                             "load pickles — convert them to safetensors)" if found else ""))
+            raise ModelError(f"{spec}: no .safetensors weights" + (f" (found pickle files {found}: loading a pickle "
+                             "can run arbitrary code, so dpokit refuses it unless you pass --allow-pickle; better, "
+                             "convert them to safetensors)" if found else ""))
         return spec
     if path.exists():
         raise ModelError(f"{spec}: expected a model folder or a .gguf file")
@@ -94,8 +95,8 @@ def gguf_to_safetensors(gguf: Path) -> Path:
     return target
 
 
-def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(resolve(spec), trust_remote_code=False)
+def load_tokenizer(spec: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(resolve(spec, allow_pickle=True), trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # padding is masked out everywhere; any id will do
     if tokenizer.eos_token_id is None:
@@ -103,11 +104,15 @@ def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_model(spec: str, device: str | torch.device = "cpu") -> PreTrainedModel:
-    """Load a causal LM in fp32, in eval mode (dropout off: DPO's log-prob ratios must be deterministic)."""
+def load_model(spec: str, device: str | torch.device = "cpu", allow_pickle: bool = False,
+               trust_remote_code: bool = False) -> PreTrainedModel:
+    """Load a causal LM in fp32, in eval mode (dropout off: DPO's log-prob ratios must be deterministic).
+
+    Only safetensors weights unless `allow_pickle`; remote code only if `trust_remote_code`."""
     try:
-        model = AutoModelForCausalLM.from_pretrained(resolve(spec), dtype=torch.float32, use_safetensors=True,
-                                                     trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(resolve(spec, allow_pickle), dtype=torch.float32,
+                                                     use_safetensors=None if allow_pickle else True,
+                                                     trust_remote_code=trust_remote_code)
     except OSError as e:
         raise ModelError(f"{spec}: cannot load model: {e}") from None
     return model.to(device).eval()

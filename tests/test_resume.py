@@ -1,0 +1,153 @@
+"""Nothing lost: kill -9 or SIGTERM mid-run, resume, and the final weights are bit-identical; broken
+checkpoints are detected and skipped; bad output dirs and non-finite steps are answered clearly."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import write_jsonl
+from dpokit import train
+from dpokit.cli import main
+from dpokit.loop.checkpoint import CheckpointError, complete_checkpoints, find_checkpoint
+from dpokit.loop.steps import NonFiniteError
+
+STEPS = 60
+
+
+def _args(model, data, out, *extra):
+    return ["train", "--model", model, "--data", data, "--output-dir", str(out), "--max-steps", str(STEPS),
+            "--batch-size", "2", "--lr", "1e-3", "--warmup-steps", "3", "--lr-scheduler", "cosine",
+            "--save-every", "4", "--no-progress", *extra]
+
+
+def _weights(out: Path) -> dict:
+    return load_file(out / "final" / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_model_dir):
+    from conftest import explicit_rows as _rows  # noqa: F401  (fixture function, not callable here)
+    base = tmp_path_factory.mktemp("resume")
+    rows = [json.loads(line) for line in open(__import__("dpokit").data.builtin_path("helpful_train"))][:12]
+    data = write_jsonl(base / "d.jsonl", rows)
+    assert main(_args(tiny_model_dir, data, base / "full")) == 0
+    return data, _weights(base / "full"), base
+
+
+def _start(model, data, out) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    code = f"import sys; from dpokit.cli import main; sys.exit(main({_args(model, data, out)!r}))"
+    return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _wait_for_checkpoint(proc, out: Path, at_least: int) -> None:
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        done = [int(p.name.split("-")[1]) for p in complete_checkpoints(str(out))]
+        if done and max(done) >= at_least:
+            return
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        time.sleep(0.005)
+    raise AssertionError("no checkpoint appeared")
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
+def test_killed_run_resumes_to_bit_identical_weights(tiny_model_dir, uninterrupted, how):
+    data, expected, base = uninterrupted
+    out = base / how
+    proc = _start(tiny_model_dir, data, out)
+    _wait_for_checkpoint(proc, out, random.Random(how).randrange(4, STEPS // 2, 4))
+    proc.send_signal(getattr(signal, how))
+    code = proc.wait(timeout=120)
+    assert code == (-signal.SIGKILL if how == "SIGKILL" else 128 + signal.SIGTERM), proc.stderr.read().decode()
+    if how == "SIGTERM":  # it checkpointed the step it was in, said so, and stopped
+        assert "continue with --resume auto" in proc.stderr.read().decode()
+    assert not (out / "final").exists()
+    assert main(_args(tiny_model_dir, data, out, "--resume", "auto")) == 0
+    got = _weights(out)
+    assert got.keys() == expected.keys()
+    for k in expected:
+        assert torch.equal(got[k], expected[k]), k
+    steps = [json.loads(line)["step"] for line in open(out / "metrics.jsonl")]
+    assert steps == list(range(1, STEPS + 1))  # no step logged twice, none missing
+
+
+def test_corrupt_and_partial_checkpoints_are_skipped(tmp_path, tiny_model_dir, uninterrupted):
+    data, _, _ = uninterrupted
+    out = tmp_path / "run"
+    train(model=tiny_model_dir, data=data, output_dir=str(out), max_steps=12, batch_size=2, save_every=4,
+          progress=False, log=lambda *_: None)
+    ckpts = complete_checkpoints(str(out))
+    assert [p.name for p in ckpts] == ["step-0000004", "step-0000008"]
+    weights = ckpts[-1] / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10] + b"0123456789")  # bit rot in the newest
+    (out / "checkpoints" / "step-0000010").mkdir()  # a folder with no manifest: an interrupted copy
+    logs: list[str] = []
+    assert find_checkpoint(str(out), "auto", logs.append) == ckpts[0]
+    assert any("step-0000008 skipped: model.safetensors does not match its checksum" in m for m in logs)
+    assert any("step-0000010 skipped: no readable manifest" in m for m in logs)
+    with pytest.raises(CheckpointError, match="does not match its checksum"):
+        find_checkpoint(str(out), str(ckpts[-1]))
+
+
+def test_keep_last_prunes_only_older_checkpoints(tmp_path, tiny_model_dir, uninterrupted):
+    data, _, _ = uninterrupted
+    out = tmp_path / "run"
+    train(model=tiny_model_dir, data=data, output_dir=str(out), max_steps=20, batch_size=2, save_every=4,
+          keep_last=2, progress=False, log=lambda *_: None)
+    assert [p.name for p in complete_checkpoints(str(out))] == ["step-0000012", "step-0000016"]
+
+
+def test_unwritable_output_dir_fails_at_start(tmp_path, tiny_model_dir, uninterrupted, capsys):
+    data, _, _ = uninterrupted
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    code = main(["train", "--model", tiny_model_dir, "--data", data, "--output-dir", str(blocker / "out")])
+    assert code == 2 and "dpokit: error:" in capsys.readouterr().err
+
+
+def test_nonfinite_loss_stops_naming_rows_or_is_skipped(tmp_path, tiny_model_dir, uninterrupted, monkeypatch):
+    data, _, _ = uninterrupted
+    import dpokit.loop.steps as steps
+    real = steps.combined_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        losses, extra = real(*args, **kwargs)
+        calls["n"] += 1
+        return (losses * float("nan") if calls["n"] == 3 else losses), extra
+
+    monkeypatch.setattr(steps, "combined_loss", poisoned)
+    common = dict(model=tiny_model_dir, data=data, max_steps=5, batch_size=2, progress=False, log=lambda *_: None)
+    with pytest.raises(NonFiniteError, match=r"step 3: non-finite loss on rows \['.*d\.jsonl:\d+'"):
+        train(output_dir=str(tmp_path / "stop"), **common)
+    calls["n"] = 0
+    result = train(output_dir=str(tmp_path / "skip"), on_nonfinite="skip", **common)
+    records = [json.loads(line) for line in open(result.output_dir / "metrics.jsonl")]
+    assert {"step": 3, "skipped_nonfinite": 1} in records
+    assert all("loss" in r for r in records if r["step"] != 3)
+
+
+def test_pickle_weights_are_refused_unless_allowed(tmp_path, tiny_model_dir):
+    from dpokit.models import load_model
+    from dpokit.models.load import ModelError
+    folder = tmp_path / "pickled"
+    model = load_model(tiny_model_dir)
+    model.save_pretrained(folder)
+    (folder / "model.safetensors").unlink()  # transformers 5 writes safetensors only: make the pickle by hand
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    with pytest.raises(ModelError, match=r"pytorch_model\.bin.*--allow-pickle"):
+        load_model(str(folder))
+    loaded = load_model(str(folder), allow_pickle=True)
+    assert torch.equal(loaded.model.embed_tokens.weight, model.model.embed_tokens.weight)
