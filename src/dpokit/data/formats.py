@@ -42,6 +42,12 @@ class LoadReport:
     rows: int = 0
     skipped: Counter = field(default_factory=Counter)
     skipped_lines: list[str] = field(default_factory=list)  # "line N (reason)", in file order
+    errors: list[DataError] = field(default_factory=list)  # every skipped row's error, in file order
+
+    def skip(self, error: DataError) -> None:
+        self.skipped[error.reason] += 1
+        self.skipped_lines.append(f"line {error.line} ({error.reason})")
+        self.errors.append(error)
 
     def summary(self) -> str:
         text = f"{self.path}: {self.rows} pairs, format {self.format}"
@@ -73,30 +79,34 @@ def detect_format(row: dict) -> str:
     return "implicit"
 
 
-def load_pairs(path: str, on_bad_row: str = "error") -> tuple[list[Pair], LoadReport]:
-    """Read every row of `path` as a Pair. Bad rows raise DataError, or with on_bad_row="skip" are
-    counted by reason in the report (never dropped silently)."""
+def _check_on_bad_row(on_bad_row: str) -> None:
     if on_bad_row not in ("error", "skip"):
         raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
+
+
+def load_pairs(path: str, on_bad_row: str = "error", allow_empty: bool = False) -> tuple[list[Pair], LoadReport]:
+    """Read every row of `path` as a Pair. Bad rows raise DataError, or with on_bad_row="skip" are
+    counted by reason in the report (never dropped silently). A file with no usable pair raises unless
+    `allow_empty` (for `data check`, which lists every bad row)."""
+    _check_on_bad_row(on_bad_row)
     report, pairs, fmt = LoadReport(path), [], None
     for line, row in read_rows(path):
         try:
             if isinstance(row, DataError):
                 raise row
-            if fmt is None:
-                fmt = detect_format(row)
-                report.format = fmt
-                if fmt == "unpaired":
-                    raise DataError(path, line, "completion", "unpaired rows (prompt, completion, label) need an "
-                                    "unpaired objective: --loss kto", reason="unpaired_data")
-            pairs.append(parse_row(row, fmt, path, line))
+            row_fmt = fmt or detect_format(row)
+            if row_fmt == "unpaired":
+                raise DataError(path, line, "completion", "unpaired rows (prompt, completion, label) need an "
+                                "unpaired objective: --loss kto", reason="unpaired_data")
+            pairs.append(parse_row(row, row_fmt, path, line))
+            # Only a valid row decides the format: with "skip", a broken first row must not impose its own.
+            fmt = report.format = row_fmt
         except DataError as e:
             if on_bad_row == "error":
                 raise
-            report.skipped[e.reason] += 1
-            report.skipped_lines.append(f"line {e.line} ({e.reason})")
+            report.skip(e)
     report.rows = len(pairs)
-    if not pairs:
+    if not pairs and not allow_empty:
         raise DataError(path, None, None, "no usable preference pairs" +
                         (f" ({report.summary()})" if report.skipped else ""), reason="empty")
     return pairs, report
@@ -109,6 +119,9 @@ def parse_row(row: dict, fmt: str, path: str, line: int) -> Pair:
     for key in ("chosen", "rejected") + (("prompt",) if fmt == "explicit" else ()):
         if key not in row or row[key] is None:
             fail(key, f"missing (a {fmt}-format file needs it in every row)", "missing_field")
+    if fmt == "implicit" and row.get("prompt") is not None:  # else the prompt would be silently ignored
+        fail("prompt", "this file is implicit format (no prompt field) but this row has one: mixed formats",
+             "mixed_formats")
     source = f"{path}:{line}"
 
     if fmt == "conversational":
@@ -121,21 +134,22 @@ def parse_row(row: dict, fmt: str, path: str, line: int) -> Pair:
             while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
                 n += 1
             prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
-        if not prompt:
-            fail("prompt", "no prompt messages", "empty_prompt")
+        if chosen == rejected:  # checked first: identical lists split into a prompt and two empty completions
+            fail("rejected", "identical to chosen: the pair carries no preference", "chosen_equals_rejected")
+        if not _has_text(prompt):
+            fail("prompt", "no prompt messages" if not prompt else "empty prompt", "empty_prompt")
         for key, msgs in (("chosen", chosen), ("rejected", rejected)):
-            if not msgs or not any(m["content"].strip() for m in msgs):
+            if not _has_text(msgs):
                 fail(key, "empty completion", "empty_completion")
             if msgs[0]["role"] != "assistant":
                 fail(key, f"completion must start with an assistant message, got role '{msgs[0]['role']}'",
                      "bad_role")
-        if chosen == rejected:
-            fail("rejected", "identical to chosen: the pair carries no preference", "chosen_equals_rejected")
         return Pair(prompt, chosen, rejected, source, conversational=True)
 
     for key in ("chosen", "rejected") + (("prompt",) if fmt == "explicit" else ()):
         if not isinstance(row[key], str):
             fail(key, f"expected a string, got {type(row[key]).__name__} (this file is {fmt} format)", "wrong_type")
+        _check_unicode(row[key], key, fail)
     if fmt == "explicit":
         prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
     else:
@@ -153,25 +167,26 @@ def parse_row(row: dict, fmt: str, path: str, line: int) -> Pair:
 def load_completions(path: str, on_bad_row: str = "error") -> tuple[list[Completion], LoadReport]:
     """Labelled completions for KTO: unpaired rows as they are, or each preference pair split into a
     desirable (chosen) and an undesirable (rejected) completion of the same prompt."""
+    _check_on_bad_row(on_bad_row)
     report, out, fmt = LoadReport(path), [], None
     for line, row in read_rows(path):
         try:
             if isinstance(row, DataError):
                 raise row
-            if fmt is None:
-                fmt = detect_format(row)
-                report.format = fmt if fmt == "unpaired" else f"{fmt} pairs split into desirable/undesirable"
-            if fmt == "unpaired":
+            row_fmt = fmt or detect_format(row)
+            if row_fmt == "unpaired":
                 out.append(parse_unpaired(row, path, line))
             else:
-                p = parse_row(row, fmt, path, line)
+                p = parse_row(row, row_fmt, path, line)
                 out += [Completion(p.prompt, p.chosen, True, p.source, p.conversational),
                         Completion(p.prompt, p.rejected, False, p.source, p.conversational)]
+            if fmt is None:  # the first valid row decides the format, as in load_pairs
+                fmt = row_fmt
+                report.format = fmt if fmt == "unpaired" else f"{fmt} pairs split into desirable/undesirable"
         except DataError as e:
             if on_bad_row == "error":
                 raise
-            report.skipped[e.reason] += 1
-            report.skipped_lines.append(f"line {e.line} ({e.reason})")
+            report.skip(e)
     report.rows = len(out)
     if not out:
         raise DataError(path, None, None, "no usable completions", reason="empty")
@@ -190,18 +205,21 @@ def parse_unpaired(row: dict, path: str, line: int) -> Completion:
             fail(key, "missing (an unpaired file needs prompt, completion and label in every row)", "missing_field")
     label = row["label"].strip().lower() if isinstance(row["label"], str) else row["label"]
     if not isinstance(label, (bool, int, str)) or label not in _LABELS:
-        fail("label", f"expected true/false, got {row['label']!r}", "wrong_type")
+        fail("label", f"expected true/false, got {row['label']!r:.80}", "wrong_type")
     if isinstance(row["completion"], list):
         prompt = _messages(row["prompt"], "prompt", fail)
         completion = _messages(row["completion"], "completion", fail)
-        if not prompt:
-            fail("prompt", "no prompt messages", "empty_prompt")
-        if not completion or completion[0]["role"] != "assistant":
+        if not _has_text(prompt):
+            fail("prompt", "no prompt messages" if not prompt else "empty prompt", "empty_prompt")
+        if not _has_text(completion):
+            fail("completion", "empty completion", "empty_completion")
+        if completion[0]["role"] != "assistant":
             fail("completion", "completion must start with an assistant message", "bad_role")
         return Completion(prompt, completion, _LABELS[label], f"{path}:{line}", conversational=True)
     for key in ("prompt", "completion"):
         if not isinstance(row[key], str):
             fail(key, f"expected a string, got {type(row[key]).__name__}", "wrong_type")
+        _check_unicode(row[key], key, fail)
     if not row["prompt"].strip():
         fail("prompt", "empty prompt", "empty_prompt")
     if not row["completion"].strip():
@@ -236,8 +254,23 @@ def _messages(value, key: str, fail) -> Messages:
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             fail(f"{key}[{i}]", "expected a {role, content} message", "bad_message")
         if m["role"] not in ROLES:
-            fail(f"{key}[{i}].role", f"unknown role {m['role']!r}; expected one of {', '.join(ROLES)}", "bad_role")
+            fail(f"{key}[{i}].role", f"unknown role {m['role']!r:.80}; expected one of {', '.join(ROLES)}",
+                 "bad_role")
         if not isinstance(m["content"], str):
             fail(f"{key}[{i}].content", f"expected a string, got {type(m['content']).__name__}", "wrong_type")
+        _check_unicode(m["content"], f"{key}[{i}].content", fail)
         out.append({"role": m["role"], "content": m["content"]})
     return out
+
+
+def _has_text(messages: Messages) -> bool:
+    return any(m["content"].strip() for m in messages)
+
+
+def _check_unicode(text: str, key: str, fail) -> None:
+    # JSON can escape half of a surrogate pair ("\ud83d"); such a string cannot be encoded, so the
+    # tokenizer would fail on it later, far from the row.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        fail(key, f"invalid Unicode: unpaired surrogate at character {e.start}", "invalid_unicode")

@@ -60,6 +60,9 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, dict | DataError]]:
                 yield line_no, DataError(str(path), line_no, None, f"invalid JSON: {e.msg} (column {e.colno})",
                                          reason="invalid_json")
                 continue
+            except (ValueError, RecursionError) as e:  # an integer of over 4300 digits; nesting deeper than the stack
+                yield line_no, DataError(str(path), line_no, None, f"invalid JSON: {e}", reason="invalid_json")
+                continue
             if not isinstance(row, dict):
                 row = DataError(str(path), line_no, None, f"expected a JSON object, got {type(row).__name__}",
                                 reason="not_an_object")
@@ -76,6 +79,8 @@ def _read_json(path: Path) -> Iterator[tuple[int, dict | DataError]]:
     except json.JSONDecodeError as e:
         raise DataError(str(path), e.lineno, None, f"invalid JSON: {e.msg} (column {e.colno})",
                         reason="invalid_json") from None
+    except (ValueError, RecursionError) as e:  # an integer of over 4300 digits; nesting deeper than the stack
+        raise DataError(str(path), None, None, f"invalid JSON: {e}", reason="invalid_json") from None
     if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
         data = next(iter(data.values()))  # {"train": [...]} style wrappers
     if not isinstance(data, list):
@@ -88,27 +93,51 @@ def _read_json(path: Path) -> Iterator[tuple[int, dict | DataError]]:
 
 
 def _read_csv(path: Path) -> Iterator[tuple[int, dict]]:
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    # csv refuses fields over 128 KiB by default; long dialogues are legitimate data. (A process-wide setting.)
+    csv.field_size_limit(2**31 - 1)
+    # Undecodable bytes are kept as lone surrogates ("surrogateescape"), so that, as in JSONL, the row and
+    # field holding them are reported (or skipped) instead of the whole file failing.
+    with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
         reader = csv.DictReader(f)
         try:
+            if any(_undecodable(name) for name in reader.fieldnames or []):
+                raise DataError(str(path), 1, None, "invalid UTF-8 in the header", reason="invalid_utf8")
             for row in reader:
+                undecodable = [k for k, v in row.items() if _undecodable(v)]
                 if None in row:
                     row = DataError(str(path), reader.line_num, None, "more values than header columns",
                                     reason="invalid_csv")
+                elif undecodable:
+                    row = DataError(str(path), reader.line_num, undecodable[0], "invalid UTF-8",
+                                    reason="invalid_utf8")
                 yield reader.line_num, row
-        except UnicodeDecodeError as e:
-            raise DataError(str(path), None, None, f"invalid UTF-8 at byte {e.start}", reason="invalid_utf8") from None
         except csv.Error as e:
             raise DataError(str(path), reader.line_num, None, f"invalid CSV: {e}", reason="invalid_csv") from None
 
 
+def _undecodable(value) -> bool:
+    """True for a CSV value holding bytes that were not UTF-8 (decoded as lone surrogates)."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def _read_parquet(path: Path) -> Iterator[tuple[int, dict]]:
     try:
+        import pyarrow
         import pyarrow.parquet as pq
     except ImportError:
         raise DataError(str(path), None, None, "reading Parquet needs pyarrow: pip install 'dpokit[data]'",
                         reason="missing_dependency") from None
-    for i, row in enumerate(pq.read_table(path).to_pylist(), start=1):
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except (pyarrow.ArrowException, OSError, UnicodeDecodeError) as e:  # not Parquet, corrupt, non-UTF-8 strings
+        raise DataError(str(path), None, None, f"invalid Parquet: {e}", reason="invalid_parquet") from None
+    for i, row in enumerate(rows, start=1):
         yield i, row
 
 
