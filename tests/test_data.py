@@ -126,3 +126,58 @@ def test_missing_file_and_unknown_type(tmp_path):
     (tmp_path / "a.txt").write_text("x")
     with pytest.raises(DataError, match="unknown file type"):
         load_pairs(str(tmp_path / "a.txt"))
+
+
+# Regressions found by tests/test_fuzz_data.py: each input once, readable.
+
+def test_a_broken_first_row_does_not_decide_the_format(tmp_path):
+    good = {"prompt": "Q", "chosen": " a", "rejected": " b"}
+    # the first row read as implicit, the second as unpaired, used to impose that format on the whole file
+    rows = [{"chosen": " x"}, {"prompt": "Q", "completion": " c", "label": True}, good, good]
+    pairs, report = load_pairs(write_jsonl(tmp_path / "s.jsonl", rows), on_bad_row="skip")
+    assert len(pairs) == 2 and report.format == "explicit"
+    assert dict(report.skipped) == {"missing_field": 1, "unpaired_data": 1}
+    assert [e.line for e in report.errors] == [1, 2]
+
+
+@pytest.mark.parametrize("rows, match", [
+    # implicit file, then a row with a prompt: it used to be ignored silently
+    ([HH_ROW, {**HH_ROW, "prompt": "ignored?"}], r":2: field 'prompt' .*mixed formats"),
+    # JSON escapes half a surrogate pair: the tokenizer would fail on it later, with no row to point at
+    ([{"prompt": "Q\ud83d", "chosen": " a", "rejected": " b"}], r":1: field 'prompt' invalid Unicode"),
+    ([{"prompt": [{"role": "user", "content": " "}], "chosen": [{"role": "assistant", "content": "a"}],
+       "rejected": [{"role": "assistant", "content": "b"}]}], r":1: field 'prompt' empty prompt"),
+    ([{"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+       "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}],
+     r":1: field 'rejected' identical to chosen"),
+    (['{"prompt": ' + "1" * 5000 + "}"], r":1: invalid JSON"),
+    (["[" * 100_000], r":1: invalid JSON"),
+])
+def test_rows_that_used_to_load_or_crash(tmp_path, rows, match):
+    with pytest.raises(DataError, match=match):
+        load_pairs(write_jsonl(tmp_path / "r.jsonl", rows))
+
+
+def test_unpaired_conversational_completion_must_have_text(tmp_path):
+    from dpokit.data import load_completions
+    row = {"prompt": [{"role": "user", "content": "q"}], "completion": [{"role": "assistant", "content": ""}],
+           "label": True}
+    with pytest.raises(DataError, match=r":1: field 'completion' empty completion"):
+        load_completions(write_jsonl(tmp_path / "u.jsonl", [row]))
+    with pytest.raises(ValueError, match="on_bad_row"):
+        load_completions(write_jsonl(tmp_path / "u.jsonl", [row]), on_bad_row="skp")
+
+
+def test_csv_long_fields_and_bad_bytes_are_per_row(tmp_path):
+    long = "x" * 200_000  # over csv's default 128 KiB field limit
+    (tmp_path / "a.csv").write_bytes(b"prompt,chosen,rejected\n" + f"Q,{long}, b\n".encode() + b"Q,a\xff, b\nQ, a, c\n")
+    with pytest.raises(DataError, match=r"a\.csv:3: field 'chosen' invalid UTF-8"):
+        load_pairs(str(tmp_path / "a.csv"))
+    pairs, report = load_pairs(str(tmp_path / "a.csv"), on_bad_row="skip")
+    assert [p.chosen for p in pairs] == [long, " a"] and dict(report.skipped) == {"invalid_utf8": 1}
+
+
+def test_corrupt_parquet_is_a_data_error(tmp_path):
+    (tmp_path / "a.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(DataError, match=r"a\.parquet: invalid Parquet"):
+        load_pairs(str(tmp_path / "a.parquet"))

@@ -66,16 +66,31 @@ def cmd_cache_ref(args) -> int:
 
 
 def cmd_data_check(args) -> int:
-    from dpokit.batches import tokenize_pairs
-    from dpokit.data import load_pairs
+    """Report on every file, listing all invalid rows; exit 1 if a file is unusable, or has invalid rows
+    and --on-bad-row is error (training would stop on them)."""
+    from dpokit.data import DataError
+    from dpokit.data.check import check_file, format_check, format_totals
     from dpokit.models import load_tokenizer
     tokenizer = load_tokenizer(args.model)
+    all_stats, unusable = [], 0
     for path in args.files:
-        pairs, report = load_pairs(path, args.on_bad_row)
-        print(report.summary())
-        _, tok_report = tokenize_pairs(pairs, tokenizer, args.max_length, args.max_prompt_length)
-        print("  " + tok_report.summary())
-    return 0
+        try:
+            stats = check_file(path, tokenizer, args.max_length, args.max_prompt_length)
+        except DataError as e:  # the whole file is unreadable
+            print(f"dpokit: error: {e}", file=sys.stderr)
+            unusable += 1
+            continue
+        print(format_check(stats))
+        all_stats.append(stats)
+        unusable += stats["pairs"] == 0
+    if len(all_stats) > 1:
+        print(format_totals(all_stats))
+    invalid = sum(s["invalid"]["count"] for s in all_stats) if args.on_bad_row == "error" else 0
+    problems = ([f"{unusable} unusable file(s)"] if unusable else []) + (
+        [f"{invalid} invalid row(s) (--on-bad-row skip would skip them)"] if invalid else [])
+    if problems:
+        print("dpokit: error: " + "; ".join(problems), file=sys.stderr)
+    return 1 if problems else 0
 
 
 def cmd_losses(args) -> int:
@@ -126,7 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_data = sub.add_parser("data", help="inspect preference files")
     data_sub = p_data.add_subparsers(dest="data_command", required=True)
-    p_check = data_sub.add_parser("check", help="load and tokenize files, reporting formats, bad rows, truncation")
+    p_check = data_sub.add_parser("check", help="load and tokenize files, reporting formats, every invalid row, "
+                                  "duplicates, token lengths, truncation and chosen/rejected length bias",
+                                  description="Exits 1 if a file is unusable, or has invalid rows and "
+                                  "--on-bad-row is error (the default); with skip, invalid rows are listed only.")
     p_check.add_argument("files", nargs="+")
     p_check.add_argument("--model", default="embedded", help="tokenizer to use (default: embedded)")
     p_check.add_argument("--max-length", type=int, default=TrainConfig.max_length)

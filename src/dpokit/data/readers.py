@@ -92,7 +92,7 @@ def _read_json(path: Path) -> Iterator[tuple[int, dict | DataError]]:
         yield i, row
 
 
-def _read_csv(path: Path) -> Iterator[tuple[int, dict]]:
+def _read_csv(path: Path) -> Iterator[tuple[int, dict | DataError]]:
     # csv refuses fields over 128 KiB by default; long dialogues are legitimate data. (A process-wide setting.)
     csv.field_size_limit(2**31 - 1)
     # Undecodable bytes are kept as lone surrogates ("surrogateescape"), so that, as in JSONL, the row and
