@@ -151,3 +151,28 @@ def test_pickle_weights_are_refused_unless_allowed(tmp_path, tiny_model_dir):
         load_model(str(folder))
     loaded = load_model(str(folder), allow_pickle=True)
     assert torch.equal(loaded.model.embed_tokens.weight, model.model.embed_tokens.weight)
+
+
+def test_tr_dpo_run_checkpoints_and_resumes_exactly(tmp_path, tiny_model_dir, uninterrupted):
+    data, _, _ = uninterrupted
+    common = dict(model=tiny_model_dir, data=data, max_steps=8, batch_size=2, lr=1e-3, sync_ref_every=2,
+                  progress=False, log=lambda *_: None)
+    full = train(output_dir=str(tmp_path / "full"), **common)
+    part = tmp_path / "part"
+    train(output_dir=str(part), save_every=3, **common)
+    import shutil
+    shutil.rmtree(part / "checkpoints" / "step-0000006")
+    resumed = train(output_dir=str(part), save_every=3, resume="auto", **common)
+    assert resumed.resumed_at == 3
+    a, b = _weights(full.output_dir), _weights(part)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_changed_options_and_auto_starts_fresh(tmp_path, tiny_model_dir, uninterrupted):
+    data, _, _ = uninterrupted
+    logs: list[str] = []
+    common = dict(model=tiny_model_dir, data=data, max_steps=4, batch_size=2, save_every=2, progress=False)
+    first = train(output_dir=str(tmp_path / "r"), resume="auto", log=logs.append, **common)  # nothing yet: fresh
+    assert first.resumed_at == 0 and any("starting fresh" in m for m in logs)
+    with pytest.raises(CheckpointError, match=r"batch_size: 2 → 3"):
+        train(output_dir=str(tmp_path / "r"), resume="auto", log=logs.append, **{**common, "batch_size": 3})

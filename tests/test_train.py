@@ -187,3 +187,40 @@ def test_bf16_autocast_keeps_logps_and_loss_in_fp32(tmp_path, tiny_model_dir, ex
     assert bf16[0]["logps/chosen"] == pytest.approx(fp32[0]["logps/chosen"], rel=2e-2)  # bf16 matmuls
     assert bf16[0]["logps/chosen"] != fp32[0]["logps/chosen"]  # autocast really ran
     assert math.isfinite(bf16[-1]["loss"])
+
+
+def test_cache_is_keyed_on_precision_and_untouched_without_ref_cache(tmp_path, tiny_model_dir, explicit_rows,
+                                                                     monkeypatch):
+    monkeypatch.setenv("DPOKIT_CACHE", str(tmp_path / "cache"))
+    data = write_jsonl(tmp_path / "d.jsonl", explicit_rows)
+    logs: list[str] = []
+    common = dict(model=tiny_model_dir, data=data, eval_data=data, max_steps=1, batch_size=4, device="cpu",
+                  progress=False, log=logs.append)
+    train(output_dir=str(tmp_path / "a"), ref_cache=False, **common)
+    assert not (tmp_path / "cache" / "refcache").exists()
+    train(output_dir=str(tmp_path / "b"), dtype="fp32", **common)
+    logs.clear()
+    train(output_dir=str(tmp_path / "c"), dtype="bf16", **common)  # other numerics → not reused
+    assert any(m.startswith("held-out reference log-probs: computed") for m in logs)
+    logs.clear()
+    train(output_dir=str(tmp_path / "d"), dtype="bf16", **common)  # same numerics → reused
+    assert any(m.startswith("held-out reference log-probs: read from cache") for m in logs)
+
+
+def test_no_prefix_sharing_alone_is_accepted(tmp_path, tiny_model_dir, explicit_rows):
+    data = write_jsonl(tmp_path / "d.jsonl", explicit_rows)
+    train(model=tiny_model_dir, data=data, output_dir=str(tmp_path / "a"), prefix_sharing=False, max_steps=1,
+          progress=False, log=_quiet)
+    with pytest.raises(ConfigError, match="pack_tokens needs prefix_sharing"):
+        TrainConfig.from_dict({"prefix_sharing": False, "pack_tokens": 512})
+
+
+def test_kto_never_builds_a_micro_batch_of_one(tmp_path, tiny_model_dir, explicit_rows, monkeypatch):
+    import dpokit.loop.steps as steps
+    sizes = []
+    real = steps.collate_kto
+    monkeypatch.setattr(steps, "collate_kto", lambda rows, *a: (sizes.append(len(rows)), real(rows, *a))[1])
+    data = write_jsonl(tmp_path / "d.jsonl", explicit_rows[:5])  # 10 completions, batch 3 → 3, 3, 4
+    train(model=tiny_model_dir, data=data, output_dir=str(tmp_path / "k"), loss="kto", batch_size=3, epochs=1,
+          progress=False, log=_quiet)
+    assert sizes == [3, 3, 4]

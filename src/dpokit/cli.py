@@ -54,7 +54,8 @@ def cmd_train(args) -> int:
         return 128 + e.signum
     if result.eval_before and result.eval_after:
         b, a = result.eval_before, result.eval_after
-        print(f"held-out implicit-reward accuracy: {b['eval/rewards/accuracies']:.3f} before → "
+        start = f"at resume (step {result.resumed_at})" if result.resumed_at else "before"
+        print(f"held-out implicit-reward accuracy: {b['eval/rewards/accuracies']:.3f} {start} → "
               f"{a['eval/rewards/accuracies']:.3f} after")
     return 0
 

@@ -84,7 +84,8 @@ class TrainConfig:
     prefix_sharing: bool = opt(True, "compute each pair as one sequence prompt+chosen+rejected with a mask that "
                                "hides chosen from rejected, so the prompt is computed once (same log-probs)")
     pack_tokens: int = opt(1024, "with prefix sharing, pack pairs into rows of up to N tokens (block-diagonal "
-                           "masks, no padding between pairs); 0: one pair per row")
+                           "masks, no padding between pairs); 0: one pair per row; without prefix sharing rows "
+                           "are padded and this default is not used")
     ref_cache: bool = opt(True, "compute the reference's log-probs of the training pairs once, cache them on disk "
                           "(keyed by reference weights and token ids) and release the reference model")
     on_bad_row: str = opt("error", "bad data rows: 'error' stops naming file:line:field; 'skip' skips and "
@@ -150,7 +151,7 @@ class TrainConfig:
             need(1 <= self.max_prompt_length < self.max_length, "max_prompt_length",
                  f"must be in [1, max_length={self.max_length}) so every completion keeps at least one token")
         need(self.pack_tokens >= 0, "pack_tokens", "must be >= 0 (0: one pair per row)")
-        if self.pack_tokens and not self.prefix_sharing:
+        if self.pack_tokens not in (0, 1024) and not self.prefix_sharing:  # 1024: the default, not a request
             raise ConfigError("pack_tokens needs prefix_sharing (packing places prompt+chosen+rejected segments); "
                               "set --pack-tokens 0 or drop --no-prefix-sharing")
         need(self.eval_every >= 0, "eval_every", "must be >= 0")

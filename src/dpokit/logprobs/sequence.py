@@ -19,10 +19,13 @@ from torch.utils.checkpoint import checkpoint
 CHUNK_ELEMENTS = 2**25
 
 
+def autocasts_bf16(device: torch.device, dtype: str) -> bool:
+    return dtype == "bf16" or (dtype == "auto" and device.type == "cuda")
+
+
 def compute_precision(device: torch.device, dtype: str):
     """The autocast context for forward passes: bf16 when asked (or 'auto' on a GPU), else none."""
-    use_bf16 = dtype == "bf16" or (dtype == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocasts_bf16(device, dtype))
 
 
 @dataclass

@@ -17,7 +17,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save_model
 
 STATE = "state.pt"
 REFERENCE = "reference.safetensors"
@@ -60,7 +60,7 @@ def save_checkpoint(output_dir: str, step: int, policy, tokenizer, optimizer, sc
     policy.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     if reference is not None:
-        save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, tmp / REFERENCE)
+        save_model(reference, str(tmp / REFERENCE))  # drops tied duplicates (embeddings = lm_head)
     torch.save({
         "step": step,
         "optimizer": optimizer.state_dict(),
@@ -105,14 +105,18 @@ def complete_checkpoints(output_dir: str) -> list[Path]:
     return sorted(p for p in checkpoint_root(output_dir).glob("step-*") if p.is_dir())
 
 
-def find_checkpoint(output_dir: str, resume: str, log=print) -> Path:
+def find_checkpoint(output_dir: str, resume: str, log=print) -> Path | None:
     """The folder named by --resume, or with 'auto' the newest one that verifies; broken ones are
-    reported and skipped."""
+    reported and skipped. 'auto' with no checkpoint folder at all is a fresh start (None), so one job
+    script can always pass --resume auto."""
     if resume != "auto":
         problem = verify(Path(resume))
         if problem:
             raise CheckpointError(f"--resume {resume}: not a usable dpokit checkpoint: {problem}")
         return Path(resume)
+    if not complete_checkpoints(output_dir):
+        log(f"--resume auto: no checkpoint under {checkpoint_root(output_dir)} yet; starting fresh")
+        return None
     for path in reversed(complete_checkpoints(output_dir)):
         problem = verify(path)
         if problem is None:
@@ -140,13 +144,31 @@ def load_checkpoint(path: Path, policy, optimizer, scheduler, reference=None, ev
     return int(state["step"]), eval_ref
 
 
+# Options that may change between a run and its resumption without breaking exactness.
+MAY_CHANGE = {"resume", "progress", "eval_every", "eval_batch_size", "save_every", "keep_last", "output_dir",
+              "device", "on_nonfinite", "eval_data"}
+
+
+def check_same_run(path: Path, config: dict) -> None:
+    """Refuse to resume a checkpoint with options that change the data order, objective or schedule."""
+    import yaml
+    saved = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8")) or {}
+    changed = sorted(k for k in set(saved) | set(config) if k not in MAY_CHANGE and saved.get(k) != config.get(k))
+    if changed:
+        detail = ", ".join(f"{k}: {saved.get(k)!r} → {config.get(k)!r}" for k in changed)
+        raise CheckpointError(f"{path} was written with other options ({detail}); resuming would not continue "
+                              "that run — use the same options or a new --output-dir")
+
+
 def _load_weights(model, file: Path) -> None:
     if not file.is_file():
         raise CheckpointError(f"{file}: missing from the checkpoint")
-    state = load_file(file)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or [])
-    missing = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]
+    missing, unexpected = model.load_state_dict(load_file(file), strict=False)
+    # Tied tensors (embeddings = lm_head) are stored once under either name: a missing name is fine
+    # when it shares storage with one that was loaded.
+    state = model.state_dict()
+    loaded = {state[k].data_ptr() for k in state if k not in missing}
+    missing = [k for k in missing if state[k].data_ptr() not in loaded]
     if missing or unexpected:
         raise CheckpointError(f"{file}: does not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
 

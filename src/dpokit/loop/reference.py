@@ -11,6 +11,7 @@ import copy
 import time
 
 from dpokit.logprobs import PairLogps, compute_precision
+from dpokit.logprobs.sequence import autocasts_bf16
 from dpokit.logprobs.refcache import cache_key, cache_path, compute_reference, load_cached, store, weights_digest
 from dpokit.models import load_model, load_tokenizer
 from dpokit.models.load import ModelError
@@ -33,7 +34,9 @@ def prepare_reference(cfg, policy, tokenizer, train_set, eval_set, unpaired: boo
     if not with_ref:
         log(f"loss {cfg.loss} is reference-free: no reference model loaded")
     cacheable = with_ref and cfg.ref_cache and not cfg.sync_ref_every and not unpaired
-    digest = weights_digest(model or policy) if (cacheable or eval_set) else None
+    # The digest covers weights; the precision and device the sums are computed with go in the key too.
+    numerics = f"{device.type}:{'bf16' if autocasts_bf16(device, cfg.dtype) else 'fp32'}"
+    digest = weights_digest(model or policy) + numerics if cfg.ref_cache else None
 
     def the_model():
         nonlocal model
@@ -42,8 +45,8 @@ def prepare_reference(cfg, policy, tokenizer, train_set, eval_set, unpaired: boo
         return model
 
     def logps_of(pairs, role: str) -> PairLogps:
-        key = cache_key(digest, pairs, cfg.ld_alpha)
-        cached = load_cached(key)
+        key = cache_key(digest, pairs, cfg.ld_alpha) if cfg.ref_cache else None
+        cached = load_cached(key) if key else None
         if cached is not None:
             log(f"{role} reference log-probs: read from cache {cache_path(key)}")
             return cached
@@ -53,9 +56,9 @@ def prepare_reference(cfg, policy, tokenizer, train_set, eval_set, unpaired: boo
         with compute_precision(device, cfg.dtype):
             logps = compute_reference(source, pairs, cfg.eval_batch_size, pad_id, device, cfg.ld_alpha,
                                       cfg.pack_tokens)
-        path = store(key, logps)
-        log(f"{role} reference log-probs: computed for {len(pairs)} pairs in {time.perf_counter() - start:.1f} s, "
-            f"cached at {path}")
+        seconds = time.perf_counter() - start
+        where = f", cached at {store(key, logps)}" if key else ""
+        log(f"{role} reference log-probs: computed for {len(pairs)} pairs in {seconds:.1f} s{where}")
         return logps
 
     eval_ref = logps_of(eval_set, "held-out") if eval_set else None

@@ -24,8 +24,8 @@ from dpokit.config import TrainConfig
 from dpokit.data import builtin_path, load_completions, load_pairs
 from dpokit.evaluation import evaluate_pairs
 from dpokit.logprobs import compute_precision
-from dpokit.loop.checkpoint import (check_writable, complete_checkpoints, find_checkpoint, load_checkpoint,
-                                    save_checkpoint)
+from dpokit.loop.checkpoint import (check_same_run, check_writable, complete_checkpoints, find_checkpoint,
+                                    load_checkpoint, save_checkpoint)
 from dpokit.loop.signals import StopSignals, TrainingInterrupted
 from dpokit.loop.optim import build_optimizer, build_scheduler
 from dpokit.loop.reference import prepare_reference
@@ -38,9 +38,10 @@ from dpokit.objectives import OBJECTIVES
 class TrainResult:
     output_dir: Path
     steps: int
-    eval_before: dict | None
+    eval_before: dict | None  # at the start of this invocation: step 0, or the resumed step
     eval_after: dict | None
     final_dir: Path
+    resumed_at: int = 0
 
 
 def pick_device(name: str) -> torch.device:
@@ -107,6 +108,8 @@ def train(config: TrainConfig | None = None, log=print, **overrides) -> TrainRes
     # ---- schedule ---------------------------------------------------------------------------------
     n = len(train_set)
     micro_per_epoch = math.ceil(n / cfg.batch_size)
+    if unpaired and n % cfg.batch_size == 1 and micro_per_epoch > 1:
+        micro_per_epoch -= 1  # the lone last example joins the previous micro-batch (see step_batches)
     steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
 
@@ -116,6 +119,9 @@ def train(config: TrainConfig | None = None, log=print, **overrides) -> TrainRes
         order = (torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
                  if cfg.shuffle else list(range(n)))
         micro = [order[i:i + cfg.batch_size] for i in range(0, n, cfg.batch_size)]
+        if unpaired and len(micro) > 1 and len(micro[-1]) == 1:
+            tail = micro.pop()  # KTO's KL estimate needs another example's completion in the batch
+            micro[-1] = micro[-1] + tail
         return micro[k * cfg.grad_accum:(k + 1) * cfg.grad_accum]
 
     optimizer = build_optimizer(policy.parameters(), cfg.optimizer, cfg.lr, cfg.weight_decay)
@@ -123,8 +129,9 @@ def train(config: TrainConfig | None = None, log=print, **overrides) -> TrainRes
     # weights + two AdamW moments (fp32), plus 10 %: refuse now rather than fail at the first save
     check_writable(cfg.output_dir, int(sum(p.numel() for p in policy.parameters()) * 4 * 3 * 1.1))
     start_step = 0
-    if cfg.resume:
-        ckpt = find_checkpoint(cfg.output_dir, cfg.resume, log)
+    ckpt = find_checkpoint(cfg.output_dir, cfg.resume, log) if cfg.resume else None
+    if ckpt is not None:
+        check_same_run(ckpt, cfg.to_dict())
         start_step, eval_ref = load_checkpoint(ckpt, policy, optimizer, scheduler, reference, eval_ref)
         log(f"resumed from {ckpt} at step {start_step}")
         keep_metrics_until(out / "metrics.jsonl", start_step)  # steps after the checkpoint are redone
@@ -144,7 +151,7 @@ def train(config: TrainConfig | None = None, log=print, **overrides) -> TrainRes
     unit = "completions" if unpaired else "pairs"
     log(f"training {cfg.loss} for {total_steps - start_step} steps × {cfg.batch_size * cfg.grad_accum} {unit} "
         f"({n} {unit}, {steps_per_epoch} steps/epoch) on {device}")
-    metrics_file = open(out / "metrics.jsonl", "a" if cfg.resume else "w", encoding="utf-8")
+    metrics_file = open(out / "metrics.jsonl", "a" if start_step else "w", encoding="utf-8")
     bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, disable=not cfg.progress,
                desc="dpo", dynamic_ncols=True)
     def optimizer_step(step: int) -> dict:
@@ -221,7 +228,7 @@ def train(config: TrainConfig | None = None, log=print, **overrides) -> TrainRes
     policy.save_pretrained(final, safe_serialization=True)
     tokenizer.save_pretrained(final)
     log(f"saved {final} (load it with AutoModelForCausalLM.from_pretrained); metrics in {out / 'metrics.jsonl'}")
-    return TrainResult(out, total_steps, eval_before, eval_after, final)
+    return TrainResult(out, total_steps, eval_before, eval_after, final, start_step)
 
 
 def keep_metrics_until(path: Path, step: int) -> None:
