@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 import sys
 from dataclasses import fields
 
@@ -16,10 +17,13 @@ def _parse_optional(kind):
     return parse
 
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field; unset flags stay absent so YAML values are not overridden."""
+def add_config_flags(parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
+    """One flag per TrainConfig field (or those in `only`); unset flags stay absent so YAML values are
+    not overridden."""
     parser.add_argument("--config", help="YAML file of options (keys as below, with _ or -); flags override it")
     for f in fields(TrainConfig):
+        if only is not None and f.name not in only:
+            continue
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata["help"] + (f" (default: {f.default})" if f.default is not None else "")
         kind = f.type if isinstance(f.type, str) else f.type.__name__
@@ -106,6 +110,29 @@ def cmd_losses(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    import json
+    from dpokit.evaluation.offline import evaluate_file
+    cfg = config_from_args(args)
+    metrics = evaluate_file(args.model_dir, args.against, args.pairs, cfg)
+    for key, value in metrics.items():
+        print(f"{key:<28} {value:.4f}" if isinstance(value, float) else f"{key:<28} {value}")
+    if args.output:
+        Path(args.output).write_text(json.dumps(metrics, indent=1), encoding="utf-8")
+        print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_score(args) -> int:
+    from dpokit.evaluation.offline import score_completions
+    cfg = config_from_args(args)
+    ranked = score_completions(args.model_dir, args.against, args.prompt, args.completion, cfg.beta, cfg)
+    print(f"implicit reward β·(log π − log π_ref), β = {cfg.beta}, best first:")
+    for reward, completion in ranked:
+        print(f"{reward:+10.4f}  {completion!r}")
+    return 0
+
+
 def cmd_bench(args) -> int:
     from dpokit import bench
     if args.data is None:
@@ -130,6 +157,26 @@ def build_parser() -> argparse.ArgumentParser:
                              "reference log-probs matter (model/ref-model, data, eval-data, lengths, ld-alpha).")
     add_config_flags(p_cache)
     p_cache.set_defaults(func=cmd_cache_ref)
+
+    p_eval = sub.add_parser("eval", help="held-out preference metrics of a trained model against its reference "
+                            "(implicit-reward accuracy, margins, chosen/rejected log-prob shift)")
+    p_eval.add_argument("model_dir", help="trained model (e.g. runs/x/final)")
+    p_eval.add_argument("pairs", help="held-out pairs file (any supported format)")
+    p_eval.add_argument("--against", default=None, help="reference model (default: the run's starting model, "
+                        "read from runs/x/config.yaml)")
+    p_eval.add_argument("--output", default=None, help="also write the metrics as JSON here (e.g. eval.json)")
+    add_config_flags(p_eval, only=("beta", "max_length", "max_prompt_length", "eval_batch_size", "on_bad_row",
+                                   "device", "dtype", "prefix_sharing", "pack_tokens"))
+    p_eval.set_defaults(func=cmd_eval)
+
+    p_score = sub.add_parser("score", help="rank candidate completions of a prompt by the implicit reward "
+                             "β·(log π − log π_ref): your language model is secretly a reward model")
+    p_score.add_argument("model_dir", help="trained model (e.g. runs/x/final)")
+    p_score.add_argument("--prompt", required=True)
+    p_score.add_argument("--completion", action="append", required=True, help="a candidate (repeat the flag)")
+    p_score.add_argument("--against", default=None, help="reference model (default: the run's starting model)")
+    add_config_flags(p_score, only=("beta", "max_length", "max_prompt_length"))
+    p_score.set_defaults(func=cmd_score)
 
     from dpokit import bench
     p_bench = sub.add_parser("bench", help="time dpokit against TRL's DPOTrainer on the same pairs (each tool in "

@@ -93,7 +93,8 @@ class TrainConfig:
     # bookkeeping
     seed: int = opt(42, "seed for data order and initialisation; CPU runs are deterministic")
     shuffle: bool = opt(True, "reshuffle the training rows every epoch (seeded); --no-shuffle keeps file order")
-    gradient_checkpointing: bool = opt(False, "recompute activations in backward: much less memory, about a third more time")
+    gradient_checkpointing: bool = opt(False, "recompute activations in backward: much less memory, about a "
+                                       "third more time")
     eval_every: int = opt(0, "evaluate on --eval-data every N steps (0: only before and after training)")
     eval_batch_size: int = opt(8, "pairs per evaluation batch")
     save_every: int = opt(0, "write a resumable checkpoint every N steps (0: only the final model; a SIGTERM or "

@@ -5,12 +5,9 @@ from dpokit.batches.packing import collate_packed
 from dpokit.batches.tokenize import (TokenizedCompletion, TokenizedPair, TokenizeReport, tokenize_completions,
                                      tokenize_pair, tokenize_pairs)
 
-
-
 def pair_batch(pairs: list[TokenizedPair], pad_id: int, prefix_sharing: bool, pack_tokens: int):
     """The batch layout the config asks for: prefix-shared (and packed), or padded separate rows."""
     return collate_packed(pairs, pad_id, pack_tokens) if prefix_sharing else collate(pairs, pad_id)
 
-
-__all__ = ["pair_batch", "collate_packed", "TokenizedCompletion", "TokenizedPair", "TokenizeReport", "collate", "collate_kto", "pad_rows",
-           "tokenize_completions", "tokenize_pair", "tokenize_pairs"]
+__all__ = ["TokenizeReport", "TokenizedCompletion", "TokenizedPair", "collate", "collate_kto", "collate_packed",
+           "pad_rows", "pair_batch", "tokenize_completions", "tokenize_pair", "tokenize_pairs"]

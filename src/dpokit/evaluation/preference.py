@@ -33,8 +33,8 @@ def reference_logps(model, pairs: list[TokenizedPair], batch_size: int, pad_id: 
 def evaluate_pairs(policy, pairs: list[TokenizedPair], ref: PairLogps, cfg, pad_id: int, device) -> dict[str, float]:
     """Held-out metrics of the policy against `ref` (the starting reference, from `reference_logps`).
 
-    eval/loss is the configured paired objective (absent for KTO); eval/rewards/* are always β·(log π − log π_ref) against the
-    starting model, so "did it align" reads the same for every objective. Accuracy counts chosen
+    eval/loss is the configured paired objective (absent for KTO); eval/rewards/* are always
+    β·(log π − log π_ref) against the starting model, so "did it align" reads the same for every objective. Accuracy counts chosen
     strictly above rejected, as TRL does (ties, e.g. before training, count as wrong)."""
     was_training = policy.training
     policy.eval()

@@ -20,7 +20,8 @@ def simpo_loss(chosen_avg_logps: Tensor, rejected_avg_logps: Tensor, beta: float
                label_smoothing: float = 0.0) -> Tensor:
     """SimPO (Meng 2024, Eq. 6) on length-averaged log-probs with target margin γ.
 
-        loss = −(1 − ε) log σ(β (ā_w − ā_l) − γ) − ε log σ(−(β (ā_w − ā_l) − γ)),  ā = log π(y|x) / |y|
+        z = β (ā_w − ā_l) − γ,   ā = log π(y|x) / |y|
+        loss = −(1 − ε) log σ(z) − ε log σ(−z)
     """
     logits = beta * (chosen_avg_logps - rejected_avg_logps) - gamma
     return -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
