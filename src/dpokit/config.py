@@ -38,6 +38,14 @@ class TrainConfig:
     trust_remote_code: bool = opt(False, "run model/tokenizer code shipped with a hub model (off: only code "
                                   "that ships inside transformers)")
     output_dir: str = opt("runs/dpo", "where metrics.jsonl, config.yaml, checkpoints and final/ are written")
+    # LoRA (PEFT): train low-rank adapters; the reference is the same weights with adapters disabled
+    lora_r: int = opt(0, "LoRA rank (0: train all weights)")
+    lora_alpha: float = opt(16.0, "LoRA scaling α (update scaled by α / r)")
+    lora_dropout: float = opt(0.0, "dropout on the LoRA path (note: makes log-prob ratios stochastic)")
+    lora_target_modules: str = opt("all-linear", "modules that get adapters: 'all-linear' or comma-separated "
+                                   "names, e.g. q_proj,v_proj")
+    merge_lora: bool = opt(False, "save final/ as a full model with the adapters merged (default: the adapter "
+                           "alone, loadable with peft)")
     # objective (see `dpokit losses`)
     loss: str | list = opt("sigmoid", "objective(s), comma-separated: e.g. sigmoid (DPO), ipo, simpo, orpo, "
                            "sigmoid,sft (RPO); `dpokit losses` lists them all")
@@ -159,6 +167,16 @@ class TrainConfig:
         need(self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
         need(self.save_every >= 0, "save_every", "must be >= 0")
         need(self.keep_last >= 0, "keep_last", "must be >= 0 (0: keep all)")
+        need(self.lora_r >= 0, "lora_r", "must be >= 0 (0: no LoRA)")
+        need(0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")
+        if not self.lora_r:
+            defaults = {f.name: f.default for f in fields(self)}
+            for key in ("lora_alpha", "lora_dropout", "lora_target_modules", "merge_lora"):
+                if getattr(self, key) != defaults[key]:
+                    raise ConfigError(f"{key} = {getattr(self, key)!r} has no effect without LoRA: set --lora-r")
+        elif self.sync_ref_every:
+            raise ConfigError("sync_ref_every (TR-DPO) with LoRA is not supported: the reference is the base "
+                              "model with adapters disabled and cannot drift toward the policy")
         for f in fields(self):
             choices = f.metadata.get("choices")
             if choices:

@@ -58,6 +58,8 @@ def save_checkpoint(output_dir: str, step: int, policy, tokenizer, optimizer, sc
     tmp = root / f".tmp-step-{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
     policy.save_pretrained(tmp, safe_serialization=True)
+    if hasattr(policy, "peft_config"):  # a PEFT model saves only its adapter: keep every weight for resume
+        save_model(policy, str(tmp / "model.safetensors"))
     tokenizer.save_pretrained(tmp)
     if reference is not None:
         save_model(reference, str(tmp / REFERENCE))  # drops tied duplicates (embeddings = lm_head)

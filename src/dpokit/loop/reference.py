@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import time
+from contextlib import nullcontext
+from dataclasses import dataclass
 
 from dpokit.logprobs import PairLogps, compute_precision
 from dpokit.logprobs.sequence import autocasts_bf16
@@ -16,6 +18,19 @@ from dpokit.logprobs.refcache import cache_key, cache_path, compute_reference, l
 from dpokit.models import load_model, load_tokenizer
 from dpokit.models.load import ModelError
 from dpokit.objectives import needs_reference
+
+
+@dataclass
+class AdaptersOff:
+    """The reference of a LoRA run: the policy's own weights with its adapters disabled (no copy)."""
+    policy: object
+
+
+def reference_forward(reference):
+    """(model to run, context to run it in) for a reference model or an `AdaptersOff`."""
+    if isinstance(reference, AdaptersOff):
+        return reference.policy, reference.policy.disable_adapter()
+    return reference, nullcontext()
 
 
 def prepare_reference(cfg, policy, tokenizer, train_set, eval_set, unpaired: bool, device, pad_id: int, log):
@@ -41,6 +56,8 @@ def prepare_reference(cfg, policy, tokenizer, train_set, eval_set, unpaired: boo
     def the_model():
         nonlocal model
         if model is None:
+            if cfg.lora_r:  # the LoRA base is the starting policy: no copy needed (set up by the caller)
+                return policy
             model = copy.deepcopy(policy).requires_grad_(False).eval()  # the starting policy, frozen
         return model
 
@@ -65,6 +82,8 @@ def prepare_reference(cfg, policy, tokenizer, train_set, eval_set, unpaired: boo
     train_ref = logps_of(train_set, "training") if cacheable else None
     if cacheable:
         model = None  # never run again: release its memory
+    elif with_ref and not cfg.ref_model and cfg.lora_r:
+        model = "adapters-off"  # the caller wraps the policy in adapters after this; see AdaptersOff
     elif with_ref:
         model = the_model()
     return model, train_ref, eval_ref

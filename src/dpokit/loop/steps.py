@@ -12,6 +12,7 @@ import torch
 
 from dpokit.batches import collate_kto, pair_batch
 from dpokit.logprobs import compute_precision, pair_logps, sequence_logps
+from dpokit.loop.reference import reference_forward
 from dpokit.objectives import combined_loss, rewards
 from dpokit.objectives.kto import kto_loss, kto_reference_point
 
@@ -35,8 +36,9 @@ def paired_step(policy, reference, rows, cfg, pad_id: int, device, step_examples
     ref = ref_cached
     with compute_precision(device, cfg.dtype):
         if ref is None and reference is not None:
-            with torch.no_grad():
-                ref = pair_logps(reference, batch, cfg.ld_alpha)
+            model, context = reference_forward(reference)
+            with torch.no_grad(), context:
+                ref = pair_logps(model, batch, cfg.ld_alpha)
         pol = pair_logps(policy, batch, cfg.ld_alpha, cfg.use_weighting)
     losses, extra = combined_loss(cfg.loss_names, cfg.loss_weight_values, pol, ref, cfg)
     _backward(losses, step_examples, rows, step)
@@ -63,8 +65,10 @@ def kto_step(policy, reference, rows, cfg, pad_id: int, device, step_examples: i
     # the memory of their activations.
     main = {k: v[:n] for k, v in batch.items()}
     with compute_precision(device, cfg.dtype):
+        model, context = reference_forward(reference)
         with torch.no_grad():
-            ref_all = sequence_logps(reference, **batch)
+            with context:
+                ref_all = sequence_logps(model, **batch)
             pol_kl = sequence_logps(policy, **{k: v[n:] for k, v in batch.items()})
         pol = sequence_logps(policy, **main)
     z_ref = kto_reference_point(pol_kl, ref_all[n:])

@@ -28,8 +28,9 @@ from dpokit.loop.checkpoint import (check_same_run, check_writable, complete_che
                                     load_checkpoint, save_checkpoint)
 from dpokit.loop.signals import StopSignals, TrainingInterrupted
 from dpokit.loop.optim import build_optimizer, build_scheduler
-from dpokit.loop.reference import prepare_reference
+from dpokit.loop.reference import AdaptersOff, prepare_reference
 from dpokit.models import load_model, load_tokenizer
+from dpokit.models.load import ModelError
 from dpokit.loop.steps import NonFiniteError, finish_kto_metrics, kto_step, paired_step
 from dpokit.objectives import OBJECTIVES
 
@@ -99,10 +100,15 @@ def train(config: TrainConfig | None = None, log=print, **overrides) -> TrainRes
     policy.eval()
     reference, train_ref, eval_ref = prepare_reference(cfg, policy, tokenizer, train_set, eval_set, unpaired,
                                                        device, pad_id, log)
+    if cfg.lora_r:
+        policy = add_lora(policy, cfg, log)
+        if reference == "adapters-off":
+            reference = AdaptersOff(policy)
     if cfg.gradient_checkpointing:  # after the reference copy: it only runs forward, under no_grad
         # transformers checkpoints only in train mode; zero every dropout so train mode changes nothing else
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        disable_dropout(policy)
+        if not cfg.lora_r:  # (add_lora already zeroed the base's dropout and keeps --lora-dropout)
+            disable_dropout(policy)
         policy.train()
 
     # ---- schedule ---------------------------------------------------------------------------------
@@ -225,6 +231,8 @@ def train(config: TrainConfig | None = None, log=print, **overrides) -> TrainRes
         log(f"held-out after training  ({len(eval_set)} pairs): {format_eval(eval_after)}")
     metrics_file.close()
     final = out / "final"
+    if cfg.lora_r and cfg.merge_lora:
+        policy = policy.merge_and_unload()  # a plain transformers model again, adapters folded in
     policy.save_pretrained(final, safe_serialization=True)
     tokenizer.save_pretrained(final)
     log(f"saved {final} (load it with AutoModelForCausalLM.from_pretrained); metrics in {out / 'metrics.jsonl'}")
@@ -252,6 +260,23 @@ def cache_reference(config: TrainConfig | None = None, log=print, **overrides) -
     train_set, eval_set = load_data(cfg, tokenizer, unpaired, log)
     policy = load_model(cfg.model, device, cfg.allow_pickle, cfg.trust_remote_code)
     prepare_reference(cfg, policy, tokenizer, train_set, eval_set, unpaired, device, tokenizer.pad_token_id, log)
+
+
+def add_lora(policy, cfg: TrainConfig, log):
+    """Wrap the policy in PEFT LoRA adapters; only they train (B starts at 0, so π = π_ref at step 0)."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ModelError("--lora-r needs peft: pip install 'dpokit[lora]'") from None
+    targets = cfg.lora_target_modules
+    targets = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+    disable_dropout(policy)  # the base stays deterministic; only the LoRA path gets --lora-dropout
+    policy = get_peft_model(policy, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                               target_modules=targets, task_type="CAUSAL_LM"))
+    trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in policy.parameters())
+    log(f"LoRA r={cfg.lora_r}: training {trainable:,} of {total:,} parameters ({trainable / total:.2%})")
+    return policy.train(cfg.lora_dropout > 0)  # train mode only to switch the LoRA dropout on
 
 
 def disable_dropout(model) -> None:
