@@ -84,28 +84,40 @@ def _check_on_bad_row(on_bad_row: str) -> None:
         raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
 
 
-def load_pairs(path: str, on_bad_row: str = "error", allow_empty: bool = False) -> tuple[list[Pair], LoadReport]:
-    """Read every row of `path` as a Pair. Bad rows raise DataError, or with on_bad_row="skip" are
-    counted by reason in the report (never dropped silently). A file with no usable pair raises unless
-    `allow_empty` (for `data check`, which lists every bad row)."""
+def _load_rows(path: str, on_bad_row: str, parse, describe) -> tuple[list, LoadReport]:
+    """The loop both loaders share: `parse(row, fmt, line)` returns the row's items or raises DataError,
+    which stops the load or (on_bad_row="skip") is counted. Only a valid row decides the file's format:
+    with "skip", a broken first row must not impose its own."""
     _check_on_bad_row(on_bad_row)
-    report, pairs, fmt = LoadReport(path), [], None
+    report, out, fmt = LoadReport(path), [], None
     for line, row in read_rows(path):
         try:
             if isinstance(row, DataError):
                 raise row
             row_fmt = fmt or detect_format(row)
-            if row_fmt == "unpaired":
-                raise DataError(path, line, "completion", "unpaired rows (prompt, completion, label) need an "
-                                "unpaired objective: --loss kto", reason="unpaired_data")
-            pairs.append(parse_row(row, row_fmt, path, line))
-            # Only a valid row decides the format: with "skip", a broken first row must not impose its own.
-            fmt = report.format = row_fmt
+            out += parse(row, row_fmt, line)
+            if fmt is None:
+                fmt = row_fmt
+                report.format = describe(fmt)
         except DataError as e:
             if on_bad_row == "error":
                 raise
             report.skip(e)
-    report.rows = len(pairs)
+    report.rows = len(out)
+    return out, report
+
+
+def load_pairs(path: str, on_bad_row: str = "error", allow_empty: bool = False) -> tuple[list[Pair], LoadReport]:
+    """Read every row of `path` as a Pair. Bad rows raise DataError, or with on_bad_row="skip" are
+    counted by reason in the report (never dropped silently). A file with no usable pair raises unless
+    `allow_empty` (for `data check`, which lists every bad row)."""
+    def parse(row, fmt, line):
+        if fmt == "unpaired":
+            raise DataError(path, line, "completion", "unpaired rows (prompt, completion, label) need an "
+                            "unpaired objective: --loss kto", reason="unpaired_data")
+        return [parse_row(row, fmt, path, line)]
+
+    pairs, report = _load_rows(path, on_bad_row, parse, describe=lambda fmt: fmt)
     if not pairs and not allow_empty:
         raise DataError(path, None, None, "no usable preference pairs" +
                         (f" ({report.summary()})" if report.skipped else ""), reason="empty")
@@ -167,27 +179,15 @@ def parse_row(row: dict, fmt: str, path: str, line: int) -> Pair:
 def load_completions(path: str, on_bad_row: str = "error") -> tuple[list[Completion], LoadReport]:
     """Labelled completions for KTO: unpaired rows as they are, or each preference pair split into a
     desirable (chosen) and an undesirable (rejected) completion of the same prompt."""
-    _check_on_bad_row(on_bad_row)
-    report, out, fmt = LoadReport(path), [], None
-    for line, row in read_rows(path):
-        try:
-            if isinstance(row, DataError):
-                raise row
-            row_fmt = fmt or detect_format(row)
-            if row_fmt == "unpaired":
-                out.append(parse_unpaired(row, path, line))
-            else:
-                p = parse_row(row, row_fmt, path, line)
-                out += [Completion(p.prompt, p.chosen, True, p.source, p.conversational),
-                        Completion(p.prompt, p.rejected, False, p.source, p.conversational)]
-            if fmt is None:  # the first valid row decides the format, as in load_pairs
-                fmt = row_fmt
-                report.format = fmt if fmt == "unpaired" else f"{fmt} pairs split into desirable/undesirable"
-        except DataError as e:
-            if on_bad_row == "error":
-                raise
-            report.skip(e)
-    report.rows = len(out)
+    def parse(row, fmt, line):
+        if fmt == "unpaired":
+            return [parse_unpaired(row, path, line)]
+        p = parse_row(row, fmt, path, line)
+        return [Completion(p.prompt, p.chosen, True, p.source, p.conversational),
+                Completion(p.prompt, p.rejected, False, p.source, p.conversational)]
+
+    out, report = _load_rows(path, on_bad_row, parse, describe=lambda fmt: fmt if fmt == "unpaired"
+                             else f"{fmt} pairs split into desirable/undesirable")
     if not out:
         raise DataError(path, None, None, "no usable completions", reason="empty")
     return out, report
