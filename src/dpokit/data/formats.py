@@ -43,6 +43,7 @@ class LoadReport:
     skipped: Counter = field(default_factory=Counter)
     skipped_lines: list[str] = field(default_factory=list)  # "line N (reason)", in file order
     errors: list[DataError] = field(default_factory=list)  # every skipped row's error, in file order
+    unit: str = "pairs"
 
     def skip(self, error: DataError) -> None:
         self.skipped[error.reason] += 1
@@ -50,7 +51,7 @@ class LoadReport:
         self.errors.append(error)
 
     def summary(self) -> str:
-        text = f"{self.path}: {self.rows} pairs, format {self.format}"
+        text = f"{self.path}: {self.rows} {self.unit}, format {self.format}"
         if self.skipped:
             text += "; skipped " + ", ".join(f"{n} {why}" for why, n in sorted(self.skipped.items()))
             shown = self.skipped_lines[:10]
@@ -188,6 +189,7 @@ def load_completions(path: str, on_bad_row: str = "error") -> tuple[list[Complet
 
     out, report = _load_rows(path, on_bad_row, parse, describe=lambda fmt: fmt if fmt == "unpaired"
                              else f"{fmt} pairs split into desirable/undesirable")
+    report.unit = "completions"
     if not out:
         raise DataError(path, None, None, "no usable completions", reason="empty")
     return out, report

@@ -1,0 +1,136 @@
+"""Reward functions: the ground truth that generation metrics, pair making and online methods score with.
+
+A reward function takes `(prompts, completions)` — two equal-length lists, prompts as given (strings or
+message lists), completions as strings — and returns one float per row, higher = better. `load_reward`
+turns a spec into one:
+
+- `sentiment`: the VADER lexicon's compound score of prompt + completion, in [-1, 1] (Hutto & Gilbert
+  2014, the `vaderSentiment` package). Offline, deterministic, ~0.1 ms a text. The prompt is included
+  because the review is prompt + continuation; the built-in prompts are chosen to be neutral.
+- a local folder of an HF sequence-classification model (a reward model): its logit for one label.
+  One-label models give their only logit; others the label named after `#` (`./clf#POSITIVE`), else the
+  last label. Loaded from safetensors only, without remote code, like every dpokit model.
+- `module:function`: any importable Python callable with the signature above.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from pathlib import Path
+from typing import Callable
+
+RewardFn = Callable[[list, list[str]], list[float]]
+
+
+class RewardError(ValueError):
+    """A reward spec that cannot be loaded, or a reward function that returned something unusable."""
+
+
+def _text(prompt) -> str:
+    if isinstance(prompt, list):  # a conversation: the text of its messages
+        return "\n".join(str(m.get("content", "")) for m in prompt)
+    return prompt
+
+
+def sentiment_reward() -> RewardFn:
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+    analyzer = SentimentIntensityAnalyzer()
+
+    def sentiment(prompts: list, completions: list[str]) -> list[float]:
+        return [analyzer.polarity_scores(_text(p) + c)["compound"] for p, c in zip(prompts, completions)]
+    return sentiment
+
+
+def classifier_reward(folder: str, label: str | None = None, device: str = "cpu", batch_size: int = 32) -> RewardFn:
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(folder, use_safetensors=True,
+                                                                   trust_remote_code=False).to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise RewardError(f"reward model {folder}: cannot load a safetensors sequence-classification model: {e}")
+    labels = model.config.id2label or {}
+    if label is None:
+        index = model.config.num_labels - 1
+    else:
+        by_name = {str(v): int(k) for k, v in labels.items()}
+        if label not in by_name:
+            raise RewardError(f"reward model {folder}: no label {label!r}; it has {sorted(by_name)}")
+        index = by_name[label]
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+    @torch.no_grad()
+    def classifier(prompts: list, completions: list[str]) -> list[float]:
+        texts = [_text(p) + c for p, c in zip(prompts, completions)]
+        scores = []
+        for i in range(0, len(texts), batch_size):
+            enc = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True, truncation=True).to(device)
+            scores += model(**enc).logits[:, index].float().tolist()
+        return scores
+    return classifier
+
+
+def callable_reward(spec: str) -> RewardFn:
+    module_name, _, name = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError) as e:
+        raise RewardError(f"reward {spec!r}: cannot import {name!r} from module {module_name!r}: {e}")
+    if not callable(fn):
+        raise RewardError(f"reward {spec!r}: {name!r} is not callable")
+    return fn
+
+
+def load_reward(spec: str, device: str = "cpu") -> RewardFn:
+    """A reward function from a spec: `sentiment`, a classifier folder (`dir` or `dir#LABEL`), or
+    `module:function`. The result checks what the function returns (one finite float per row)."""
+    folder, _, label = spec.partition("#")
+    if spec == "sentiment":
+        fn = sentiment_reward()
+    elif Path(folder).is_dir():
+        fn = classifier_reward(folder, label or None, device)
+    elif ":" in spec:
+        fn = callable_reward(spec)
+    else:
+        raise RewardError(f"reward {spec!r}: not 'sentiment', an existing model folder, or module:function")
+    return checked(fn, spec)
+
+
+def checked(fn: RewardFn, name: str) -> RewardFn:
+    def reward(prompts: list, completions: list[str]) -> list[float]:
+        if len(prompts) != len(completions):
+            raise RewardError(f"reward {name}: {len(prompts)} prompts but {len(completions)} completions")
+        values = list(fn(prompts, completions))
+        if len(values) != len(completions):
+            raise RewardError(f"reward {name}: returned {len(values)} values for {len(completions)} completions")
+        out = []
+        for i, v in enumerate(values):
+            try:
+                v = float(v)
+            except (TypeError, ValueError):
+                raise RewardError(f"reward {name}: value {i} is {v!r}, not a number")
+            if not math.isfinite(v):
+                raise RewardError(f"reward {name}: value {i} is {v} for completion {completions[i][:80]!r}")
+            out.append(v)
+        return out
+    reward.__name__ = name
+    return reward
+
+
+def combine(specs: list[str], weights: list[float] | None = None, device: str = "cpu") -> RewardFn:
+    """Σ_i w_i · r_i(prompt, completion) over several reward specs (all weights 1 by default)."""
+    weights = weights or [1.0] * len(specs)
+    if len(weights) != len(specs):
+        raise RewardError(f"{len(specs)} rewards but {len(weights)} weights")
+    fns = [load_reward(s, device) for s in specs]
+    if len(fns) == 1 and weights[0] == 1.0:
+        return fns[0]
+
+    def weighted(prompts: list, completions: list[str]) -> list[float]:
+        columns = [fn(prompts, completions) for fn in fns]
+        return [sum(w * c[i] for w, c in zip(weights, columns)) for i in range(len(completions))]
+    weighted.__name__ = "+".join(f"{w:g}*{s}" for w, s in zip(weights, specs))
+    return weighted

@@ -1,0 +1,161 @@
+"""Command-line wiring of the sampling side: `demo`, `make-pairs`, `sweep`, `report`, and the generation
+options of `eval`. (cli.py holds the training-side commands and the entry point.)"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_sampling_flags(p: argparse.ArgumentParser, samples_default: int, samples_help: str) -> None:
+    p.add_argument("--reward", default="sentiment", help="reward function: 'sentiment' (VADER), a local HF "
+                   "sequence-classification folder (DIR or DIR#LABEL), or module:function taking (prompts, "
+                   "completions) and returning floats (default: sentiment)")
+    p.add_argument("--samples", type=int, default=samples_default, help=samples_help)
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens sampled per completion (default: 32)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1.0; "
+                   "KL estimates assume 1.0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0, off)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    p.add_argument("--gen-batch-size", type=int, default=128, help="rows sampled at once (default: 128)")
+
+
+def cmd_make_pairs(args) -> int:
+    from dpokit.data import load_prompts
+    from dpokit.evaluation.rewards import load_reward
+    from dpokit.models import load_model, load_tokenizer
+    from dpokit.tasks.pairs import make_pairs, write_jsonl
+    prompts, report = load_prompts(args.prompts, args.on_bad_row)
+    print(report.summary())
+    rows, stats = make_pairs(load_model(args.model), load_tokenizer(args.model), prompts, load_reward(args.reward),
+                             args.samples, args.pairing, args.min_gap, args.max_new_tokens, args.temperature,
+                             args.top_p, args.seed, args.gen_batch_size)
+    print(f"{stats.summary()} → {write_jsonl(rows, args.output)}")
+    return 0
+
+
+def generation_eval(args, model_dir: str, ref_model: str) -> dict:
+    from dpokit.data import load_prompts
+    from dpokit.evaluation.generation import generation_metrics
+    from dpokit.evaluation.rewards import load_reward
+    from dpokit.models import load_model, load_tokenizer
+    prompts, report = load_prompts(args.prompts, args.on_bad_row)
+    print(report.summary())
+    metrics, _ = generation_metrics(load_model(model_dir), load_model(ref_model), load_tokenizer(model_dir), prompts,
+                                    load_reward(args.reward), args.samples, args.max_new_tokens, args.temperature,
+                                    args.top_p, args.seed, args.gen_batch_size)
+    return metrics
+
+
+def write_eval(result: dict, output: str, model_dir: str) -> None:
+    """eval.json, and report.html + PNGs beside it (training curves too when model_dir is a run's final/)."""
+    from dpokit.report import write_report
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, ensure_ascii=False), encoding="utf-8")
+    run_dir = Path(model_dir).parent if (Path(model_dir).parent / "metrics.jsonl").is_file() else out.parent
+    report = write_report(run_dir, result, out_path=out.parent / "report.html")
+    print(f"wrote {out} and {report}")
+
+
+TRAIN_OVERRIDES = (("beta", float), ("lr", float), ("epochs", int), ("batch_size", int))
+
+
+def add_task_flags(p: argparse.ArgumentParser) -> None:
+    """The sentiment task's options (shared by demo and sweep) and the training options they may override."""
+    p.add_argument("--model", default="embedded", help="reference and starting policy (default: embedded)")
+    p.add_argument("--train-prompts", default=None, help="prompts to make training pairs from (default: the "
+                   "built-in 280 movie-review openings)")
+    p.add_argument("--eval-prompts", default=None, help="held-out prompts (default: the built-in 60)")
+    p.add_argument("--reward", default="sentiment", help="ground-truth reward (see `dpokit eval --help`)")
+    p.add_argument("--samples", type=int, default=4, help="samples per training prompt to pair (default: 4)")
+    p.add_argument("--pairing", choices=("best-worst", "all"), default="best-worst",
+                   help="pair best vs worst sample, or every two samples (default: best-worst)")
+    p.add_argument("--k", type=int, default=4, help="samples per held-out prompt, each model (default: 4)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--limit", type=int, default=0, help="use only the first N prompts of each split (quick look)")
+    p.add_argument("--seed", type=int, default=0)
+    for name, kind in TRAIN_OVERRIDES:
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
+                       help="training option (default: the demo's, see docs/RESULTS.md)")
+
+
+def task_from_args(args):
+    from dpokit.tasks.demo import SentimentTask
+    task = SentimentTask(model=args.model, train_prompts=args.train_prompts, eval_prompts=args.eval_prompts,
+                         limit=args.limit, reward=args.reward, samples=args.samples, pairing=args.pairing, k=args.k,
+                         max_new_tokens=args.max_new_tokens, seed=args.seed)
+    overrides = {k: getattr(args, k) for k, _ in TRAIN_OVERRIDES if getattr(args, k) is not None}
+    return task, overrides
+
+
+def cmd_demo(args) -> int:
+    from dpokit.tasks.demo import run_demo
+    task, overrides = task_from_args(args)
+    run_demo(args.output_dir, task, progress=args.progress, **overrides)
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from dpokit.tasks.sweep import run_sweep
+    task, overrides = task_from_args(args)
+    best_of = tuple(int(n) for n in args.best_of.split(",") if n.strip()) if args.best_of else ()
+    run_sweep(args.output_dir, args.axis, task, args.checkpoints, best_of, args.preferred_ft, args.keep_checkpoints,
+              progress=False, **overrides)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from dpokit.report import write_report
+    run = Path(args.run_dir)
+    if not run.is_dir():
+        raise FileNotFoundError(f"{run}: no such run folder")
+    eval_path = Path(args.eval) if args.eval else run / "eval.json"
+    result = json.loads(eval_path.read_text(encoding="utf-8")) if eval_path.is_file() else None
+    frontier = run / "frontier.json"
+    points = json.loads(frontier.read_text(encoding="utf-8"))["points"] if frontier.is_file() else None
+    print(f"wrote {write_report(run, result, frontier_points=points)}")
+    return 0
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("demo", help="the DPO paper's sentiment experiment in miniature: sample pairs from the "
+                       "embedded model, train DPO, evaluate win rate and KL, write report.html (~10 min on 2 cores)")
+    p.add_argument("--output-dir", default="runs/demo")
+    add_task_flags(p)
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("sweep", help="the reward–KL frontier: DPO runs differing in one option (e.g. "
+                       "beta=0.05,0.1,0.5,1), checkpoints evaluated along each, with Preferred-FT and Best-of-N "
+                       "baselines, on one plot (frontier.png, frontier.json, report.html)")
+    p.add_argument("axis", help="OPTION=V1,V2,… any training option, e.g. beta=0.05,0.1,0.5,1")
+    p.add_argument("--output-dir", default="runs/sweep")
+    add_task_flags(p)
+    p.add_argument("--checkpoints", type=int, default=3, help="evaluated checkpoints per run besides the final "
+                   "model (default: 3)")
+    p.add_argument("--best-of", default="1,4,16", help="N of the Best-of-N baseline (default: 1,4,16; '' for none)")
+    p.add_argument("--preferred-ft", action=argparse.BooleanOptionalAction, default=True,
+                   help="train the Preferred-FT baseline (SFT on chosen completions)")
+    p.add_argument("--keep-checkpoints", action="store_true", help="keep each run's checkpoints (default: deleted "
+                   "once evaluated; each holds optimizer state)")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("make-pairs", help="preference pairs from prompts: sample completions, score them with a "
+                       "reward function, pair best vs worst (or all)")
+    p.add_argument("--prompts", required=True, help="file with a 'prompt' field per row (string or messages)")
+    p.add_argument("--output", required=True, help="pairs file to write (.jsonl)")
+    p.add_argument("--model", default="embedded")
+    add_sampling_flags(p, 4, "completions sampled per prompt (default: 4)")
+    p.add_argument("--pairing", choices=("best-worst", "all"), default="best-worst")
+    p.add_argument("--min-gap", type=float, default=0.0, help="leave out pairs whose rewards differ by at most this "
+                   "(counted; default 0: only exact ties)")
+    p.add_argument("--on-bad-row", choices=("error", "skip"), default="error")
+    p.set_defaults(func=cmd_make_pairs)
+
+    p = sub.add_parser("report", help="(re)write RUN_DIR/report.html from metrics.jsonl, config.yaml, eval.json "
+                       "and a sweep's frontier.json")
+    p.add_argument("run_dir")
+    p.add_argument("--eval", default=None, help="eval.json to show (default: RUN_DIR/eval.json if present)")
+    p.set_defaults(func=cmd_report)

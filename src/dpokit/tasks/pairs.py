@@ -1,0 +1,77 @@
+"""Preference pairs from a reward function: sample n completions per prompt from a model, score them,
+pair them. This is how the DPO paper built its IMDb pairs (samples from the SFT model, labelled by a
+sentiment classifier), and how online / iterative DPO regenerates its data from the current policy."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dpokit.generation import Samples, sample
+
+
+@dataclass
+class PairStats:
+    prompts: int = 0
+    samples: int = 0
+    pairs: int = 0
+    ties: int = 0                 # candidate pairs left out because their rewards were within min_gap
+    identical: int = 0            # candidate pairs left out because the two texts were the same
+    seconds: float = 0.0
+    reward_gaps: list[float] = field(default_factory=list)
+
+    def summary(self) -> str:
+        gap = sum(self.reward_gaps) / len(self.reward_gaps) if self.reward_gaps else float("nan")
+        return (f"{self.pairs} pairs from {self.prompts} prompts × {self.samples // max(self.prompts, 1)} samples "
+                f"({self.seconds:.0f} s sampling); mean reward gap {gap:.3f}; left out: {self.ties} ties, "
+                f"{self.identical} identical texts")
+
+
+def pair_up(samples: Samples, rewards: list[float], pairing: str = "best-worst",
+            min_gap: float = 0.0) -> tuple[list[dict], PairStats]:
+    """Rows {prompt, chosen, rejected, chosen_reward, rejected_reward} from n scored samples per prompt.
+    pairing: "best-worst" (one pair per prompt: highest vs lowest reward) or "all" (every two samples
+    whose rewards differ by more than min_gap, the higher one chosen)."""
+    if pairing not in ("best-worst", "all"):
+        raise ValueError(f"pairing must be 'best-worst' or 'all', got {pairing!r}")
+    n, stats, rows = samples.n, PairStats(len(samples.prompts), len(samples.texts)), []
+    for p, prompt in enumerate(samples.prompts):
+        group = sorted(range(p * n, (p + 1) * n), key=lambda i: -rewards[i])  # best first, stable
+        candidates = [(group[0], group[-1])] if pairing == "best-worst" else itertools.combinations(group, 2)
+        for hi, lo in candidates:
+            if samples.texts[hi] == samples.texts[lo]:
+                stats.identical += 1
+            elif rewards[hi] - rewards[lo] <= min_gap:
+                stats.ties += 1
+            else:
+                rows.append({"prompt": prompt, "chosen": samples.texts[hi], "rejected": samples.texts[lo],
+                             "chosen_reward": rewards[hi], "rejected_reward": rewards[lo]})
+                stats.reward_gaps.append(rewards[hi] - rewards[lo])
+    stats.pairs = len(rows)
+    return rows, stats
+
+
+def make_pairs(model, tokenizer, prompts: list, reward_fn, n: int = 4, pairing: str = "best-worst",
+               min_gap: float = 0.0, max_new_tokens: int = 32, temperature: float = 1.0, top_p: float = 1.0,
+               seed: int = 0, batch_size: int = 128) -> tuple[list[dict], PairStats]:
+    """Sample n completions per prompt from `model`, score with `reward_fn`, pair (see `pair_up`)."""
+    if n < 2:
+        raise ValueError(f"making pairs needs at least 2 samples per prompt, got {n}")
+    s = sample(model, tokenizer, prompts, n, max_new_tokens, temperature, top_p, batch_size, seed)
+    rewards = reward_fn([s.prompt_of(i) for i in range(len(s.texts))], s.texts)
+    rows, stats = pair_up(s, rewards, pairing, min_gap)
+    stats.seconds = s.seconds
+    return rows, stats
+
+
+def write_jsonl(rows: list[dict], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+    return path

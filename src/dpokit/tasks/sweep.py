@@ -1,0 +1,112 @@
+"""`dpokit sweep`: the reward–KL frontier, the DPO paper's Fig. 2 (left), on the built-in sentiment task.
+
+Several DPO runs that differ in one option (e.g. `beta=0.05,0.1,0.5,1`) train on one shared pairs file
+(the reference log-probs are computed once: the on-disk cache is keyed by reference weights and token
+ids, so every later run finds them). Checkpoints along each run are sampled on the held-out prompts and
+placed at (KL(π‖π_ref), mean reward). Baselines on the same axes, as in the paper:
+- Preferred-FT: supervised fine-tuning on the chosen completions only (`--loss sft`), checkpoints too;
+- Best-of-N from the reference (N = 1, 4, 16): reward of the best of N samples, KL log N − (N−1)/N.
+The reference's held-out samples are drawn once (max(N), k per prompt) and shared by every evaluation.
+Writes frontier.json, frontier.png and report.html in the sweep folder.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+from dpokit.config import ConfigError, TrainConfig
+from dpokit.evaluation.generation import best_of_n, generation_metrics
+from dpokit.evaluation.rewards import load_reward
+from dpokit.generation import sample
+from dpokit.loop.checkpoint import complete_checkpoints
+from dpokit.models import load_model, load_tokenizer
+from dpokit.tasks.demo import SentimentTask, demo_train_config, make_task_pairs
+
+
+def parse_axis(spec: str) -> tuple[str, list]:
+    """"beta=0.05,0.1" → ("beta", [0.05, 0.1]), each value checked as that TrainConfig option."""
+    name, sep, values = spec.partition("=")
+    name = name.strip().lstrip("-").replace("-", "_")
+    if not sep or not values:
+        raise ConfigError(f"sweep axis {spec!r}: expected OPTION=V1,V2,… e.g. beta=0.05,0.1,0.5,1")
+    parsed = []
+    for v in values.split(","):
+        parsed.append(getattr(TrainConfig.from_dict({name: v.strip()}, source=f"sweep axis {name}"), name))
+    return name, parsed
+
+
+def _point(method: str, series: str, label: str, g: dict) -> dict:
+    return {"method": method, "series": series, "label": label, "kl": g["kl_mean"], "kl_ci95": g["kl_ci95"],
+            "reward": g["policy"]["reward_mean"], "reward_ci95": g["policy"]["reward_ci95"],
+            "win_rate": g["win_rate"], "length": g["policy"]["length_mean"]}
+
+
+def evaluate_run(run_dir: Path, method: str, series: str, task: SentimentTask, eval_prompts: list, reward,
+                 reference, tokenizer, reference_samples, keep_checkpoints: bool, log) -> list[dict]:
+    """One frontier point per checkpoint of a finished run, plus its final model."""
+    points = []
+    folders = [(c, f"step {int(c.name.split('-')[-1])}") for c in complete_checkpoints(str(run_dir))]
+    for folder, label in folders + [(run_dir / "final", "final")]:
+        g, _ = generation_metrics(load_model(str(folder)), reference, tokenizer, eval_prompts, reward, task.k,
+                                  task.max_new_tokens, seed=task.seed + 200, reference_samples=reference_samples,
+                                  keep_samples=0)
+        points.append(_point(method, series, label, g))
+        log(f"  {series} {label}: reward {g['policy']['reward_mean']:+.3f}, KL {g['kl_mean']:.2f}, "
+            f"win rate {g['win_rate']:.1%}")
+    if not keep_checkpoints:  # each holds optimizer state (~3× the weights): the sweep needs only its point
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    return points
+
+
+def run_sweep(output_dir: str | Path, axis: str, task: SentimentTask | None = None, checkpoints: int = 3,
+              best_of: tuple[int, ...] = (1, 4, 16), preferred_ft: bool = True, keep_checkpoints: bool = False,
+              log=print, **train_overrides) -> dict:
+    from dpokit.loop import train
+    from dpokit.report import write_report
+    task, out, start = task or SentimentTask(), Path(output_dir), time.perf_counter()
+    name, values = parse_axis(axis)
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / "pairs_train.jsonl").is_file():
+        make_task_pairs(task, out, log)
+    else:
+        log(f"reusing {out / 'pairs_train.jsonl'} and pairs_eval.jsonl")
+
+    _, eval_prompts = task.prompts()
+    tokenizer, reference, reward = load_tokenizer(task.model), load_model(task.model), load_reward(task.reward)
+    n_ref = max([task.k, *best_of])
+    log(f"sampling {n_ref} reference continuations per held-out prompt (shared by every evaluation)")
+    ref_s = sample(reference, tokenizer, eval_prompts, n_ref, task.max_new_tokens, seed=task.seed + 201)
+    ref_rewards = reward([ref_s.prompt_of(i) for i in range(len(ref_s.texts))], ref_s.texts)
+    points = [{"method": "Best-of-N", "series": "Best-of-N", "label": f"N={b['n']}", "kl": b["kl"],
+               "reward": b["reward_mean"], "reward_ci95": b["reward_ci95"]}
+              for b in (best_of_n(ref_s, ref_rewards, n) for n in best_of)]
+
+    runs = [("DPO", f"{name}={v}", {name: v}) for v in values]
+    if preferred_ft:
+        runs.append(("Preferred-FT", "Preferred-FT", {"loss": "sft"}))
+    for method, series, options in runs:
+        run_dir = out / series.replace("=", "-").replace("Preferred-FT", "preferred-ft")
+        cfg = demo_train_config(run_dir, task, out, **{**train_overrides, **options})
+        steps = cfg.max_steps or cfg.epochs * -(-count_rows(out / "pairs_train.jsonl") // cfg.batch_size)
+        # checkpoints evenly along the run: the frontier's points between the reference and the final model
+        cfg.save_every = max(1, steps // (checkpoints + 1)) if checkpoints else 0
+        log(f"[{series}] training {steps} steps → {run_dir}")
+        train(cfg, log=lambda *a, **k: None)
+        points += evaluate_run(run_dir, method, series, task, eval_prompts, reward, reference, tokenizer,
+                               (ref_s, ref_rewards), keep_checkpoints, log)
+
+    frontier = {"axis": name, "values": values, "task": vars(task), "train_overrides": train_overrides,
+                "reference_reward": points[0]["reward"], "points": points,
+                "seconds": time.perf_counter() - start}
+    (out / "frontier.json").write_text(json.dumps(frontier, indent=1), encoding="utf-8")
+    report = write_report(out, None, frontier_points=points)
+    log(f"sweep done in {frontier['seconds'] / 60:.1f} min: {out / 'frontier.json'}, {report}")
+    return frontier
+
+
+def count_rows(path: Path) -> int:
+    with open(path, encoding="utf-8") as f:
+        return sum(1 for line in f if line.strip())

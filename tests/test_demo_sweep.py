@@ -1,0 +1,72 @@
+"""`dpokit demo`, `sweep`, `make-pairs`, `eval --prompts` and `report` end to end on a tiny random model
+(the real task on the embedded model is recorded in docs/RESULTS.md; these check the plumbing)."""
+
+import json
+
+import pytest
+
+from conftest import write_jsonl
+from dpokit.cli import main
+
+TASK = ["--reward", "conftest:letter_reward", "--limit", "6", "--samples", "3", "--k", "2",
+        "--max-new-tokens", "8", "--epochs", "1", "--batch-size", "2"]
+
+
+def test_demo_writes_pairs_model_eval_and_report(tmp_path, tiny_model_dir, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--model", tiny_model_dir, "--output-dir", str(out), "--no-progress", *TASK]) == 0
+    for name in ("pairs_train.jsonl", "pairs_eval.jsonl", "metrics.jsonl", "config.yaml", "final/config.json",
+                 "eval.json", "report.html", "training_curves.png"):
+        assert (out / name).exists(), name
+    result = json.loads((out / "eval.json").read_text())
+    g = result["generation"]
+    assert g["prompts"] == 6 and g["samples_per_prompt"] == 2 and 0 <= g["win_rate"] <= 1
+    assert "eval/rewards/accuracies" in result and result["timings"]["total_s"] > 0
+    html = (out / "report.html").read_text()
+    assert "win rate" in html.lower()
+    printed = capsys.readouterr().out
+    assert "win rate over the reference" in printed and str(out / "report.html") in printed
+    rows = [json.loads(line) for line in open(out / "pairs_train.jsonl")]
+    assert all(r["chosen_reward"] > r["rejected_reward"] for r in rows)
+
+    # eval on the trained model with generation metrics; report regenerated from the run folder
+    assert main(["eval", str(out / "final"), str(out / "pairs_eval.jsonl"), "--prompts", str(out / "pairs_eval.jsonl"),
+                 "--reward", "conftest:letter_reward", "--samples", "2", "--max-new-tokens", "6",
+                 "--output", str(out / "eval2" / "eval.json")]) == 0
+    again = json.loads((out / "eval2" / "eval.json").read_text())
+    assert again["ref_model"] == tiny_model_dir and "generation" in again and "eval/rewards/margins" in again
+    assert (out / "eval2" / "report.html").exists()
+    assert main(["report", str(out)]) == 0
+
+
+def test_sweep_puts_runs_and_baselines_on_one_frontier(tmp_path, tiny_model_dir):
+    out = tmp_path / "sweep"
+    assert main(["sweep", "beta=0.1,0.5", "--model", tiny_model_dir, "--output-dir", str(out),
+                 "--checkpoints", "1", "--best-of", "1,2", *TASK]) == 0
+    frontier = json.loads((out / "frontier.json").read_text())
+    methods = {p["method"] for p in frontier["points"]}
+    assert methods == {"DPO", "Preferred-FT", "Best-of-N"}
+    series = {p["series"] for p in frontier["points"] if p["method"] == "DPO"}
+    assert series == {"beta=0.1", "beta=0.5"}
+    assert [p["kl"] for p in frontier["points"] if p["method"] == "Best-of-N"] == pytest.approx([0.0, 0.19314718])
+    finals = [p for p in frontier["points"] if p["label"] == "final"]
+    assert len(finals) == 3 and all(p["label"] != "final" or "win_rate" in p for p in frontier["points"])
+    assert (out / "frontier.png").stat().st_size > 1000 and (out / "report.html").exists()
+    assert not (out / "beta-0.1" / "checkpoints").exists()  # evaluated, then deleted
+    assert any(p["label"].startswith("step ") for p in frontier["points"])
+
+
+def test_sweep_axis_is_checked(tmp_path):
+    assert main(["sweep", "betta=0.1", "--output-dir", str(tmp_path)]) == 2
+    assert main(["sweep", "beta=-1", "--output-dir", str(tmp_path)]) == 2
+
+
+def test_make_pairs_command(tmp_path, tiny_model_dir, capsys):
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "The film"}, {"prompt": "My uncle said"}])
+    assert main(["make-pairs", "--prompts", prompts, "--output", str(tmp_path / "pairs.jsonl"), "--model",
+                 tiny_model_dir, "--reward", "conftest:letter_reward", "--samples", "3", "--pairing", "all",
+                 "--max-new-tokens", "6"]) == 0
+    rows = [json.loads(line) for line in open(tmp_path / "pairs.jsonl")]
+    assert 1 <= len(rows) <= 6 and "pairs from 2 prompts" in capsys.readouterr().out
+    assert main(["make-pairs", "--prompts", prompts, "--output", str(tmp_path / "x.jsonl"), "--model",
+                 tiny_model_dir, "--reward", "nope"]) == 2

@@ -1,0 +1,146 @@
+"""Reward functions, prompt files, pair making and the statistics of generation metrics."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import make_tiny_model, write_jsonl
+from dpokit.data import DataError, load_prompts
+from dpokit.evaluation.generation import best_of_n, generation_metrics, mean_ci, win_rate
+from dpokit.evaluation.rewards import RewardError, combine, load_reward
+from dpokit.generation import Samples
+from dpokit.tasks.pairs import make_pairs, pair_up
+
+
+def test_sentiment_reward_orders_reviews():
+    r = load_reward("sentiment")
+    good, bad, flat = r(["The film was"] * 3, [" wonderful, moving and funny.", " a dull, painful mess.", " long."])
+    assert good > 0.5 and bad < -0.5 and abs(flat) < 0.1
+    assert r.__name__ == "sentiment"
+
+
+def test_callable_reward_and_its_checks(tmp_path, monkeypatch):
+    r = load_reward("conftest:letter_reward")
+    assert r(["p"], ["eee"]) == [1.0]
+    with pytest.raises(RewardError, match="cannot import"):
+        load_reward("no_such_module_xyz:f")
+    with pytest.raises(RewardError, match="not 'sentiment', an existing model folder"):
+        load_reward("positivity")
+    (tmp_path / "badreward.py").write_text("def short(p, c):\n    return [1.0]\n"
+                                           "def nan(p, c):\n    return [float('nan')] * len(c)\n"
+                                           "def word(p, c):\n    return ['high'] * len(c)\nX = 3\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(RewardError, match="returned 1 values for 2"):
+        load_reward("badreward:short")(["a", "b"], ["x", "y"])
+    with pytest.raises(RewardError, match="value 0 is nan"):
+        load_reward("badreward:nan")(["a"], ["x"])
+    with pytest.raises(RewardError, match="'high', not a number"):
+        load_reward("badreward:word")(["a"], ["x"])
+    with pytest.raises(RewardError, match="not callable"):
+        load_reward("badreward:X")
+
+
+def test_classifier_folder_reward(tmp_path, tokenizer):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, num_labels=2, pad_token_id=tokenizer.pad_token_id,
+                      id2label={0: "NEGATIVE", 1: "POSITIVE"}, label2id={"NEGATIVE": 0, "POSITIVE": 1})
+    model = LlamaForSequenceClassification(cfg).eval()
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    tokenizer.save_pretrained(tmp_path)
+    texts = ["How do I boil an egg?", "Hi"]
+    with torch.no_grad():
+        enc = tokenizer([t + " yes" for t in texts], return_tensors="pt", padding=True)
+        expected = model(**enc).logits
+    for spec, column in ((str(tmp_path), 1), (f"{tmp_path}#NEGATIVE", 0)):
+        got = load_reward(spec)(texts, [" yes", " yes"])
+        assert got == pytest.approx(expected[:, column].tolist(), abs=1e-5)
+    with pytest.raises(RewardError, match="no label 'HAPPY'"):
+        load_reward(f"{tmp_path}#HAPPY")
+
+
+def test_combined_rewards_weight_each_term():
+    both = combine(["sentiment", "conftest:letter_reward"], [2.0, -1.0])
+    s = load_reward("sentiment")(["x"], [" a lovely film"])[0]
+    e = load_reward("conftest:letter_reward")(["x"], [" a lovely film"])[0]
+    assert both(["x"], [" a lovely film"]) == pytest.approx([2 * s - e])
+    with pytest.raises(RewardError, match="2 rewards but 1 weights"):
+        combine(["sentiment", "sentiment"], [1.0])
+
+
+def _samples(texts, n):
+    return Samples([f"p{i}" for i in range(len(texts) // n)], n, [[1]] * len(texts), [[2]] * len(texts),
+                   texts, [0.0] * len(texts))
+
+
+def test_pairing_best_worst_and_all():
+    s = _samples(["a", "b", "c", "d", "e", "f"], 3)
+    rewards = [0.1, 0.9, 0.5, 0.2, 0.2, 0.7]
+    rows, stats = pair_up(s, rewards, "best-worst")
+    assert [(r["chosen"], r["rejected"]) for r in rows] == [("b", "a"), ("f", "e")]  # d and e tie for worst: the later one
+    assert rows[0]["chosen_reward"] == 0.9 and rows[0]["prompt"] == "p0"
+    rows, stats = pair_up(s, rewards, "all")
+    assert len(rows) == 5 and stats.ties == 1  # d and e tie
+    assert all(r["chosen_reward"] > r["rejected_reward"] for r in rows)
+    rows, stats = pair_up(_samples(["a", "a", "b", "c"], 2), [0.3, 0.1, 0.2, 0.2], "best-worst")
+    assert rows == [] and stats.identical == 1 and stats.ties == 1
+    assert "0 pairs from 2 prompts" in stats.summary()
+    with pytest.raises(ValueError, match="pairing"):
+        pair_up(s, rewards, "random")
+
+
+def test_make_pairs_from_a_model(tokenizer):
+    model = make_tiny_model(len(tokenizer))
+    rows, stats = make_pairs(model, tokenizer, ["How do I boil an egg?", "Hi"], load_reward("conftest:letter_reward"),
+                             n=4, max_new_tokens=12)
+    assert stats.samples == 8 and stats.pairs == len(rows) >= 1
+    assert all(r["chosen"] != r["rejected"] and r["chosen_reward"] > r["rejected_reward"] for r in rows)
+    with pytest.raises(ValueError, match="at least 2"):
+        make_pairs(model, tokenizer, ["Hi"], load_reward("sentiment"), n=1)
+
+
+def test_prompt_files(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "The film"}, {"prompt": [{"role": "user", "content": "Hi"}]},
+                                              {"prompt": "A", "chosen": "b", "rejected": "c"}])
+    prompts, report = load_prompts(path)
+    assert prompts[0] == "The film" and prompts[1][0]["role"] == "user" and len(prompts) == 3
+    assert "3 prompts" in report.summary()
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "ok"}, {"text": "no prompt"}, {"prompt": 3}])
+    with pytest.raises(DataError, match=r"bad.jsonl:2: field 'prompt'"):
+        load_prompts(bad)
+    prompts, report = load_prompts(bad, on_bad_row="skip")
+    assert prompts == ["ok"] and sum(report.skipped.values()) == 2
+
+
+def test_statistics():
+    mean, ci = mean_ci([1.0, 3.0, 2.0, 4.0], groups=2)  # prompt means 2 and 3
+    assert mean == 2.5 and ci == pytest.approx(1.96 * math.sqrt(0.5 / 2))
+    assert win_rate([1, 2, 3], [2, 2, 1]) == [0.0, 0.5, 1.0]
+    s = _samples(["a"] * 8, 4)
+    bon = best_of_n(s, [0.1, 0.5, 0.3, 0.2, -1, -2, 0.0, 0.4], 2)
+    assert bon["reward_mean"] == pytest.approx((0.5 + -1) / 2) and bon["kl"] == pytest.approx(math.log(2) - 0.5)
+    assert best_of_n(s, [0.0] * 8, 1)["kl"] == 0.0
+    with pytest.raises(ValueError, match="needs at least 8"):
+        best_of_n(s, [0.0] * 8, 8)
+
+
+def test_generation_metrics_of_a_model_against_itself(tokenizer):
+    model = make_tiny_model(len(tokenizer))
+    m, (ref_samples, ref_rewards) = generation_metrics(model, model, tokenizer, ["How do I boil an egg?", "Hi", "Why?"],
+                                                       load_reward("conftest:letter_reward"), k=3, max_new_tokens=10)
+    assert abs(m["kl_mean"]) < 1e-3  # the same model: log π − log π_ref = 0 up to rounding
+    assert 0 <= m["win_rate"] <= 1 and m["prompts"] == 3 and m["samples_per_prompt"] == 3
+    assert len(m["samples"]) == 3 and {"prompt", "policy", "policy_reward", "reference", "reference_reward"} <= \
+        set(m["samples"][0])
+    assert m["policy"]["length_mean"] <= 10 and "kl_note" not in m
+    json.dumps(m)  # eval.json-ready
+    again, _ = generation_metrics(model, model, tokenizer, ["How do I boil an egg?", "Hi", "Why?"],
+                                  load_reward("conftest:letter_reward"), k=3, max_new_tokens=10,
+                                  reference_samples=(ref_samples, ref_rewards))
+    assert again["reference"] == m["reference"] and again["win_rate"] == m["win_rate"]
+    warm, _ = generation_metrics(model, model, tokenizer, ["Hi"], load_reward("conftest:letter_reward"), k=2,
+                                 max_new_tokens=5, temperature=0.7)
+    assert "kl_note" in warm
