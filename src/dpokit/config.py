@@ -48,7 +48,7 @@ class TrainConfig:
                            "alone, loadable with peft)")
     # objective (see `dpokit losses`)
     loss: str | list = opt("sigmoid", "objective(s), comma-separated: e.g. sigmoid (DPO), ipo, simpo, orpo, "
-                           "sigmoid,sft (RPO); `dpokit losses` lists them all")
+                           "sigmoid,sft (RPO), grpo (online, with --reward); `dpokit losses` lists them all")
     loss_weights: str | list | None = opt(None, "weights of the --loss objectives, comma-separated (default: all 1)")
     beta: float = opt(0.1, "DPO inverse temperature β: strength of the KL penalty to the reference (> 0); "
                       "τ for ipo, β for simpo (its paper uses 2–2.5)")
@@ -81,7 +81,7 @@ class TrainConfig:
     lr_scheduler: str = opt("constant", "schedule after warmup", ("constant", "cosine", "linear"))
     warmup_steps: int = opt(10, "optimizer steps of linear warmup from 0 to --lr")
     max_grad_norm: float = opt(1.0, "clip the global gradient norm to this value (0 disables clipping)")
-    batch_size: int = opt(4, "preference pairs per micro-batch")
+    batch_size: int = opt(4, "preference pairs per micro-batch (online: prompts, each with its samples)")
     grad_accum: int = opt(1, "micro-batches per optimizer step (pairs per step = batch_size × grad_accum)")
     epochs: int = opt(2, "passes over the training pairs (ignored when --max-steps is set)")
     max_steps: int = opt(0, "optimizer steps to run; 0 means --epochs full passes")
@@ -116,6 +116,33 @@ class TrainConfig:
                      "bf16; log-probs and losses are always fp32. 'auto': bf16 on GPU, fp32 on CPU (bf16 is "
                      "~4× slower than fp32 on CPUs without AMX)", ("auto", "fp32", "bf16"))
     progress: bool = opt(True, "show a progress bar on the terminal")
+    # online (GRPO, online DPO): each step samples completions from the current policy and scores them with
+    # --reward; `--loss grpo` or `--online-dpo` turns this on (loop/online.py). batch_size then counts prompts
+    # per micro-batch, and each prompt brings num_generations completions.
+    prompts: str | None = opt(None, "online: prompts file (a 'prompt' field per row; a pairs file works); "
+                              "default: the built-in sentiment-task prompts")
+    reward: str | list | None = opt(None, "online: reward function(s), comma-separated: 'sentiment' (VADER), a local "
+                                    "HF classifier folder (DIR or DIR#LABEL) or module:function; default: sentiment")
+    reward_weights: str | list | None = opt(None, "online: weights of the --reward functions (default: all 1)")
+    num_generations: int = opt(4, "online: completions sampled per prompt (GRPO's group size G; online DPO pairs "
+                               "the best with the worst of them); >= 2")
+    max_new_tokens: int = opt(32, "online: tokens sampled per completion at most")
+    temperature: float = opt(1.0, "online: sampling temperature (> 0); GRPO's ratios and KL use the model's own "
+                             "log-probs (temperature 1) whatever this is")
+    grpo_iterations: int = opt(1, "grpo: optimisation passes μ over each sampled batch (1: on-policy, ratio 1)")
+    epsilon_low: float = opt(0.2, "grpo: clip the ratio below at 1 − ε_low")
+    epsilon_high: float | None = opt(None, "grpo: clip the ratio above at 1 + ε_high (null: ε_low; DAPO: 0.28)")
+    kl_coef: float = opt(0.0, "grpo: weight of the k3 KL(π‖π_ref) penalty per token (0: no reference is loaded; "
+                         "DeepSeekMath used 0.04)")
+    grpo_aggregation: str = opt("dapo", "grpo: token-loss average: 'dapo' (all tokens of the batch, no length "
+                                "bias), 'grpo' (per sequence, then over sequences), 'dr_grpo' (÷ B·max_new_tokens)",
+                                ("dapo", "grpo", "dr_grpo"))
+    scale_rewards: str = opt("group", "grpo: divide advantages by the group's reward std, the batch's, or 'none' "
+                             "(Dr. GRPO)", ("group", "batch", "none"))
+    online_dpo: bool = opt(False, "online DPO (Guo 2024): per step, sample num_generations completions per prompt, "
+                           "pair best vs worst by reward, one --loss step (sigmoid: DPO) against the reference")
+    rounds: int = opt(0, "with --online-dpo: iterative DPO in K rounds of (pairs file sampled from the current "
+                      "policy → offline training on it, reference = the round's starting policy); 0: per step")
 
     # ---- construction and checks ----------------------------------------------------------------
     @classmethod
@@ -144,7 +171,9 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(f"{key} = {getattr(self, key)!r} is out of range: {allowed}")
 
-        self._validate_objectives()
+        self._validate_online()
+        if self.loss_names != ["grpo"]:
+            self._validate_objectives()
         need(self.beta > 0, "beta", "must be > 0")
         need(0 <= self.label_smoothing < 0.5, "label_smoothing", "must be in [0, 0.5)")
         need(self.lr >= 0, "lr", "must be >= 0")
@@ -181,6 +210,75 @@ class TrainConfig:
             choices = f.metadata.get("choices")
             if choices:
                 need(getattr(self, f.name) in choices, f.name, f"must be one of {', '.join(choices)}")
+
+    @property
+    def online(self) -> bool:
+        """Trained on its own samples (loop/online.py) rather than on a pairs file."""
+        return self.online_dpo or "grpo" in self.loss_names
+
+    def _validate_online(self) -> None:
+        defaults = {f.name: f.default for f in fields(self)}
+        changed = {k for k in defaults if getattr(self, k) != defaults[k]}
+
+        def refuse(keys, why: str):
+            for key in sorted(changed & set(keys)):  # the first, alphabetically: one clear message
+                raise ConfigError(f"{key} = {getattr(self, key)!r} {why}")
+
+        online_keys = ("prompts", "reward", "reward_weights", "num_generations", "max_new_tokens", "temperature",
+                       "rounds")
+        grpo_keys = ("grpo_iterations", "epsilon_low", "epsilon_high", "kl_coef", "grpo_aggregation", "scale_rewards")
+        if "grpo" in self.loss_names and (len(self.loss_names) > 1 or self.online_dpo):
+            raise ConfigError(f"loss = {self.loss!r}: grpo is an online objective on its own; it cannot be combined "
+                              "with other objectives or --online-dpo")
+        if not self.online:
+            refuse(online_keys + grpo_keys, "only applies to online training: add --loss grpo or --online-dpo")
+            return
+        refuse(("data", "eval_data", "eval_every", "save_every", "keep_last", "resume", "lora_r")
+               + (() if self.rounds else ("ref_cache",)),
+               "is not used by online training (it samples its own data from --prompts; no held-out pairs, "
+               "checkpoints or LoRA yet)")
+        if self.online_dpo:
+            refuse(grpo_keys, "only applies to --loss grpo, not --online-dpo")
+            if "kto" in self.loss_names:
+                raise ConfigError("--online-dpo pairs completions: kto (unpaired) does not apply")
+        else:
+            refuse(("beta", "loss_weights", "label_smoothing", "ipo_normalize", "f_divergence", "f_alpha",
+                    "use_weighting", "ld_alpha", "sync_ref_every", "sync_ref_alpha", "cpo_alpha", "simpo_gamma",
+                    "orpo_lambda", "dpop_lambda", "discopop_tau", "kto_desirable_weight", "kto_undesirable_weight",
+                    "prefix_sharing", "pack_tokens"), "has no effect on loss grpo (its KL weight is --kl-coef)")
+            if self.ref_model is not None and not self.kl_coef:
+                raise ConfigError("ref_model is only used by grpo with kl_coef > 0 (0 loads no reference)")
+            if self.rounds:
+                raise ConfigError(f"rounds = {self.rounds} is iterative DPO: it needs --online-dpo, not --loss grpo")
+        if self.reward_weights is not None:
+            specs = _as_list(self.reward or [])
+            try:
+                weights = [float(w) for w in _as_list(self.reward_weights)]
+            except (TypeError, ValueError):
+                raise ConfigError(f"reward_weights = {self.reward_weights!r}: expected numbers") from None
+            if len(weights) != len(specs):
+                raise ConfigError(f"reward_weights = {self.reward_weights!r}: need one weight per --reward function "
+                                  f"({len(specs)} given)")
+        checks = (("num_generations", self.num_generations >= 2, "must be >= 2 (a group, or a pair, needs two)"),
+                  ("max_new_tokens", 1 <= self.max_new_tokens < self.max_length,
+                   f"must be in [1, max_length={self.max_length})"),
+                  ("temperature", self.temperature > 0, "must be > 0 (greedy decoding repeats one completion)"),
+                  ("grpo_iterations", self.grpo_iterations >= 1, "must be >= 1"),
+                  ("epsilon_low", 0 < self.epsilon_low < 1, "must be in (0, 1)"),
+                  ("epsilon_high", self.epsilon_high is None or self.epsilon_high > 0, "must be > 0 (or null)"),
+                  ("kl_coef", self.kl_coef >= 0, "must be >= 0"), ("rounds", self.rounds >= 0, "must be >= 0"))
+        for key, ok, allowed in checks:
+            if not ok:
+                raise ConfigError(f"{key} = {getattr(self, key)!r} is out of range: {allowed}")
+
+    @property
+    def reward_specs(self) -> list[str]:
+        return _as_list(self.reward) if self.reward is not None else ["sentiment"]
+
+    @property
+    def reward_weight_values(self) -> list[float]:
+        return [1.0] * len(self.reward_specs) if self.reward_weights is None else \
+            [float(w) for w in _as_list(self.reward_weights)]
 
     @property
     def loss_names(self) -> list[str]:

@@ -49,8 +49,11 @@ def prepare_reference(cfg, policy, tokenizer, train_set, eval_set, unpaired: boo
     if not with_ref:
         log(f"loss {cfg.loss} is reference-free: no reference model loaded")
     cacheable = with_ref and cfg.ref_cache and not cfg.sync_ref_every and not unpaired
-    # The digest covers weights; the precision and device the sums are computed with go in the key too.
-    numerics = f"{device.type}:{'bf16' if autocasts_bf16(device, cfg.dtype) else 'fp32'}"
+    # The digest covers weights; the precision, device and batch layout the sums are computed with go in the
+    # key too: the same layout as the held-out evaluation makes step 0's margins exactly 0, not ±1e-6 noise
+    # (which would show as a random "accuracy" before training).
+    numerics = (f"{device.type}:{'bf16' if autocasts_bf16(device, cfg.dtype) else 'fp32'}:"
+                f"pack{cfg.pack_tokens}:batch{cfg.eval_batch_size}")
     digest = weights_digest(model or policy) + numerics if cfg.ref_cache else None
 
     def the_model():

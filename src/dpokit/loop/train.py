@@ -82,6 +82,9 @@ def train(config: TrainConfig | None = None, log=print, **overrides) -> TrainRes
 
     `overrides` are TrainConfig fields: train(beta=0.5, data="pairs.jsonl")."""
     cfg = TrainConfig.from_dict({**(config.to_dict() if config else {}), **overrides})
+    if cfg.online:  # GRPO / online DPO: trains on its own samples, not on a pairs file
+        from dpokit.loop.online import train_online
+        return train_online(cfg, log)
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -252,6 +255,8 @@ def cache_reference(config: TrainConfig | None = None, log=print, **overrides) -
     """`dpokit cache-ref`: compute (or find) the reference log-probs a `train` with the same options
     would use, and stop. Training then starts without loading or running the reference."""
     cfg = TrainConfig.from_dict({**(config.to_dict() if config else {}), **overrides})
+    if cfg.online:
+        raise ValueError("nothing to cache: online training (grpo, --online-dpo) samples new completions every step")
     device = pick_device(cfg.device)
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     unpaired = any(OBJECTIVES[n].data == "unpaired" for n in cfg.loss_names)

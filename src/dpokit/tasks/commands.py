@@ -40,7 +40,7 @@ def generation_eval(args, model_dir: str, ref_model: str) -> dict:
     from dpokit.evaluation.generation import generation_metrics
     from dpokit.evaluation.rewards import load_reward
     from dpokit.models import load_model, load_tokenizer
-    prompts, report = load_prompts(args.prompts, args.on_bad_row)
+    prompts, report = load_prompts(args.prompts, getattr(args, "on_bad_row", "error"))  # a config flag: may be unset
     print(report.summary())
     metrics, _ = generation_metrics(load_model(model_dir), load_model(ref_model), load_tokenizer(model_dir), prompts,
                                     load_reward(args.reward), args.samples, args.max_new_tokens, args.temperature,
@@ -70,8 +70,8 @@ def add_task_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-prompts", default=None, help="held-out prompts (default: the built-in 60)")
     p.add_argument("--reward", default="sentiment", help="ground-truth reward (see `dpokit eval --help`)")
     p.add_argument("--samples", type=int, default=4, help="samples per training prompt to pair (default: 4)")
-    p.add_argument("--pairing", choices=("best-worst", "all"), default="best-worst",
-                   help="pair best vs worst sample, or every two samples (default: best-worst)")
+    p.add_argument("--pairing", choices=("best-worst", "all"), default="all",
+                   help="pair every two samples whose rewards differ, or only best vs worst (default: all)")
     p.add_argument("--k", type=int, default=4, help="samples per held-out prompt, each model (default: 4)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--limit", type=int, default=0, help="use only the first N prompts of each split (quick look)")
@@ -121,7 +121,7 @@ def cmd_report(args) -> int:
 
 def add_commands(sub) -> None:
     p = sub.add_parser("demo", help="the DPO paper's sentiment experiment in miniature: sample pairs from the "
-                       "embedded model, train DPO, evaluate win rate and KL, write report.html (~10 min on 2 cores)")
+                       "embedded model, train DPO, evaluate win rate and KL, write report.html (~15 min on 2 cores)")
     p.add_argument("--output-dir", default="runs/demo")
     add_task_flags(p)
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)

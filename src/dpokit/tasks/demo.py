@@ -34,7 +34,7 @@ class SentimentTask:
     limit: int = 0                        # use only the first N prompts of each file (0: all)
     reward: str = "sentiment"
     samples: int = 4                      # samples per prompt for pair making
-    pairing: str = "best-worst"
+    pairing: str = "all"                  # every two samples with different rewards (more data than best-worst)
     k: int = 4                            # samples per held-out prompt for generation metrics
     max_new_tokens: int = 32
     seed: int = 0
@@ -51,8 +51,10 @@ def demo_train_config(output_dir: Path, task: SentimentTask, pairs_dir: Path | N
     (default: output_dir). Chosen by the experiments recorded in docs/RESULTS.md."""
     pairs_dir = pairs_dir or output_dir
     values = dict(model=task.model, data=str(pairs_dir / "pairs_train.jsonl"),
-                  eval_data=str(pairs_dir / "pairs_eval.jsonl"), output_dir=str(output_dir), beta=0.1, lr=1e-5,
-                  batch_size=8, epochs=3, warmup_steps=5, max_length=128, max_prompt_length=64,
+                  eval_data=str(pairs_dir / "pairs_eval.jsonl"), output_dir=str(output_dir), beta=0.1, lr=2e-5,
+                  # one pass over all pairs generalises better than three over best-vs-worst, which memorise
+                  # their 280 pairs (held-out win rate 75.8 % vs 71.7 %, docs/RESULTS.md)
+                  batch_size=16, epochs=1, warmup_steps=5, max_length=128, max_prompt_length=64,
                   # pairs of ~75 tokens: one pair per row is faster than packing them into 1024-token rows
                   # with block masks (2.45 vs 1.4 pairs/s measured here, batch 16)
                   pack_tokens=0, seed=task.seed)

@@ -17,6 +17,8 @@ import shutil
 import time
 from pathlib import Path
 
+import yaml
+
 from dpokit.config import ConfigError, TrainConfig
 from dpokit.evaluation.generation import best_of_n, generation_metrics
 from dpokit.evaluation.rewards import load_reward
@@ -33,8 +35,9 @@ def parse_axis(spec: str) -> tuple[str, list]:
     if not sep or not values:
         raise ConfigError(f"sweep axis {spec!r}: expected OPTION=V1,V2,… e.g. beta=0.05,0.1,0.5,1")
     parsed = []
-    for v in values.split(","):
-        parsed.append(getattr(TrainConfig.from_dict({name: v.strip()}, source=f"sweep axis {name}"), name))
+    for v in values.split(","):  # each value read as YAML (0.1 → float, true → bool), then checked by TrainConfig
+        parsed.append(getattr(TrainConfig.from_dict({name: yaml.safe_load(v.strip())}, source=f"sweep axis {name}"),
+                              name))
     return name, parsed
 
 

@@ -1,0 +1,309 @@
+"""Online training on the policy's own samples: GRPO, online DPO and iterative DPO.
+
+Every step, top to bottom:
+  1. the step's prompts: batch_size × grad_accum of them, in an order that is a pure function of (seed, epoch)
+     as in the offline loop;
+  2. num_generations completions of each, sampled from the *current* policy with dpokit's KV-cache sampler
+     (eval mode; the sampling seed is a function of (seed, step), so a run is reproducible);
+  3. their rewards from --reward (a weighted sum when several);
+  4. GRPO (objectives/grpo.py; Shao et al. 2024, arXiv:2402.03300): group-relative advantages; per-token
+     log-probs of the sampled tokens under π_old (one no-grad teacher-forced pass) and, when kl_coef > 0,
+     under π_ref; then grpo_iterations (μ) optimizer updates over the sampled batch, each accumulated over
+     micro-batches of batch_size prompts' groups.
+     Online DPO (Guo et al. 2024, "Direct language model alignment from online AI feedback",
+     arXiv:2402.04792): the best and the worst completion of each prompt form a pair (ties skipped and
+     counted); one update of the configured paired objective (sigmoid: DPO) on those pairs against the
+     reference, through the offline loop's own `paired_step`;
+  5. one line of metrics.jsonl (reward, advantages, KL, lengths, clipping, generation time and share).
+At the end final/ is saved as in the offline loop.
+
+--rounds K (iterative DPO): K rounds of (pairs file sampled from the current policy → offline `train` on it,
+starting from the current policy). The reference of a round is the policy the round starts from — the
+offline loop's default, as in Self-Rewarding LMs (Yuan et al. 2024, arXiv:2401.10020) where M_{t+1} is
+DPO-trained from M_t — so the KL to the original model can grow with every round; --ref-model pins one
+reference for all rounds instead.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import shutil
+import statistics
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from dpokit.batches import TokenizedPair, pad_rows
+from dpokit.config import TrainConfig
+from dpokit.data import builtin_path, load_prompts
+from dpokit.evaluation.rewards import combine
+from dpokit.generation import sample
+from dpokit.generation.sample import prompt_token_ids
+from dpokit.logprobs import compute_precision
+from dpokit.logprobs.sequence import completion_token_logps
+from dpokit.loop.checkpoint import check_writable
+from dpokit.loop.optim import build_optimizer, build_scheduler
+from dpokit.loop.steps import NonFiniteError, paired_step
+from dpokit.loop.train import TrainResult, disable_dropout, pick_device, train
+from dpokit.models import load_model, load_tokenizer
+from dpokit.models.load import ModelError
+from dpokit.objectives import needs_reference
+from dpokit.objectives.grpo import group_advantages, grpo_loss, normalizer
+from dpokit.tasks.pairs import pair_up, write_jsonl
+
+
+def train_online(cfg: TrainConfig, log=print) -> TrainResult:
+    """`dpokit train --loss grpo` or `--online-dpo` (module docstring). Called by `train` for such configs."""
+    if cfg.rounds:
+        return iterative_dpo(cfg, log)
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    out = Path(cfg.output_dir)
+    check_writable(cfg.output_dir, 0)
+    (out / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+
+    # ---- prompts, reward, models ------------------------------------------------------------------
+    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    prompts = load_online_prompts(cfg, tokenizer, log)
+    reward_fn = combine(cfg.reward_specs, cfg.reward_weight_values, str(device))
+    policy = load_model(cfg.model, device, cfg.allow_pickle, cfg.trust_remote_code)
+    policy.eval()  # dropout off: log π_θ − log π_old must compare the same deterministic function
+    grpo = not cfg.online_dpo
+    reference = load_reference(cfg, policy, tokenizer, device, cfg.kl_coef > 0 if grpo else
+                               needs_reference(cfg.loss_names), log)
+    if cfg.gradient_checkpointing:  # as the offline loop: checkpoint in train mode, with every dropout zeroed
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        disable_dropout(policy)
+        policy.train()
+
+    # ---- schedule: a step = one sampled batch; GRPO makes μ optimizer updates on it --------------------
+    per_step = cfg.batch_size * cfg.grad_accum
+    steps_per_epoch = math.ceil(len(prompts) / per_step)
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    updates_per_step = cfg.grpo_iterations if grpo else 1
+    optimizer = build_optimizer(policy.parameters(), cfg.optimizer, cfg.lr, cfg.weight_decay)
+    scheduler = build_scheduler(optimizer, cfg.warmup_steps, total_steps * updates_per_step, cfg.lr_scheduler)
+    check_writable(cfg.output_dir, int(sum(p.numel() for p in policy.parameters()) * 4 * 3 * 1.1))
+
+    def step_prompts(step: int) -> list:
+        epoch, k = divmod(step, steps_per_epoch)
+        order = (torch.randperm(len(prompts), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
+                 if cfg.shuffle else list(range(len(prompts))))
+        return [prompts[i] for i in order[k * per_step:(k + 1) * per_step]]
+
+    method = "grpo" if grpo else f"online {cfg.loss}"
+    log(f"training {method} for {total_steps} steps × {per_step} prompts × {cfg.num_generations} samples "
+        f"({len(prompts)} prompts, {steps_per_epoch} steps/epoch) on {device}")
+    metrics_file = open(out / "metrics.jsonl", "w", encoding="utf-8")
+    bar = tqdm(range(total_steps), disable=not cfg.progress, desc=method, dynamic_ncols=True)
+    skipped = 0
+    for step in bar:
+        t0 = time.perf_counter()
+        batch = step_prompts(step)
+        samples = sample(policy, tokenizer, batch, cfg.num_generations, cfg.max_new_tokens, cfg.temperature,
+                         seed=cfg.seed * 1_000_003 + step)
+        t_reward = time.perf_counter()
+        rewards = reward_fn([samples.prompt_of(i) for i in range(len(samples.texts))], samples.texts)
+        reward_s = time.perf_counter() - t_reward
+        try:
+            record = (grpo_step if grpo else online_dpo_step)(policy, reference, samples, rewards, cfg, optimizer,
+                                                              scheduler, pad_id, device, step)
+        except NonFiniteError as e:
+            optimizer.zero_grad(set_to_none=True)  # not this update (with μ > 1 the batch's earlier ones stay)
+            if cfg.on_nonfinite == "stop":
+                raise
+            skipped += 1
+            log(f"skipped: {e}")
+            record = {"skipped_nonfinite": skipped}
+        seconds = time.perf_counter() - t0
+        groups = [rewards[i:i + cfg.num_generations] for i in range(0, len(rewards), cfg.num_generations)]
+        record = {"step": step + 1, "epoch": round((step + 1) / steps_per_epoch, 4), **record,
+                  "reward": statistics.fmean(rewards), "reward_std": statistics.stdev(rewards),
+                  "frac_reward_zero_std": sum(max(g) == min(g) for g in groups) / len(groups),
+                  "completion_length": statistics.fmean(samples.lengths), "generation_s": samples.seconds,
+                  "generation_share": samples.seconds / seconds, "reward_s": reward_s, "step_s": seconds}
+        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.flush()
+        bar.set_postfix(reward=f"{record['reward']:.3f}", **({"loss": f"{record['loss']:.4f}"} if "loss" in record
+                                                             else {}))
+    bar.close()
+    metrics_file.close()
+    final = out / "final"
+    policy.save_pretrained(final, safe_serialization=True)
+    tokenizer.save_pretrained(final)
+    log(f"saved {final} (load it with AutoModelForCausalLM.from_pretrained); metrics in {out / 'metrics.jsonl'}")
+    return TrainResult(out, total_steps, None, None, final)
+
+
+def grpo_step(policy, reference, samples, rewards, cfg, optimizer, scheduler, pad_id, device, step) -> dict:
+    """Advantages, π_old and π_ref per-token log-probs once, then μ updates on the sampled batch."""
+    n_rows = len(samples.texts)
+    advantages = group_advantages(torch.tensor(rewards, dtype=torch.float64), cfg.num_generations,
+                                  cfg.scale_rewards).float().to(device)
+    rows = list(zip(samples.prompt_ids, samples.completion_ids))
+    per_micro = cfg.batch_size * cfg.num_generations  # whole groups per micro-batch
+    micro = [slice(i, min(i + per_micro, n_rows)) for i in range(0, n_rows, per_micro)]
+    tokens = sum(samples.lengths)
+    divisor = normalizer(cfg.grpo_aggregation, tokens, n_rows, cfg.max_new_tokens)  # of the whole batch
+    with torch.no_grad():
+        # With μ = 1 the weights are still π_old when the loss is taken, so π_old's log-probs would be exactly
+        # the pass's own (detached): skip that forward pass, as TRL does.
+        old = [token_logps(policy, rows[m], pad_id, device, cfg)[0] for m in micro] if cfg.grpo_iterations > 1 \
+            else None
+        ref = [token_logps(reference, rows[m], pad_id, device, cfg)[0] for m in micro] if reference is not None \
+            else None
+    sums: dict[str, float] = defaultdict(float)
+    for _ in range(cfg.grpo_iterations):
+        for k, m in enumerate(micro):
+            logps, mask = token_logps(policy, rows[m], pad_id, device, cfg)
+            loss, stats = grpo_loss(logps, logps.detach() if old is None else old[k], advantages[m], mask,
+                                    None if ref is None else ref[k], cfg.epsilon_low, cfg.epsilon_high, cfg.kl_coef,
+                                    cfg.grpo_aggregation, cfg.max_new_tokens, divisor)
+            if not torch.isfinite(loss):
+                raise NonFiniteError(f"step {step + 1}: non-finite GRPO loss")
+            loss.backward()
+            sums["loss"] += loss.item()  # micro-batch losses add up to the batch's (shared divisor)
+            for key, value in stats.items():  # token means → token-weighted over the micro-batches
+                sums[key] += value.item() * mask.sum().item()
+        grad_norm, lr = update(policy, optimizer, scheduler, cfg, step)
+    mu = cfg.grpo_iterations
+    record = {"loss": sums.pop("loss") / mu, **{k: v / (tokens * mu) for k, v in sums.items()}}
+    record.update({"advantage_std": advantages.std().item(), "lr": lr, "grad_norm": grad_norm})
+    return record  # loss, clip fractions, ratio and kl: means over the μ updates
+
+
+def online_dpo_step(policy, reference, samples, rewards, cfg, optimizer, scheduler, pad_id, device, step) -> dict:
+    """Best vs worst completion of each prompt → one update of the paired objective(s) on those pairs."""
+    pairs, left_out = best_vs_worst(samples, rewards, step)
+    if not pairs:  # every group tied: nothing to learn from this batch
+        return {"pairs": 0, **left_out}
+    sums: dict[str, float] = defaultdict(float)
+    for i in range(0, len(pairs), cfg.batch_size):
+        micro_sums, _ = paired_step(policy, reference, pairs[i:i + cfg.batch_size], cfg, pad_id, device, len(pairs),
+                                    step + 1)
+        for key, value in micro_sums.items():
+            sums[key] += value
+    grad_norm, lr = update(policy, optimizer, scheduler, cfg, step)
+    return {**{k: v / len(pairs) for k, v in sums.items()}, "pairs": len(pairs), **left_out, "lr": lr,
+            "grad_norm": grad_norm}
+
+
+def best_vs_worst(samples, rewards, step: int) -> tuple[list[TokenizedPair], dict[str, int]]:
+    """One pair per prompt: its highest- vs lowest-reward completion, chosen as tasks/pairs.pair_up chooses
+    (stable order; equal rewards or equal texts left out and counted), but kept as the sampled token ids:
+    re-tokenizing the decoded text can give other ids than the ones the policy emitted."""
+    n, pairs, left_out = samples.n, [], {"ties": 0, "identical": 0}
+    for p in range(len(samples.prompts)):
+        group = sorted(range(p * n, (p + 1) * n), key=lambda i: -rewards[i])
+        hi, lo = group[0], group[-1]
+        if samples.texts[hi] == samples.texts[lo]:
+            left_out["identical"] += 1
+        elif rewards[hi] <= rewards[lo]:
+            left_out["ties"] += 1
+        else:
+            pairs.append(TokenizedPair(samples.prompt_ids[hi], samples.completion_ids[hi], samples.completion_ids[lo],
+                                       f"step {step + 1} prompt {p}"))
+    return pairs, left_out
+
+
+def token_logps(model, rows: list[tuple[list[int], list[int]]], pad_id: int, device, cfg):
+    """Per-token log-probs of each row's completion tokens, [B, T] right-padded, and the mask of real tokens."""
+    batch = {k: v.to(device) for k, v in pad_rows(rows, pad_id).items()}
+    with compute_precision(device, cfg.dtype):
+        tok = completion_token_logps(model, **batch)
+    shape, index = (len(rows), max(len(c) for _, c in rows)), (tok.rows, tok.positions)
+    logps = tok.values.new_zeros(shape).index_put(index, tok.values)  # keeps the graph to tok.values
+    mask = torch.zeros(shape, device=tok.values.device).index_put(index, torch.ones_like(tok.values).detach())
+    return logps, mask
+
+
+def update(policy, optimizer, scheduler, cfg, step: int) -> tuple[float, float]:
+    """Clip, optimizer and schedule step; (grad norm, lr used). Raises NonFiniteError before the update."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm or float("inf"))
+    if not torch.isfinite(grad_norm):
+        raise NonFiniteError(f"step {step + 1}: non-finite gradient norm")
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm.item(), lr
+
+
+def load_online_prompts(cfg: TrainConfig, tokenizer, log) -> list:
+    """--prompts (default: the built-in sentiment prompts), without those too long to sample from: more than
+    max_prompt_length tokens, or leaving fewer than max_new_tokens of max_length."""
+    path = cfg.prompts or builtin_path("sentiment_train")
+    prompts, report = load_prompts(path, cfg.on_bad_row)
+    log(f"prompts: {report.summary()}")
+    limit = min(cfg.max_prompt_length or cfg.max_length, cfg.max_length - cfg.max_new_tokens)
+    kept = [p for p in prompts if len(prompt_token_ids(p, tokenizer)) <= limit]
+    if len(kept) < len(prompts):
+        log(f"  left out {len(prompts) - len(kept)} prompts longer than {limit} tokens")
+    if not kept:
+        raise ValueError(f"{path}: no prompt fits in {limit} tokens (max_prompt_length, max_length − max_new_tokens)")
+    return kept
+
+
+def load_reference(cfg: TrainConfig, policy, tokenizer, device, needed: bool, log):
+    """The frozen reference: --ref-model, else a copy of the starting policy; None (nothing loaded) if unused."""
+    if not needed:
+        log("no reference model loaded (" + ("kl_coef = 0" if not cfg.online_dpo else f"loss {cfg.loss} is "
+                                              "reference-free") + ")")
+        return None
+    if cfg.ref_model:
+        if load_tokenizer(cfg.ref_model, cfg.trust_remote_code).get_vocab() != tokenizer.get_vocab():
+            raise ModelError(f"--ref-model {cfg.ref_model} has a different tokenizer from --model {cfg.model}; "
+                             "log-prob ratios need the same token ids")
+        return load_model(cfg.ref_model, device, cfg.allow_pickle, cfg.trust_remote_code).requires_grad_(False).eval()
+    return copy.deepcopy(policy).requires_grad_(False).eval()
+
+
+def iterative_dpo(cfg: TrainConfig, log) -> TrainResult:
+    """--online-dpo --rounds K: per round, pairs sampled from the current policy, then offline training on them."""
+    device = pick_device(cfg.device)
+    out = Path(cfg.output_dir)
+    check_writable(cfg.output_dir, 0)
+    (out / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    prompts = load_online_prompts(cfg, tokenizer, log)
+    reward_fn = combine(cfg.reward_specs, cfg.reward_weight_values, str(device))
+    defaults = TrainConfig().to_dict()
+    online_keys = ("online_dpo", "rounds", "prompts", "reward", "reward_weights", "num_generations", "max_new_tokens",
+                   "temperature")
+    offline = {**cfg.to_dict(), **{k: defaults[k] for k in online_keys}}
+    model, steps = cfg.model, 0
+    metrics_file = open(out / "metrics.jsonl", "w", encoding="utf-8")
+    for r in range(1, cfg.rounds + 1):
+        policy = load_model(model, device, cfg.allow_pickle, cfg.trust_remote_code)
+        samples = sample(policy, tokenizer, prompts, cfg.num_generations, cfg.max_new_tokens, cfg.temperature,
+                         seed=cfg.seed * 1_000_003 + r)
+        del policy
+        rewards = reward_fn([samples.prompt_of(i) for i in range(len(samples.texts))], samples.texts)
+        rows, stats = pair_up(samples, rewards, "best-worst")
+        stats.seconds = samples.seconds
+        log(f"round {r}/{cfg.rounds}: {stats.summary()}; mean reward {statistics.fmean(rewards):.4f}")
+        if not rows:
+            raise ValueError(f"round {r}: every sampled group tied on reward; no pairs to train on")
+        pairs_file = write_jsonl(rows, out / f"round-{r}" / "pairs.jsonl")
+        result = train(TrainConfig.from_dict({**offline, "model": model, "data": str(pairs_file),
+                                              "output_dir": str(out / f"round-{r}")}), log=log)
+        model, steps = str(result.final_dir), steps + result.steps
+        metrics_file.write(json.dumps({"round": r, "step": steps, "reward": statistics.fmean(rewards),
+                                       "reward_std": statistics.stdev(rewards), "pairs": stats.pairs,
+                                       "ties": stats.ties, "identical": stats.identical,
+                                       "completion_length": statistics.fmean(samples.lengths),
+                                       "generation_s": samples.seconds}) + "\n")
+        metrics_file.flush()
+    metrics_file.close()
+    final = out / "final"
+    shutil.copytree(model, final, dirs_exist_ok=True)
+    log(f"saved {final} (the last round's model); per-round runs in {out}/round-*")
+    return TrainResult(out, steps, None, None, final)
