@@ -22,6 +22,8 @@ def add_config_flags(parser: argparse.ArgumentParser, only: tuple[str, ...] | No
     """One flag per TrainConfig field (or those in `only`); unset flags stay absent so YAML values are
     not overridden."""
     parser.add_argument("--config", help="YAML file of options (keys as below, with _ or -); flags override it")
+    # remembered so that a subcommand's own flags (eval's --seed, --max-new-tokens) never reach TrainConfig
+    parser.set_defaults(config_keys=only)
     for f in fields(TrainConfig):
         if only is not None and f.name not in only:
             continue
@@ -42,7 +44,8 @@ def add_config_flags(parser: argparse.ArgumentParser, only: tuple[str, ...] | No
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    keys = args.config_keys if args.config_keys is not None else [f.name for f in fields(TrainConfig)]
+    values = {k: getattr(args, k) for k in keys if hasattr(args, k)}
     if args.config:
         return TrainConfig.from_yaml(args.config, overrides=values)
     return TrainConfig.from_dict(values, source="command line")

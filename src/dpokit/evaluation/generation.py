@@ -96,6 +96,7 @@ def generation_metrics(policy, reference, tokenizer, prompts: list, reward_fn, k
         metrics["kl_note"] = ("samples drawn with temperature/top-p: kl_mean is E[log π − log π_ref] under the "
                               "sampling distribution, not KL(π‖π_ref)")
     metrics["generation_seconds"] = pol_s.seconds
+    metrics["rewards"] = {"policy": pol_rewards, "reference": ref_rewards}  # every sample's, for the histogram
     metrics["samples"] = [{"prompt": pol_s.prompt_of(i), "policy": pol_s.texts[i], "policy_reward": pol_rewards[i],
                            "reference": ref_s.texts[i], "reference_reward": ref_rewards[i]}
                           for i in range(0, len(pol_s.texts), k)][:keep_samples]

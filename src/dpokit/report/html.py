@@ -188,8 +188,9 @@ def write_report(run_dir, eval_result: dict | None = None, out_path=None, fronti
         samples = [s for s in gen.get("samples") or [] if isinstance(s, dict)]
         if samples:
             reward = str(gen.get("reward") or "reward")
-            hist = plot_reward_histogram([s.get("policy_reward") for s in samples],
-                                         [s.get("reference_reward") for s in samples],
+            every = gen.get("rewards") or {}  # all per-sample rewards when recorded, else the kept samples'
+            hist = plot_reward_histogram(every.get("policy") or [s.get("policy_reward") for s in samples],
+                                         every.get("reference") or [s.get("reference_reward") for s in samples],
                                          folder / "rewards_hist.png", reward)
             if hist:
                 parts.append(f'<img src="{hist.name}" alt="reward histogram">')
