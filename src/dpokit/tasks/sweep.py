@@ -95,7 +95,8 @@ def run_sweep(output_dir: str | Path, axis: str, task: SentimentTask | None = No
         cfg = demo_train_config(run_dir, task, out, **{**train_overrides, **options})
         steps = cfg.max_steps or cfg.epochs * -(-count_rows(out / "pairs_train.jsonl") // cfg.batch_size)
         # checkpoints evenly along the run: the frontier's points between the reference and the final model
-        cfg.save_every = max(1, steps // (checkpoints + 1)) if checkpoints else 0
+        # (rounded up, so the last checkpoint is not a near-copy of the final model)
+        cfg.save_every = max(1, -(-steps // (checkpoints + 1))) if checkpoints else 0
         log(f"[{series}] training {steps} steps → {run_dir}")
         train(cfg, log=lambda *a, **k: None)
         points += evaluate_run(run_dir, method, series, task, eval_prompts, reward, reference, tokenizer,
