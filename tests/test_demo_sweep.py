@@ -39,7 +39,7 @@ def test_demo_writes_pairs_model_eval_and_report(tmp_path, tiny_model_dir, capsy
     assert main(["report", str(out)]) == 0
 
 
-def test_sweep_puts_runs_and_baselines_on_one_frontier(tmp_path, tiny_model_dir):
+def test_sweep_puts_runs_and_baselines_on_one_frontier(tmp_path, tiny_model_dir, capsys):
     out = tmp_path / "sweep"
     assert main(["sweep", "beta=0.1,0.5", "--model", tiny_model_dir, "--output-dir", str(out),
                  "--checkpoints", "1", "--best-of", "1,2", *TASK]) == 0
@@ -54,6 +54,17 @@ def test_sweep_puts_runs_and_baselines_on_one_frontier(tmp_path, tiny_model_dir)
     assert (out / "frontier.png").stat().st_size > 1000 and (out / "report.html").exists()
     assert not (out / "beta-0.1" / "checkpoints").exists()  # evaluated, then deleted
     assert any(p["label"].startswith("step ") for p in frontier["points"])
+
+    # the same sweep plus online methods: finished runs are reused, only GRPO and online DPO train
+    assert main(["sweep", "beta=0.1,0.5", "--model", tiny_model_dir, "--output-dir", str(out), "--checkpoints", "1",
+                 "--best-of", "1,2", "--online", "grpo,online-dpo", "--online-steps", "2", *TASK]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("reusing the finished run") == 3 and "[grpo] training 2 steps" in printed
+    again = json.loads((out / "frontier.json").read_text())
+    assert {p["method"] for p in again["points"]} == {"DPO", "Preferred-FT", "Best-of-N", "GRPO", "Online DPO"}
+    assert [p for p in again["points"] if p["method"] == "DPO"] == \
+        [p for p in frontier["points"] if p["method"] == "DPO"]
+    assert main(["sweep", "beta=0.1", "--output-dir", str(out), "--online", "ppo"]) == 2
 
 
 def test_sweep_axis_is_checked(tmp_path):

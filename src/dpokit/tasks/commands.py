@@ -101,8 +101,12 @@ def cmd_sweep(args) -> int:
     from dpokit.tasks.sweep import run_sweep
     task, overrides = task_from_args(args)
     best_of = tuple(int(n) for n in args.best_of.split(",") if n.strip()) if args.best_of else ()
+    online = tuple(m.strip() for m in args.online.split(",") if m.strip()) if args.online else ()
+    unknown = set(online) - {"grpo", "online-dpo"}
+    if unknown:
+        raise ValueError(f"--online: unknown method(s) {', '.join(sorted(unknown))}; choose from grpo, online-dpo")
     run_sweep(args.output_dir, args.axis, task, args.checkpoints, best_of, args.preferred_ft, args.keep_checkpoints,
-              progress=False, **overrides)
+              online, args.online_steps, progress=False, **overrides)
     return 0
 
 
@@ -138,6 +142,10 @@ def add_commands(sub) -> None:
     p.add_argument("--best-of", default="1,4,16", help="N of the Best-of-N baseline (default: 1,4,16; '' for none)")
     p.add_argument("--preferred-ft", action=argparse.BooleanOptionalAction, default=True,
                    help="train the Preferred-FT baseline (SFT on chosen completions)")
+    p.add_argument("--online", default="", help="also train online methods on the training prompts and put their "
+                   "final models on the plot: grpo, online-dpo (comma-separated)")
+    p.add_argument("--online-steps", type=int, default=35, help="steps of each online run, 16 prompts each "
+                   "(default: 35)")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep each run's checkpoints (default: deleted "
                    "once evaluated; each holds optimizer state)")
     p.set_defaults(func=cmd_sweep)

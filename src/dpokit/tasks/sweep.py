@@ -7,6 +7,10 @@ placed at (KL(π‖π_ref), mean reward). Baselines on the same axes, as in the 
 - Preferred-FT: supervised fine-tuning on the chosen completions only (`--loss sft`), checkpoints too;
 - Best-of-N from the reference (N = 1, 4, 16): reward of the best of N samples, KL log N − (N−1)/N.
 The reference's held-out samples are drawn once (max(N), k per prompt) and shared by every evaluation.
+Online methods (`--online grpo,online-dpo`, issue 8's comparison) train on their own samples of the
+training prompts and add their final models to the same axes.
+Each finished run leaves RUN/points.json with the options it was trained with; a later sweep into the
+same folder reuses a run whose options match (e.g. adding online methods or a β to an existing sweep).
 Writes frontier.json, frontier.png and report.html in the sweep folder.
 """
 
@@ -20,6 +24,7 @@ from pathlib import Path
 import yaml
 
 from dpokit.config import ConfigError, TrainConfig
+from dpokit.data import builtin_path
 from dpokit.evaluation.generation import best_of_n, generation_metrics
 from dpokit.evaluation.rewards import load_reward
 from dpokit.generation import sample
@@ -64,9 +69,27 @@ def evaluate_run(run_dir: Path, method: str, series: str, task: SentimentTask, e
     return points
 
 
+# options that change a run's result; the rest (checkpoint cadence, progress bar) do not
+_BOOKKEEPING = ("save_every", "keep_last", "progress", "resume", "output_dir", "eval_every")
+
+
+def _result_options(cfg: TrainConfig) -> dict:
+    return {k: v for k, v in cfg.to_dict().items() if k not in _BOOKKEEPING}
+
+
+def online_train_config(run_dir: Path, task: SentimentTask, method: str, steps: int, **overrides) -> TrainConfig:
+    """GRPO or online DPO on the task's training prompts, sampling as the task does."""
+    values = dict(model=task.model, output_dir=str(run_dir), prompts=task.train_prompts or builtin_path("sentiment_train"),
+                  reward=task.reward, num_generations=task.samples, max_new_tokens=task.max_new_tokens,
+                  batch_size=16, max_steps=steps, warmup_steps=5, max_length=128, max_prompt_length=64, seed=task.seed,
+                  lr=2e-5, **({"loss": "grpo"} if method == "GRPO" else {"online_dpo": True, "pack_tokens": 0}))
+    values.update(overrides)
+    return TrainConfig.from_dict(values, source=f"sweep {method}")
+
+
 def run_sweep(output_dir: str | Path, axis: str, task: SentimentTask | None = None, checkpoints: int = 3,
               best_of: tuple[int, ...] = (1, 4, 16), preferred_ft: bool = True, keep_checkpoints: bool = False,
-              log=print, **train_overrides) -> dict:
+              online: tuple[str, ...] = (), online_steps: int = 35, log=print, **train_overrides) -> dict:
     from dpokit.loop import train
     from dpokit.report import write_report
     task, out, start = task or SentimentTask(), Path(output_dir), time.perf_counter()
@@ -90,17 +113,33 @@ def run_sweep(output_dir: str | Path, axis: str, task: SentimentTask | None = No
     runs = [("DPO", f"{name}={v}", {name: v}) for v in values]
     if preferred_ft:
         runs.append(("Preferred-FT", "Preferred-FT", {"loss": "sft"}))
+    runs += [({"grpo": "GRPO", "online-dpo": "Online DPO"}[m], m, {}) for m in online]
     for method, series, options in runs:
         run_dir = out / series.replace("=", "-").replace("Preferred-FT", "preferred-ft")
-        cfg = demo_train_config(run_dir, task, out, **{**train_overrides, **options})
-        steps = cfg.max_steps or cfg.epochs * -(-count_rows(out / "pairs_train.jsonl") // cfg.batch_size)
-        # checkpoints evenly along the run: the frontier's points between the reference and the final model
-        # (rounded up, so the last checkpoint is not a near-copy of the final model)
-        cfg.save_every = max(1, -(-steps // (checkpoints + 1))) if checkpoints else 0
+        if method in ("GRPO", "Online DPO"):  # no checkpoints in online training yet: the final model only
+            cfg = online_train_config(run_dir, task, method, online_steps)
+            steps = online_steps
+        else:
+            cfg = demo_train_config(run_dir, task, out, **{**train_overrides, **options})
+            steps = cfg.max_steps or cfg.epochs * -(-count_rows(out / "pairs_train.jsonl") // cfg.batch_size)
+            # checkpoints evenly along the run: the frontier's points between the reference and the final
+            # model (rounded up, so the last checkpoint is not a near-copy of the final model)
+            cfg.save_every = max(1, -(-steps // (checkpoints + 1))) if checkpoints else 0
+        saved = run_dir / "points.json"
+        if saved.is_file() and json.loads(saved.read_text())["options"] == json.loads(json.dumps(_result_options(cfg))):
+            points += json.loads(saved.read_text())["points"]
+            log(f"[{series}] reusing the finished run in {run_dir}")
+            continue
         log(f"[{series}] training {steps} steps → {run_dir}")
+        t = time.perf_counter()
         train(cfg, log=lambda *a, **k: None)
-        points += evaluate_run(run_dir, method, series, task, eval_prompts, reward, reference, tokenizer,
-                               (ref_s, ref_rewards), keep_checkpoints, log)
+        seconds = time.perf_counter() - t
+        run_points = evaluate_run(run_dir, method, series, task, eval_prompts, reward, reference, tokenizer,
+                                  (ref_s, ref_rewards), keep_checkpoints, log)
+        for p in run_points:
+            p["train_seconds"] = seconds
+        saved.write_text(json.dumps({"options": _result_options(cfg), "points": run_points}, indent=1))
+        points += run_points
 
     frontier = {"axis": name, "values": values, "task": vars(task), "train_overrides": train_overrides,
                 "reference_reward": points[0]["reward"], "points": points,
