@@ -107,11 +107,7 @@ def plot_training_curves(metrics_path, out_png) -> Path | None:
         ax.legend(fontsize=8)
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
-    fig.tight_layout()
-    out_png = Path(out_png)
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
-    return out_png
+    return _save(fig, out_png)
 
 
 def plot_reward_histogram(policy_rewards, reference_rewards, out_png, reward_name: str = "reward") -> Path | None:
@@ -137,6 +133,10 @@ def plot_reward_histogram(policy_rewards, reference_rewards, out_png, reward_nam
     ax.set_title(f"{reward_name}: policy vs reference")
     ax.legend(fontsize=9)
     ax.grid(alpha=0.3)
+    return _save(fig, out_png)
+
+
+def _save(fig, out_png) -> Path:
     fig.tight_layout()
     out_png = Path(out_png)
     fig.savefig(out_png, dpi=100)
@@ -169,6 +169,9 @@ def plot_frontier(points: list[dict], out_png, title: str = "reward vs KL fronti
             if len(line) > 1:  # same colour as the method; the line style tells its series apart
                 ax.plot([p["kl"] for p in line], [p["reward"] for p in line], color=color, alpha=0.6, linewidth=1.2,
                         linestyle=LINE_STYLES[i % len(LINE_STYLES)])
+                if series != method:  # name the line (e.g. "beta=0.1") at its far end
+                    ax.annotate(series, (line[-1]["kl"], line[-1]["reward"]), textcoords="offset points",
+                                xytext=(6, -12), fontsize=8, color=color, fontweight="bold")
         if len(points) <= 30:  # beyond that the labels only hide the points; the report's table has them
             for p in mine:
                 if p.get("label"):
@@ -179,8 +182,4 @@ def plot_frontier(points: list[dict], out_png, title: str = "reward vs KL fronti
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=9)
-    fig.tight_layout()
-    out_png = Path(out_png)
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
-    return out_png
+    return _save(fig, out_png)
