@@ -92,6 +92,16 @@ def test_pairing_best_worst_and_all():
         pair_up(s, rewards, "random")
 
 
+def test_pairs_of_chat_prompts_read_back_as_conversational(tmp_path, tokenizer):
+    from dpokit.data import load_pairs
+    from dpokit.tasks.pairs import write_jsonl
+    chat = [{"role": "user", "content": "Hi"}]
+    rows, _ = make_pairs(make_tiny_model(len(tokenizer)), tokenizer, [chat], load_reward("conftest:letter_reward"),
+                         n=4, max_new_tokens=8)
+    pairs, report = load_pairs(str(write_jsonl(rows, tmp_path / "chat_pairs.jsonl")))
+    assert report.format == "conversational" and pairs[0].chosen[0]["role"] == "assistant"
+
+
 def test_make_pairs_from_a_model(tokenizer):
     model = make_tiny_model(len(tokenizer))
     rows, stats = make_pairs(model, tokenizer, ["How do I boil an egg?", "Hi"], load_reward("conftest:letter_reward"),

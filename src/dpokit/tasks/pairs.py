@@ -29,6 +29,11 @@ class PairStats:
                 f"{self.identical} identical texts")
 
 
+def _as_reply(prompt, text: str):
+    """A chat prompt's completion as an assistant message, so the pairs file reads back as conversational."""
+    return [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
+
+
 def pair_up(samples: Samples, rewards: list[float], pairing: str = "best-worst",
             min_gap: float = 0.0) -> tuple[list[dict], PairStats]:
     """Rows {prompt, chosen, rejected, chosen_reward, rejected_reward} from n scored samples per prompt.
@@ -46,7 +51,8 @@ def pair_up(samples: Samples, rewards: list[float], pairing: str = "best-worst",
             elif rewards[hi] - rewards[lo] <= min_gap:
                 stats.ties += 1
             else:
-                rows.append({"prompt": prompt, "chosen": samples.texts[hi], "rejected": samples.texts[lo],
+                rows.append({"prompt": prompt, "chosen": _as_reply(prompt, samples.texts[hi]),
+                             "rejected": _as_reply(prompt, samples.texts[lo]),
                              "chosen_reward": rewards[hi], "rejected_reward": rewards[lo]})
                 stats.reward_gaps.append(rewards[hi] - rewards[lo])
     stats.pairs = len(rows)
