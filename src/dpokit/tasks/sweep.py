@@ -117,7 +117,8 @@ def run_sweep(output_dir: str | Path, axis: str, task: SentimentTask | None = No
     for method, series, options in runs:
         run_dir = out / series.replace("=", "-").replace("Preferred-FT", "preferred-ft")
         if method in ("GRPO", "Online DPO"):  # no checkpoints in online training yet: the final model only
-            cfg = online_train_config(run_dir, task, method, online_steps)
+            cfg = online_train_config(run_dir, task, method, online_steps,
+                                      progress=train_overrides.get("progress", True))
             steps = online_steps
         else:
             cfg = demo_train_config(run_dir, task, out, **{**train_overrides, **options})
