@@ -49,13 +49,13 @@ from dpokit.logprobs import compute_precision
 from dpokit.logprobs.sequence import completion_token_logps
 from dpokit.loop.checkpoint import check_writable
 from dpokit.loop.optim import build_optimizer, build_scheduler
+from dpokit.loop.reference import load_ref_model
 from dpokit.loop.steps import NonFiniteError, paired_step
 from dpokit.loop.train import TrainResult, disable_dropout, pick_device, train
 from dpokit.models import load_model, load_tokenizer
-from dpokit.models.load import ModelError
 from dpokit.objectives import needs_reference
 from dpokit.objectives.grpo import group_advantages, grpo_loss, normalizer
-from dpokit.tasks.pairs import pair_up, write_jsonl
+from dpokit.tasks.pairs import pair_up, select_pairs, write_jsonl
 
 
 def train_online(cfg: TrainConfig, log=print) -> TrainResult:
@@ -197,21 +197,13 @@ def online_dpo_step(policy, reference, samples, rewards, cfg, optimizer, schedul
 
 
 def best_vs_worst(samples, rewards, step: int) -> tuple[list[TokenizedPair], dict[str, int]]:
-    """One pair per prompt: its highest- vs lowest-reward completion, chosen as tasks/pairs.pair_up chooses
-    (stable order; equal rewards or equal texts left out and counted), but kept as the sampled token ids:
-    re-tokenizing the decoded text can give other ids than the ones the policy emitted."""
-    n, pairs, left_out = samples.n, [], {"ties": 0, "identical": 0}
-    for p in range(len(samples.prompts)):
-        group = sorted(range(p * n, (p + 1) * n), key=lambda i: -rewards[i])
-        hi, lo = group[0], group[-1]
-        if samples.texts[hi] == samples.texts[lo]:
-            left_out["identical"] += 1
-        elif rewards[hi] <= rewards[lo]:
-            left_out["ties"] += 1
-        else:
-            pairs.append(TokenizedPair(samples.prompt_ids[hi], samples.completion_ids[hi], samples.completion_ids[lo],
-                                       f"step {step + 1} prompt {p}"))
-    return pairs, left_out
+    """One pair per prompt, selected as tasks/pairs.pair_up selects (highest vs lowest reward; ties and equal
+    texts left out and counted), but kept as the sampled token ids: re-tokenizing the decoded text can give
+    other ids than the ones the policy emitted."""
+    chosen, stats = select_pairs(samples, rewards, "best-worst")
+    pairs = [TokenizedPair(samples.prompt_ids[hi], samples.completion_ids[hi], samples.completion_ids[lo],
+                           f"step {step + 1} prompt {p}") for p, hi, lo in chosen]
+    return pairs, {"ties": stats.ties, "identical": stats.identical}
 
 
 def token_logps(model, rows: list[tuple[list[int], list[int]]], pad_id: int, device, cfg):
@@ -259,10 +251,7 @@ def load_reference(cfg: TrainConfig, policy, tokenizer, device, needed: bool, lo
                                               "reference-free") + ")")
         return None
     if cfg.ref_model:
-        if load_tokenizer(cfg.ref_model, cfg.trust_remote_code).get_vocab() != tokenizer.get_vocab():
-            raise ModelError(f"--ref-model {cfg.ref_model} has a different tokenizer from --model {cfg.model}; "
-                             "log-prob ratios need the same token ids")
-        return load_model(cfg.ref_model, device, cfg.allow_pickle, cfg.trust_remote_code).requires_grad_(False).eval()
+        return load_ref_model(cfg, tokenizer, device)
     return copy.deepcopy(policy).requires_grad_(False).eval()
 
 

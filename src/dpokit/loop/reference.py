@@ -33,6 +33,14 @@ def reference_forward(reference):
     return reference, nullcontext()
 
 
+def load_ref_model(cfg, tokenizer, device):
+    """--ref-model, frozen; refused when its tokenizer differs (log-prob ratios need the same token ids)."""
+    if load_tokenizer(cfg.ref_model, cfg.trust_remote_code).get_vocab() != tokenizer.get_vocab():
+        raise ModelError(f"--ref-model {cfg.ref_model} has a different tokenizer from --model {cfg.model}; "
+                         "log-prob ratios need the same token ids")
+    return load_model(cfg.ref_model, device, cfg.allow_pickle, cfg.trust_remote_code).requires_grad_(False).eval()
+
+
 def prepare_reference(cfg, policy, tokenizer, train_set, eval_set, unpaired: bool, device, pad_id: int, log):
     """Return (reference model or None, cached train reference log-probs or None, eval reference log-probs).
 
@@ -41,11 +49,7 @@ def prepare_reference(cfg, policy, tokenizer, train_set, eval_set, unpaired: boo
     with_ref = needs_reference(cfg.loss_names)
     model = None
     if cfg.ref_model:
-        if load_tokenizer(cfg.ref_model, cfg.trust_remote_code).get_vocab() != tokenizer.get_vocab():
-            raise ModelError(f"--ref-model {cfg.ref_model} has a different tokenizer from --model {cfg.model}; "
-                             "log-prob ratios need the same token ids")
-        model = load_model(cfg.ref_model, device, cfg.allow_pickle, cfg.trust_remote_code)
-        model.requires_grad_(False)
+        model = load_ref_model(cfg, tokenizer, device)
     if not with_ref:
         log(f"loss {cfg.loss} is reference-free: no reference model loaded")
     cacheable = with_ref and cfg.ref_cache and not cfg.sync_ref_every and not unpaired

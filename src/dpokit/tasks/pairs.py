@@ -34,15 +34,15 @@ def _as_reply(prompt, text: str):
     return [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
 
 
-def pair_up(samples: Samples, rewards: list[float], pairing: str = "best-worst",
-            min_gap: float = 0.0) -> tuple[list[dict], PairStats]:
-    """Rows {prompt, chosen, rejected, chosen_reward, rejected_reward} from n scored samples per prompt.
+def select_pairs(samples: Samples, rewards: list[float], pairing: str = "best-worst",
+                 min_gap: float = 0.0) -> tuple[list[tuple[int, int, int]], PairStats]:
+    """(prompt index, chosen row, rejected row) from n scored samples per prompt.
     pairing: "best-worst" (one pair per prompt: highest vs lowest reward) or "all" (every two samples
-    whose rewards differ by more than min_gap, the higher one chosen)."""
+    whose rewards differ by more than min_gap, the higher one chosen). Equal texts are left out too."""
     if pairing not in ("best-worst", "all"):
         raise ValueError(f"pairing must be 'best-worst' or 'all', got {pairing!r}")
-    n, stats, rows = samples.n, PairStats(len(samples.prompts), len(samples.texts)), []
-    for p, prompt in enumerate(samples.prompts):
+    n, stats, selected = samples.n, PairStats(len(samples.prompts), len(samples.texts)), []
+    for p in range(len(samples.prompts)):
         group = sorted(range(p * n, (p + 1) * n), key=lambda i: -rewards[i])  # best first, stable
         candidates = [(group[0], group[-1])] if pairing == "best-worst" else itertools.combinations(group, 2)
         for hi, lo in candidates:
@@ -51,11 +51,19 @@ def pair_up(samples: Samples, rewards: list[float], pairing: str = "best-worst",
             elif rewards[hi] - rewards[lo] <= min_gap:
                 stats.ties += 1
             else:
-                rows.append({"prompt": prompt, "chosen": _as_reply(prompt, samples.texts[hi]),
-                             "rejected": _as_reply(prompt, samples.texts[lo]),
-                             "chosen_reward": rewards[hi], "rejected_reward": rewards[lo]})
+                selected.append((p, hi, lo))
                 stats.reward_gaps.append(rewards[hi] - rewards[lo])
-    stats.pairs = len(rows)
+    stats.pairs = len(selected)
+    return selected, stats
+
+
+def pair_up(samples: Samples, rewards: list[float], pairing: str = "best-worst",
+            min_gap: float = 0.0) -> tuple[list[dict], PairStats]:
+    """Rows {prompt, chosen, rejected, chosen_reward, rejected_reward} of the pairs `select_pairs` picks."""
+    selected, stats = select_pairs(samples, rewards, pairing, min_gap)
+    rows = [{"prompt": samples.prompts[p], "chosen": _as_reply(samples.prompts[p], samples.texts[hi]),
+             "rejected": _as_reply(samples.prompts[p], samples.texts[lo]),
+             "chosen_reward": rewards[hi], "rejected_reward": rewards[lo]} for p, hi, lo in selected]
     return rows, stats
 
 
