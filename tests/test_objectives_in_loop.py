@@ -13,7 +13,7 @@ from dpokit import train
 from dpokit.batches import collate_kto, tokenize_completions
 from dpokit.cli import main
 from dpokit.data import DataError, load_completions
-from dpokit.loop.train import sync_reference
+from dpokit.loop.reference import sync_reference
 from dpokit.objectives import OBJECTIVES
 from dpokit.objectives.kto import kto_loss, kto_reference_point
 

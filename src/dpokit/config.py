@@ -115,6 +115,8 @@ class TrainConfig:
     dtype: str = opt("auto", "compute precision: weights and optimizer state stay fp32, forward passes autocast to "
                      "bf16; log-probs and losses are always fp32. 'auto': bf16 on GPU, fp32 on CPU (bf16 is "
                      "~4× slower than fp32 on CPUs without AMX)", ("auto", "fp32", "bf16"))
+    fsdp: bool = opt(False, "under torchrun: shard weights, gradients and optimizer state over the processes "
+                     "(FSDP2 fully_shard) instead of replicating them (DDP, the default)")
     progress: bool = opt(True, "show a progress bar on the terminal")
     # online (GRPO, online DPO): each step samples completions from the current policy and scores them with
     # --reward; `--loss grpo` or `--online-dpo` turns this on (loop/online.py). batch_size then counts prompts
@@ -206,6 +208,13 @@ class TrainConfig:
         elif self.sync_ref_every:
             raise ConfigError("sync_ref_every (TR-DPO) with LoRA is not supported: the reference is the base "
                               "model with adapters disabled and cannot drift toward the policy")
+        if self.fsdp:
+            for key, why in (("lora_r", "LoRA under FSDP is not supported: adapters are small, so use DDP "
+                              "(torchrun without --fsdp), which keeps the base model whole"),
+                             ("sync_ref_every", "TR-DPO's moving reference is a whole copy of the policy, which "
+                              "FSDP shards: use DDP (torchrun without --fsdp)")):
+                if getattr(self, key):
+                    raise ConfigError(f"fsdp with {key} = {getattr(self, key)}: {why}")
         for f in fields(self):
             choices = f.metadata.get("choices")
             if choices:
@@ -233,10 +242,10 @@ class TrainConfig:
         if not self.online:
             refuse(online_keys + grpo_keys, "only applies to online training: add --loss grpo or --online-dpo")
             return
-        refuse(("data", "eval_data", "eval_every", "save_every", "keep_last", "resume", "lora_r")
+        refuse(("data", "eval_data", "eval_every", "save_every", "keep_last", "resume", "lora_r", "fsdp")
                + (() if self.rounds else ("ref_cache",)),
                "is not used by online training (it samples its own data from --prompts; no held-out pairs, "
-               "checkpoints or LoRA yet)")
+               "checkpoints, LoRA or multi-process training yet)")
         if self.online_dpo:
             refuse(grpo_keys, "only applies to --loss grpo, not --online-dpo")
             if "kto" in self.loss_names:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from dpokit.batches import TokenizedPair, pair_batch
+from dpokit.distributed import Distributed, map_batches
 from dpokit.logprobs import PairLogps, pair_logps
 from dpokit.objectives import OBJECTIVES, combined_loss, needs_reference
 
@@ -12,15 +13,17 @@ from dpokit.objectives import OBJECTIVES, combined_loss, needs_reference
 @torch.no_grad()
 def reference_logps(model, pairs: list[TokenizedPair], batch_size: int, pad_id: int, device,
                     ld_alpha: float | None = None, with_wpo: bool = False, prefix_sharing: bool = True,
-                    pack_tokens: int = 0) -> PairLogps:
+                    pack_tokens: int = 0, ctx: Distributed | None = None) -> PairLogps:
     """Log-prob summaries of every pair under `model`, concatenated over batches, on CPU.
 
-    Used for the frozen reference (computed once, reused by every evaluation) and for the policy."""
-    parts = []
-    for i in range(0, len(pairs), batch_size):
-        batch = pair_batch(pairs[i:i + batch_size], pad_id, prefix_sharing, pack_tokens)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        parts.append(pair_logps(model, batch, ld_alpha, with_wpo))
+    Used for the frozen reference (computed once, reused by every evaluation) and for the policy. Under
+    torchrun the batches are shared out over the ranks (in lockstep: an FSDP model's forward is collective)
+    and every rank gets the whole result."""
+    def batch_logps(b: int) -> PairLogps:
+        batch = pair_batch(pairs[b * batch_size:(b + 1) * batch_size], pad_id, prefix_sharing, pack_tokens)
+        return pair_logps(model, {k: v.to(device) for k, v in batch.items()}, ld_alpha, with_wpo)
+
+    parts = map_batches(batch_logps, -(-len(pairs) // batch_size), ctx, lockstep=True)
 
     def cat(name):
         values = [getattr(p, name) for p in parts]
@@ -30,7 +33,8 @@ def reference_logps(model, pairs: list[TokenizedPair], batch_size: int, pad_id: 
 
 
 @torch.no_grad()
-def evaluate_pairs(policy, pairs: list[TokenizedPair], ref: PairLogps, cfg, pad_id: int, device) -> dict[str, float]:
+def evaluate_pairs(policy, pairs: list[TokenizedPair], ref: PairLogps, cfg, pad_id: int, device,
+                   ctx: Distributed | None = None) -> dict[str, float]:
     """Held-out metrics of the policy against `ref` (the starting reference, from `reference_logps`).
 
     eval/loss is the configured paired objective (absent for KTO); eval/rewards/* are always
@@ -39,7 +43,7 @@ def evaluate_pairs(policy, pairs: list[TokenizedPair], ref: PairLogps, cfg, pad_
     was_training = policy.training
     policy.eval()
     pol = reference_logps(policy, pairs, cfg.eval_batch_size, pad_id, device, cfg.ld_alpha, cfg.use_weighting,
-                          cfg.prefix_sharing, cfg.pack_tokens)
+                          cfg.prefix_sharing, cfg.pack_tokens, ctx)
     policy.train(was_training)
     rc, rr = cfg.beta * (pol.chosen - ref.chosen), cfg.beta * (pol.rejected - ref.rejected)
     metrics = {}

@@ -55,12 +55,17 @@ def load_cached(key: str) -> PairLogps | None:
 
 @torch.no_grad()
 def compute_reference(model, pairs: list[TokenizedPair], batch_size: int, pad_id: int, device,
-                      ld_alpha: float | None, pack_tokens: int) -> PairLogps:
-    """Reference log-probs of every pair, in order, on CPU (prefix-shared, packed layout)."""
-    parts = []
-    for i in range(0, len(pairs), batch_size):
-        batch = {k: v.to(device) for k, v in pair_batch(pairs[i:i + batch_size], pad_id, True, pack_tokens).items()}
-        parts.append(pair_logps(model, batch, ld_alpha))
+                      ld_alpha: float | None, pack_tokens: int, ctx=None) -> PairLogps:
+    """Reference log-probs of every pair, in order, on CPU (prefix-shared, packed layout). Under torchrun
+    (`ctx`) each rank computes every world-th batch — the same batches as one process, so the same sums."""
+    from dpokit.distributed import map_batches
+
+    def batch_logps(b: int) -> PairLogps:
+        rows = pairs[b * batch_size:(b + 1) * batch_size]
+        batch = {k: v.to(device) for k, v in pair_batch(rows, pad_id, True, pack_tokens).items()}
+        return pair_logps(model, batch, ld_alpha)
+
+    parts = map_batches(batch_logps, -(-len(pairs) // batch_size), ctx)
     return PairLogps(*(torch.cat([getattr(p, n) for p in parts]).cpu()
                        for n in ("chosen", "rejected", "chosen_tokens", "rejected_tokens")))
 

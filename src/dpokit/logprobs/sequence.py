@@ -112,6 +112,30 @@ def batch_token_logps(model, batch: dict[str, torch.Tensor], with_sq: bool = Fal
     return TokenLogps(values, index["score_seq"], index["score_pos"], sq, int(index["n_seqs"]))
 
 
+class TokenLogpsModule(torch.nn.Module):
+    """A causal LM whose forward is `batch_token_logps`: the unit DDP and FSDP2 wrap.
+
+    They act through hooks on a module's forward, and the fast path above calls the decoder and the LM
+    head separately, never the HF model's own forward."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, batch: dict, with_sq: bool = False):
+        tok = batch_token_logps(self.lm, batch, with_sq)
+        # a tuple of tensors, not a dataclass: the wrappers find the outputs to hook by walking the pytree
+        return tok.values, tok.rows, tok.positions, tok.log_sum_sq, torch.tensor(tok.n_rows)
+
+
+def token_logps(model, batch: dict[str, torch.Tensor], with_sq: bool = False) -> TokenLogps:
+    """`batch_token_logps` for an HF model, or through the forward of a DDP/FSDP-wrapped `TokenLogpsModule`."""
+    if isinstance(model, TokenLogpsModule) or isinstance(getattr(model, "module", None), TokenLogpsModule):
+        values, rows, positions, log_sum_sq, n_rows = model(batch, with_sq)
+        return TokenLogps(values, rows, positions, log_sum_sq, int(n_rows))
+    return batch_token_logps(model, batch, with_sq)
+
+
 def completion_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                            completion_mask: torch.Tensor, position_ids: torch.Tensor | None = None,
                            with_sq: bool = False) -> TokenLogps:
@@ -171,7 +195,7 @@ def pair_logps(model, batch: dict[str, torch.Tensor], ld_alpha: float | None = N
     ld_alpha (LD-DPO, Liu 2024): tokens beyond the shorter completion's length count with weight α, so
     the longer answer's extra tokens stop dominating the log-ratio. α = 1 is plain DPO.
     """
-    tok = batch_token_logps(model, batch, with_sq=with_wpo)
+    tok = token_logps(model, batch, with_sq=with_wpo)
     counts = tok.counts()
     b = tok.n_rows // 2
     weights = None

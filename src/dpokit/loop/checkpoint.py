@@ -48,16 +48,19 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(output_dir: str, step: int, policy, tokenizer, optimizer, scheduler, config_yaml: str,
-                    reference=None, eval_ref=None, keep_last: int = 0) -> Path:
+def save_checkpoint(output_dir: str, step: int, policy, tokenizer, optimizer_state: dict, scheduler,
+                    config_yaml: str, reference=None, eval_ref=None, keep_last: int = 0, model_state=None,
+                    world: int = 1) -> Path:
     """Write a complete checkpoint atomically. `reference` is saved only when it moves (TR-DPO);
-    `eval_ref` (held-out reference log-probs) so a resumed run compares with the same starting point."""
+    `eval_ref` (held-out reference log-probs) so a resumed run compares with the same starting point.
+    `model_state`: whole weights gathered from an FSDP-sharded policy (else the policy's own);
+    `world`: the number of processes, which fixes the global batch and so the data order."""
     root = checkpoint_root(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
     tmp = root / f".tmp-step-{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
-    policy.save_pretrained(tmp, safe_serialization=True)
+    policy.save_pretrained(tmp, safe_serialization=True, state_dict=model_state)
     if hasattr(policy, "peft_config"):  # a PEFT model saves only its adapter: keep every weight for resume
         save_model(policy, str(tmp / "model.safetensors"))
     tokenizer.save_pretrained(tmp)
@@ -65,7 +68,8 @@ def save_checkpoint(output_dir: str, step: int, policy, tokenizer, optimizer, sc
         save_model(reference, str(tmp / REFERENCE))  # drops tied duplicates (embeddings = lm_head)
     torch.save({
         "step": step,
-        "optimizer": optimizer.state_dict(),
+        "optimizer": optimizer_state,
+        "world_size": world,
         "scheduler": scheduler.state_dict(),
         "torch_rng": torch.get_rng_state(),
         "python_rng": list(random.getstate()[1]),
@@ -127,15 +131,24 @@ def find_checkpoint(output_dir: str, resume: str, log=print) -> Path | None:
     raise CheckpointError(f"--resume auto: no complete checkpoint under {checkpoint_root(output_dir)}")
 
 
-def load_checkpoint(path: Path, policy, optimizer, scheduler, reference=None, eval_ref=None):
-    """Restore everything saved by `save_checkpoint`; return (step to continue from, eval_ref)."""
+def load_weights(path: Path, policy, reference=None) -> None:
+    """The checkpoint's policy (and moving reference) weights; before any FSDP sharding: whole tensors."""
     _load_weights(policy, path / "model.safetensors")
     if (path / REFERENCE).is_file():
         if reference is None:
             raise CheckpointError(f"{path}: holds a moving (TR-DPO) reference but this run has none")
         _load_weights(reference, path / REFERENCE)
+
+
+def load_training_state(path: Path, load_optimizer, scheduler, eval_ref=None, world: int = 1):
+    """Optimizer (through `load_optimizer(state)`), schedule, RNG and position; returns (step, eval_ref)."""
     state = torch.load(path / STATE, weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
+    saved_world = state.get("world_size", 1)
+    if saved_world != world:
+        raise CheckpointError(f"{path} was written by {saved_world} process(es), this run has {world}: the global "
+                              "batch (batch_size × grad_accum × processes) fixes the data order, so resume with "
+                              f"{saved_world} process(es)")
+    load_optimizer(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
     py = random.getstate()
@@ -144,6 +157,15 @@ def load_checkpoint(path: Path, policy, optimizer, scheduler, reference=None, ev
         from dpokit.logprobs import PairLogps
         eval_ref = PairLogps(**state["eval_ref"])
     return int(state["step"]), eval_ref
+
+
+def keep_metrics_until(path: Path, step: int) -> None:
+    """Drop metric lines of steps after `step` (written by a run that died before its next checkpoint)."""
+    if not path.is_file():
+        return
+    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= step]
+    path.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
 
 
 # Options that may change between a run and its resumption without breaking exactness.

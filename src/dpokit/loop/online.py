@@ -51,7 +51,8 @@ from dpokit.loop.checkpoint import check_writable
 from dpokit.loop.optim import build_optimizer, build_scheduler
 from dpokit.loop.reference import load_ref_model
 from dpokit.loop.steps import NonFiniteError, paired_step
-from dpokit.loop.train import TrainResult, disable_dropout, pick_device, train
+from dpokit.loop.train import TrainResult, pick_device, train
+from dpokit.models.lora import disable_dropout
 from dpokit.models import load_model, load_tokenizer
 from dpokit.objectives import needs_reference
 from dpokit.objectives.grpo import group_advantages, grpo_loss, normalizer

@@ -12,6 +12,9 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 
+import torch
+
+from dpokit.distributed import Distributed, broadcast_object
 from dpokit.logprobs import PairLogps, compute_precision
 from dpokit.logprobs.sequence import autocasts_bf16
 from dpokit.logprobs.refcache import cache_key, cache_path, compute_reference, load_cached, store, weights_digest
@@ -41,11 +44,14 @@ def load_ref_model(cfg, tokenizer, device):
     return load_model(cfg.ref_model, device, cfg.allow_pickle, cfg.trust_remote_code).requires_grad_(False).eval()
 
 
-def prepare_reference(cfg, policy, tokenizer, train_set, eval_set, unpaired: bool, device, pad_id: int, log):
+def prepare_reference(cfg, policy, tokenizer, train_set, eval_set, unpaired: bool, device, pad_id: int, log,
+                      ctx: Distributed | None = None):
     """Return (reference model or None, cached train reference log-probs or None, eval reference log-probs).
 
     Held-out reference log-probs always come from the starting reference — the starting policy itself
-    for reference-free objectives — so every objective reports comparable eval/rewards."""
+    for reference-free objectives — so every objective reports comparable eval/rewards. Under torchrun
+    (`ctx`) the ranks compute them in parallel; rank 0 reads and writes the cache file."""
+    ctx = ctx or Distributed()
     with_ref = needs_reference(cfg.loss_names)
     model = None
     if cfg.ref_model:
@@ -70,7 +76,7 @@ def prepare_reference(cfg, policy, tokenizer, train_set, eval_set, unpaired: boo
 
     def logps_of(pairs, role: str) -> PairLogps:
         key = cache_key(digest, pairs, cfg.ld_alpha) if cfg.ref_cache else None
-        cached = load_cached(key) if key else None
+        cached = broadcast_object(load_cached(key) if key and ctx.is_main else None, ctx)
         if cached is not None:
             log(f"{role} reference log-probs: read from cache {cache_path(key)}")
             return cached
@@ -79,10 +85,11 @@ def prepare_reference(cfg, policy, tokenizer, train_set, eval_set, unpaired: boo
         source = model if model is not None else (policy if cacheable or not with_ref else the_model())
         with compute_precision(device, cfg.dtype):
             logps = compute_reference(source, pairs, cfg.eval_batch_size, pad_id, device, cfg.ld_alpha,
-                                      cfg.pack_tokens)
+                                      cfg.pack_tokens, ctx)
         seconds = time.perf_counter() - start
-        where = f", cached at {store(key, logps)}" if key else ""
-        log(f"{role} reference log-probs: computed for {len(pairs)} pairs in {seconds:.1f} s{where}")
+        where = f", cached at {store(key, logps)}" if key and ctx.is_main else ""
+        on = f" on {ctx.world} processes" if ctx.enabled else ""
+        log(f"{role} reference log-probs: computed for {len(pairs)} pairs in {seconds:.1f} s{on}{where}")
         return logps
 
     eval_ref = logps_of(eval_set, "held-out") if eval_set else None
@@ -94,3 +101,10 @@ def prepare_reference(cfg, policy, tokenizer, train_set, eval_set, unpaired: boo
     elif with_ref:
         model = the_model()
     return model, train_ref, eval_ref
+
+
+@torch.no_grad()
+def sync_reference(reference, policy, alpha: float) -> None:
+    """TR-DPO (Gorbatovski 2024) soft update: π_ref ← α·π + (1 − α)·π_ref."""
+    for ref_param, param in zip(reference.parameters(), policy.parameters()):
+        ref_param.mul_(1 - alpha).add_(param, alpha=alpha)

@@ -3,14 +3,17 @@
 Everything a step does is visible here: reference log-probs under no_grad, policy log-probs with grad,
 the loss, backward over grad_accum micro-batches, clipping, the optimizer and schedule steps, metrics.
 The data order is a pure function of (seed, step), so a resumed run sees exactly the batches an
-uninterrupted run would have seen.
+uninterrupted run would have seen. Under torchrun every rank runs this same loop on its share of each
+micro-batch (`dpokit.distributed` holds the bookkeeping); with one process those helpers do nothing.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import signal
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -24,13 +27,15 @@ from dpokit.config import TrainConfig
 from dpokit.data import builtin_path, load_completions, load_pairs
 from dpokit.evaluation import evaluate_pairs
 from dpokit.logprobs import compute_precision
+from dpokit.distributed import (Distributed, DistributedError, any_across, full_model_state, full_optimizer_state,
+                                gradient_sync, grad_norm_value, load_optimizer_state, start, sum_across, wrap)
 from dpokit.loop.checkpoint import (check_same_run, check_writable, complete_checkpoints, find_checkpoint,
-                                    load_checkpoint, save_checkpoint)
+                                    keep_metrics_until, load_training_state, load_weights, save_checkpoint)
 from dpokit.loop.signals import StopSignals, TrainingInterrupted
 from dpokit.loop.optim import build_optimizer, build_scheduler
-from dpokit.loop.reference import AdaptersOff, prepare_reference
+from dpokit.loop.reference import AdaptersOff, prepare_reference, sync_reference
 from dpokit.models import load_model, load_tokenizer
-from dpokit.models.load import ModelError
+from dpokit.models.lora import add_lora, disable_dropout
 from dpokit.loop.steps import NonFiniteError, finish_kto_metrics, kto_step, paired_step
 from dpokit.objectives import OBJECTIVES
 
@@ -80,21 +85,37 @@ def load_data(cfg: TrainConfig, tokenizer, unpaired: bool, log) -> tuple[list, l
 def train(config: TrainConfig | None = None, log=print, **overrides) -> TrainResult:
     """Train a policy with the configured objective (DPO by default).
 
-    `overrides` are TrainConfig fields: train(beta=0.5, data="pairs.jsonl")."""
+    `overrides` are TrainConfig fields: train(beta=0.5, data="pairs.jsonl"). Under torchrun (or inside a
+    process group the caller made) this process trains its share: DDP, or FSDP2 with fsdp=True."""
     cfg = TrainConfig.from_dict({**(config.to_dict() if config else {}), **overrides})
     if cfg.online:  # GRPO / online DPO: trains on its own samples, not on a pairs file
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise DistributedError("online training (grpo, --online-dpo) runs in one process for now: launch it "
+                                   "without torchrun")
         from dpokit.loop.online import train_online
         return train_online(cfg, log)
-    device = pick_device(cfg.device)
-    torch.manual_seed(cfg.seed)
+    ctx = start(cfg.fsdp, cfg.device)
+    try:
+        return _train(cfg, ctx, log if ctx.is_main else (lambda *a, **k: None))
+    finally:
+        ctx.close()
+
+
+def _train(cfg: TrainConfig, ctx: Distributed, log) -> TrainResult:
+    unpaired = any(OBJECTIVES[n].data == "unpaired" for n in cfg.loss_names)
+    if unpaired and ctx.enabled:
+        raise DistributedError("kto under torchrun is not supported yet: its KL reference point mixes completions "
+                               "across the batch; run it in one process")
+    device = ctx.device(cfg.device)
+    torch.manual_seed(cfg.seed)  # the same seed on every rank: LoRA's initial weights must agree
     random.seed(cfg.seed)
     out = Path(cfg.output_dir)
-    check_writable(cfg.output_dir, 0)  # before minutes of loading: a bad --output-dir fails now
-    (out / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+    if ctx.is_main:
+        check_writable(cfg.output_dir, 0)  # before minutes of loading: a bad --output-dir fails now
+        (out / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
 
     # ---- data and models --------------------------------------------------------------------------
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
-    unpaired = any(OBJECTIVES[n].data == "unpaired" for n in cfg.loss_names)
     step_fn = kto_step if unpaired else paired_step
     train_set, eval_set = load_data(cfg, tokenizer, unpaired, log)
     pad_id = tokenizer.pad_token_id
@@ -102,7 +123,7 @@ def train(config: TrainConfig | None = None, log=print, **overrides) -> TrainRes
     # Dropout stays off (eval mode): log π − log π_ref must compare the same deterministic function.
     policy.eval()
     reference, train_ref, eval_ref = prepare_reference(cfg, policy, tokenizer, train_set, eval_set, unpaired,
-                                                       device, pad_id, log)
+                                                       device, pad_id, log, ctx)
     if cfg.lora_r:
         policy = add_lora(policy, cfg, log)
         if reference == "adapters-off":
@@ -114,73 +135,103 @@ def train(config: TrainConfig | None = None, log=print, **overrides) -> TrainRes
             disable_dropout(policy)
         policy.train()
 
-    # ---- schedule ---------------------------------------------------------------------------------
+    # ---- schedule: a micro-batch is batch_size rows per process; each process takes every world-th row --
     n = len(train_set)
-    micro_per_epoch = math.ceil(n / cfg.batch_size)
-    if unpaired and n % cfg.batch_size == 1 and micro_per_epoch > 1:
+    micro_size = cfg.batch_size * ctx.world
+    micro_per_epoch = math.ceil(n / micro_size)
+    if unpaired and n % micro_size == 1 and micro_per_epoch > 1:
         micro_per_epoch -= 1  # the lone last example joins the previous micro-batch (see step_batches)
     steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
 
     def step_batches(step: int) -> list[list[int]]:
-        """Row indices of each micro-batch of optimizer step `step`, from (seed, epoch) alone."""
+        """Row indices of each micro-batch of optimizer step `step` (all ranks), from (seed, epoch) alone."""
         epoch, k = divmod(step, steps_per_epoch)
         order = (torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
                  if cfg.shuffle else list(range(n)))
-        micro = [order[i:i + cfg.batch_size] for i in range(0, n, cfg.batch_size)]
+        micro = [order[i:i + micro_size] for i in range(0, n, micro_size)]
         if unpaired and len(micro) > 1 and len(micro[-1]) == 1:
             tail = micro.pop()  # KTO's KL estimate needs another example's completion in the batch
             micro[-1] = micro[-1] + tail
         return micro[k * cfg.grad_accum:(k + 1) * cfg.grad_accum]
 
-    optimizer = build_optimizer(policy.parameters(), cfg.optimizer, cfg.lr, cfg.weight_decay)
-    scheduler = build_scheduler(optimizer, cfg.warmup_steps, total_steps, cfg.lr_scheduler)
     # weights + two AdamW moments (fp32), plus 10 %: refuse now rather than fail at the first save
-    check_writable(cfg.output_dir, int(sum(p.numel() for p in policy.parameters()) * 4 * 3 * 1.1))
-    start_step = 0
+    if ctx.is_main:
+        check_writable(cfg.output_dir, int(sum(p.numel() for p in policy.parameters()) * 4 * 3 * 1.1))
     ckpt = find_checkpoint(cfg.output_dir, cfg.resume, log) if cfg.resume else None
     if ckpt is not None:
         check_same_run(ckpt, cfg.to_dict())
-        start_step, eval_ref = load_checkpoint(ckpt, policy, optimizer, scheduler, reference, eval_ref)
+        load_weights(ckpt, policy, reference)  # whole tensors, before FSDP shards them
+    trained = wrap(policy, ctx) if ctx.enabled else policy  # what the steps call (DDP/FSDP hooks its forward)
+    optimizer = build_optimizer(policy.parameters(), cfg.optimizer, cfg.lr, cfg.weight_decay)
+    scheduler = build_scheduler(optimizer, cfg.warmup_steps, total_steps, cfg.lr_scheduler)
+    start_step = 0
+    if ckpt is not None:
+        start_step, eval_ref = load_training_state(ckpt, lambda s: load_optimizer_state(trained, optimizer, s, ctx),
+                                                   scheduler, eval_ref, ctx.world)
         log(f"resumed from {ckpt} at step {start_step}")
-        keep_metrics_until(out / "metrics.jsonl", start_step)  # steps after the checkpoint are redone
+        if ctx.is_main:
+            keep_metrics_until(out / "metrics.jsonl", start_step)  # steps after the checkpoint are redone
 
-    def checkpoint(step_done: int):
-        return save_checkpoint(cfg.output_dir, step_done, policy, tokenizer, optimizer, scheduler, cfg.to_yaml(),
-                               reference if cfg.sync_ref_every else None, eval_ref, cfg.keep_last)
+    def checkpoint(step_done: int) -> Path:
+        model_state = full_model_state(trained, ctx)  # gathers shards: every rank takes part
+        optimizer_state = full_optimizer_state(trained, optimizer, ctx)
+        path = None
+        if ctx.is_main:
+            path = save_checkpoint(cfg.output_dir, step_done, policy, tokenizer, optimizer_state, scheduler,
+                                   cfg.to_yaml(), reference if cfg.sync_ref_every else None, eval_ref, cfg.keep_last,
+                                   model_state, ctx.world)
+        ctx.barrier()  # no rank moves on (or exits) before the checkpoint is complete
+        return path
+
+    def evaluate() -> dict[str, float]:
+        return run_eval(trained if ctx.fsdp else policy, eval_set, eval_ref, cfg, pad_id, device, ctx)
 
     # ---- held-out evaluation before training ---------------------------------------------------------
     eval_before = None
     if eval_set:
-        eval_before = run_eval(policy, eval_set, eval_ref, cfg, pad_id, device)
+        eval_before = evaluate()
         log(f"held-out {'before training' if not start_step else 'at resume'} ({len(eval_set)} pairs): "
             f"{format_eval(eval_before)}")
 
     # ---- training -------------------------------------------------------------------------------
     unit = "completions" if unpaired else "pairs"
-    log(f"training {cfg.loss} for {total_steps - start_step} steps × {cfg.batch_size * cfg.grad_accum} {unit} "
-        f"({n} {unit}, {steps_per_epoch} steps/epoch) on {device}")
-    metrics_file = open(out / "metrics.jsonl", "a" if start_step else "w", encoding="utf-8")
-    bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, disable=not cfg.progress,
-               desc="dpo", dynamic_ncols=True)
+    where = (f"{ctx.world} processes ({'FSDP2' if ctx.fsdp else 'DDP'}, {cfg.batch_size} {unit} each per micro-batch)"
+             if ctx.enabled else str(device))
+    log(f"training {cfg.loss} for {total_steps - start_step} steps × {micro_size * cfg.grad_accum} {unit} "
+        f"({n} {unit}, {steps_per_epoch} steps/epoch) on {where}")
+    metrics_file = open(out / "metrics.jsonl", "a" if start_step else "w", encoding="utf-8") if ctx.is_main else None
+    bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps,
+               disable=not (cfg.progress and ctx.is_main), desc="dpo", dynamic_ncols=True)
     def optimizer_step(step: int) -> dict:
         """grad_accum micro-batches, clip, update; the step's metrics. Raises NonFiniteError before the update."""
         t0 = time.perf_counter()
         micro = step_batches(step)
         step_pairs = sum(len(m) for m in micro)
         sums: dict[str, float] = defaultdict(float)
-        tokens = 0
-        for idx in micro:
-            ref_rows = train_ref.select(idx, device) if train_ref is not None else None
-            micro_sums, micro_tokens = step_fn(policy, reference, [train_set[i] for i in idx], cfg, pad_id, device,
-                                               step_pairs, step + 1, ref_rows)
+        for k, idx in enumerate(micro):
+            mine = idx[ctx.rank::ctx.world]
+            # A rank with no row left in the epoch's last micro-batch repeats one with weight 0: every rank
+            # must run each forward and backward, or the gradient reduction would wait forever.
+            weight = 1.0 if mine else 0.0
+            mine = mine or idx[:1]
+            ref_rows = train_ref.select(mine, device) if train_ref is not None else None
+            with gradient_sync(trained, ctx, sync=k == len(micro) - 1):
+                # ÷ (step_pairs / world): DDP and FSDP average gradients over ranks, so this yields the step mean
+                micro_sums, micro_tokens = step_fn(trained, reference, [train_set[i] for i in mine], cfg, pad_id,
+                                                   device, step_pairs / ctx.world, step + 1, ref_rows, weight,
+                                                   check_finite=not ctx.enabled)
             for key, value in micro_sums.items():
-                sums[key] += value
-            tokens += micro_tokens
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm or float("inf"))
-        if not torch.isfinite(grad_norm):
-            raise NonFiniteError(f"step {step + 1}: non-finite gradient norm on rows "
-                                 f"{[train_set[i].source for m in micro for i in m]}")
+                sums[key] += value * weight
+            sums["tokens"] += micro_tokens * weight
+        sums = sum_across(sums, ctx)
+        rows = [train_set[i].source for m in micro for i in m]
+        if not math.isfinite(sums["loss"]):
+            raise NonFiniteError(f"step {step + 1}: non-finite loss on rows {rows}")
+        norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm or float("inf"))
+        grad_norm = grad_norm_value(norm)
+        if not math.isfinite(grad_norm):
+            raise NonFiniteError(f"step {step + 1}: non-finite gradient norm on rows {rows}")
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -188,11 +239,12 @@ def train(config: TrainConfig | None = None, log=print, **overrides) -> TrainRes
         if cfg.sync_ref_every and (step + 1) % cfg.sync_ref_every == 0:
             sync_reference(reference, policy, cfg.sync_ref_alpha)
         seconds = time.perf_counter() - t0
+        tokens = sums.pop("tokens")
         record = {"step": step + 1, "epoch": round((step + 1) / steps_per_epoch, 4)}
         record.update({k: v / step_pairs for k, v in sums.items()})
         if unpaired:
             finish_kto_metrics(record)
-        record.update({"lr": lr, "grad_norm": grad_norm.item(), "pairs_per_s": step_pairs / seconds,
+        record.update({"lr": lr, "grad_norm": grad_norm, "pairs_per_s": step_pairs / seconds,
                        "tokens_per_s": tokens / seconds})
         return record
 
@@ -212,16 +264,18 @@ def train(config: TrainConfig | None = None, log=print, **overrides) -> TrainRes
                 record = {"step": step + 1, "skipped_nonfinite": skipped_nonfinite}
             if "loss" in record and eval_set and cfg.eval_every and (step + 1) % cfg.eval_every == 0 \
                     and step + 1 < total_steps:
-                record.update(run_eval(policy, eval_set, eval_ref, cfg, pad_id, device))
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
+                record.update(evaluate())
+            if metrics_file:
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
             if "loss" in record:
                 bar.set_postfix(loss=f"{record['loss']:.4f}", **({"acc": f"{record['rewards/accuracies']:.2f}",
                                 "margin": f"{record['rewards/margins']:.3f}"} if not unpaired else {}))
-            if stop.received is not None:
+            if any_across(stop.received is not None, ctx):  # every rank stops at the same step
                 bar.close()
-                metrics_file.close()
-                raise TrainingInterrupted(stop.received, checkpoint(step + 1))
+                if metrics_file:
+                    metrics_file.close()
+                raise TrainingInterrupted(stop.received or signal.SIGTERM, checkpoint(step + 1))
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total_steps:
                 checkpoint(step + 1)
     bar.close()
@@ -229,26 +283,22 @@ def train(config: TrainConfig | None = None, log=print, **overrides) -> TrainRes
     # ---- held-out evaluation after training, and the final model ------------------------------------
     eval_after = None
     if eval_set:
-        eval_after = run_eval(policy, eval_set, eval_ref, cfg, pad_id, device)
-        metrics_file.write(json.dumps({"step": total_steps, **eval_after}) + "\n")
+        eval_after = evaluate()
+        if metrics_file:
+            metrics_file.write(json.dumps({"step": total_steps, **eval_after}) + "\n")
         log(f"held-out after training  ({len(eval_set)} pairs): {format_eval(eval_after)}")
-    metrics_file.close()
+    if metrics_file:
+        metrics_file.close()
     final = out / "final"
-    if cfg.lora_r and cfg.merge_lora:
-        policy = policy.merge_and_unload()  # a plain transformers model again, adapters folded in
-    policy.save_pretrained(final, safe_serialization=True)
-    tokenizer.save_pretrained(final)
+    model_state = full_model_state(trained, ctx)
+    if ctx.is_main:
+        if cfg.lora_r and cfg.merge_lora:
+            policy = policy.merge_and_unload()  # a plain transformers model again, adapters folded in
+        policy.save_pretrained(final, safe_serialization=True, state_dict=model_state)
+        tokenizer.save_pretrained(final)
+    ctx.barrier()
     log(f"saved {final} (load it with AutoModelForCausalLM.from_pretrained); metrics in {out / 'metrics.jsonl'}")
     return TrainResult(out, total_steps, eval_before, eval_after, final, start_step)
-
-
-def keep_metrics_until(path: Path, step: int) -> None:
-    """Drop metric lines of steps after `step` (written by a run that died before its next checkpoint)."""
-    if not path.is_file():
-        return
-    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= step]
-    path.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
 
 
 def cache_reference(config: TrainConfig | None = None, log=print, **overrides) -> None:
@@ -257,51 +307,25 @@ def cache_reference(config: TrainConfig | None = None, log=print, **overrides) -
     cfg = TrainConfig.from_dict({**(config.to_dict() if config else {}), **overrides})
     if cfg.online:
         raise ValueError("nothing to cache: online training (grpo, --online-dpo) samples new completions every step")
-    device = pick_device(cfg.device)
-    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     unpaired = any(OBJECTIVES[n].data == "unpaired" for n in cfg.loss_names)
     if unpaired or cfg.sync_ref_every or not cfg.ref_cache:
         raise ValueError("nothing to cache: kto, TR-DPO (--sync-ref-every) and --no-ref-cache run the reference live")
-    train_set, eval_set = load_data(cfg, tokenizer, unpaired, log)
-    policy = load_model(cfg.model, device, cfg.allow_pickle, cfg.trust_remote_code)
-    prepare_reference(cfg, policy, tokenizer, train_set, eval_set, unpaired, device, tokenizer.pad_token_id, log)
-
-
-def add_lora(policy, cfg: TrainConfig, log):
-    """Wrap the policy in PEFT LoRA adapters; only they train (B starts at 0, so π = π_ref at step 0)."""
+    ctx = start(False, cfg.device)  # under torchrun the ranks share the batches out; nothing is sharded
     try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError:
-        raise ModelError("--lora-r needs peft: pip install 'dpokit[lora]'") from None
-    targets = cfg.lora_target_modules
-    targets = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
-    disable_dropout(policy)  # the base stays deterministic; only the LoRA path gets --lora-dropout
-    policy = get_peft_model(policy, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                               target_modules=targets, task_type="CAUSAL_LM"))
-    trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in policy.parameters())
-    log(f"LoRA r={cfg.lora_r}: training {trainable:,} of {total:,} parameters ({trainable / total:.2%})")
-    return policy.train(cfg.lora_dropout > 0)  # train mode only to switch the LoRA dropout on
+        log = log if ctx.is_main else (lambda *a, **k: None)
+        device = ctx.device(cfg.device)
+        tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+        train_set, eval_set = load_data(cfg, tokenizer, unpaired, log)
+        policy = load_model(cfg.model, device, cfg.allow_pickle, cfg.trust_remote_code)
+        prepare_reference(cfg, policy, tokenizer, train_set, eval_set, unpaired, device, tokenizer.pad_token_id, log,
+                          ctx)
+    finally:
+        ctx.close()
 
 
-def disable_dropout(model) -> None:
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-        if isinstance(getattr(module, "attention_dropout", None), float):
-            module.attention_dropout = 0.0
-
-
-@torch.no_grad()
-def sync_reference(reference, policy, alpha: float) -> None:
-    """TR-DPO (Gorbatovski 2024) soft update: π_ref ← α·π + (1 − α)·π_ref."""
-    for ref_param, param in zip(reference.parameters(), policy.parameters()):
-        ref_param.mul_(1 - alpha).add_(param, alpha=alpha)
-
-
-def run_eval(policy, eval_set, eval_ref, cfg: TrainConfig, pad_id: int, device) -> dict[str, float]:
+def run_eval(policy, eval_set, eval_ref, cfg: TrainConfig, pad_id: int, device, ctx=None) -> dict[str, float]:
     with compute_precision(device, cfg.dtype):
-        return evaluate_pairs(policy, eval_set, eval_ref, cfg, pad_id, device)
+        return evaluate_pairs(policy, eval_set, eval_ref, cfg, pad_id, device, ctx)
 
 
 def format_eval(m: dict[str, float]) -> str:
