@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+import os
 import sys
+from pathlib import Path
 from dataclasses import fields
 
 from dpokit.config import ConfigError, TrainConfig
@@ -60,7 +61,7 @@ def cmd_train(args) -> int:
     except TrainingInterrupted as e:
         print(f"dpokit: {e}", file=sys.stderr)
         return 128 + e.signum
-    if result.eval_before and result.eval_after:
+    if result.eval_before and result.eval_after and os.environ.get("RANK", "0") == "0":  # once under torchrun
         b, a = result.eval_before, result.eval_after
         start = f"at resume (step {result.resumed_at})" if result.resumed_at else "before"
         print(f"held-out implicit-reward accuracy: {b['eval/rewards/accuracies']:.3f} {start} → "
@@ -241,10 +242,11 @@ def main(argv: list[str] | None = None) -> int:
     from dpokit.loop.steps import NonFiniteError
     from dpokit.models.load import ModelError
     from dpokit.evaluation.rewards import RewardError
+    from dpokit.distributed import DistributedError
     try:
         return args.func(args)
-    except (ConfigError, DataError, ModelError, CheckpointError, NonFiniteError, RewardError, FileNotFoundError,
-            ValueError) as e:
+    except (ConfigError, DataError, ModelError, CheckpointError, NonFiniteError, RewardError, DistributedError,
+            FileNotFoundError, ValueError) as e:
         print(f"dpokit: error: {e}", file=sys.stderr)
         return 2
 

@@ -197,6 +197,13 @@ def full_model_state(trained, ctx: Distributed) -> dict | None:
         return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     state = get_model_state_dict(trained, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # Tied weights (embeddings = LM head) come back as separate copies; make them one tensor again so
+    # save_pretrained stores it once, exactly as a one-process run does.
+    first_name: dict[int, str] = {}
+    for name, param in trained.state_dict(keep_vars=True).items():
+        first = first_name.setdefault(id(param), name)
+        if first != name and name in state:
+            state[name] = state[first]
     return {k.removeprefix("lm."): v for k, v in state.items()}
 
 

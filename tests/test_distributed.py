@@ -1,0 +1,194 @@
+"""torchrun with 2 gloo processes on CPU: DDP and FSDP2 give the loss, metrics and weights of one process
+with the same global batch (to 1e-5); the reference cache they compute in parallel is the one-process
+cache bit for bit; a distributed run stopped by SIGTERM resumes to the same weights; combinations that
+cannot work are refused at start-up.
+
+Each torchrun here starts two Python processes (a few seconds each); the runs are shared per module."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import write_jsonl
+from dpokit.cli import main
+from dpokit.config import ConfigError
+from dpokit.data import builtin_path
+from dpokit.distributed import DistributedError
+from dpokit.loop.checkpoint import CheckpointError, complete_checkpoints
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+TOL = 1e-5
+
+
+def _rows(start: int, count: int) -> list[dict]:
+    return [json.loads(line) for line in open(builtin_path("helpful_train"), encoding="utf-8")][start:start + count]
+
+
+def _args(model: str, base: Path, out: Path, batch_size: int, *extra: str) -> list[str]:
+    # 13 pairs: a global micro-batch of 4 leaves one pair in the epoch's last, so one rank sits it out
+    # (the weight-0 repeat); 7 held-out pairs in batches of 2 split unevenly over the ranks.
+    return ["train", "--model", model, "--data", str(base / "train.jsonl"), "--eval-data", str(base / "eval.jsonl"),
+            "--output-dir", str(out), "--batch-size", str(batch_size), "--grad-accum", "2", "--epochs", "3",
+            "--lr", "1e-3", "--eval-batch-size", "2", "--eval-every", "3", "--no-progress", *extra]
+
+
+def _torchrun(args: list[str], cache: Path, wait: bool = True):
+    env = {**os.environ, "PYTHONPATH": SRC, "DPOKIT_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "dpokit", *args]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    if not wait:
+        return proc
+    out, err = proc.communicate(timeout=300)
+    return proc.returncode, out + err
+
+
+def _one_process(args: list[str], cache: Path, monkeypatch) -> None:
+    with monkeypatch.context() as m:
+        m.setenv("DPOKIT_CACHE", str(cache))
+        assert main(args) == 0
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in open(out / "metrics.jsonl", encoding="utf-8")]
+
+
+def _close(a: float, b: float) -> bool:
+    return abs(a - b) <= TOL * max(1.0, abs(a), abs(b))
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    path = tmp_path_factory.mktemp("dist")
+    write_jsonl(path / "train.jsonl", _rows(0, 13))
+    write_jsonl(path / "eval.jsonl", _rows(20, 7))
+    return path
+
+
+@pytest.fixture(scope="module")
+def one_process(base, tiny_model_dir):
+    mp = pytest.MonkeyPatch()
+    runs = {}
+    for name, extra in (("full", ()), ("lora", ("--lora-r", "4"))):
+        _one_process(_args(tiny_model_dir, base, base / f"one-{name}", 4, *extra), base / f"cache-one-{name}", mp)
+        runs[name] = base / f"one-{name}"
+    return runs
+
+
+@pytest.mark.parametrize("mode,extra", [("ddp", ()), ("fsdp", ("--fsdp",)), ("ddp-lora", ("--lora-r", "4"))])
+def test_two_processes_match_one_process(base, tiny_model_dir, one_process, mode, extra):
+    out = base / f"two-{mode}"
+    code, log = _torchrun(_args(tiny_model_dir, base, out, 2, *extra), base / f"cache-{mode}")
+    assert code == 0, log[-3000:]
+    assert ("FSDP2" if mode == "fsdp" else "DDP") in log
+    assert log.count("held-out implicit-reward accuracy:") == 1  # the summary comes from rank 0 alone
+    expected_dir = one_process["lora" if "lora" in mode else "full"]
+
+    # metrics: written once per step by rank 0, each equal to the one-process value (sums reduced over ranks)
+    got, expected = _metrics(out), _metrics(expected_dir)
+    assert [m["step"] for m in got] == [m["step"] for m in expected] == [1, 2, 3, 4, 5, 6, 6]
+    for g, e in zip(got, expected):
+        assert set(g) == set(e)
+        for key in e:
+            if not key.endswith("_per_s"):
+                assert _close(g[key], e[key]), (g["step"], key, g[key], e[key])
+    assert any("eval/loss" in m for m in got[:-1])  # a held-out evaluation mid-run, split over the ranks
+
+    # weights (the adapter alone for LoRA): same names, same values
+    name = "adapter_model.safetensors" if "lora" in mode else "model.safetensors"
+    g, e = load_file(out / "final" / name), load_file(expected_dir / "final" / name)
+    assert g.keys() == e.keys()
+    assert max((g[k] - e[k]).abs().max().item() for k in e) <= TOL
+    start = load_file(Path(tiny_model_dir) / "model.safetensors")
+    if "lora" not in mode:  # and they did move: the comparison is not between two untouched models
+        assert max((g[k] - start[k]).abs().max().item() for k in start) > 1e-3
+
+
+def test_reference_cache_computed_in_parallel_is_the_one_process_cache(base, one_process):
+    one = sorted((base / "cache-one-full" / "refcache").glob("*.safetensors"))
+    two = sorted((base / "cache-ddp" / "refcache").glob("*.safetensors"))
+    if not two:
+        pytest.skip("needs the DDP run of test_two_processes_match_one_process")
+    assert [p.name for p in one] == [p.name for p in two] and len(one) == 2  # training and held-out pairs
+    for a, b in zip(one, two):
+        ta, tb = load_file(a), load_file(b)
+        assert all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def _wait_for_checkpoint(proc, out: Path, at_least: int) -> None:
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        done = [int(p.name.split("-")[1]) for p in complete_checkpoints(str(out))]
+        if done and max(done) >= at_least:
+            return
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.005)
+    raise AssertionError("no checkpoint appeared")
+
+
+@pytest.mark.parametrize("mode,extra", [("ddp", ()), ("fsdp", ("--fsdp",))])
+def test_distributed_run_stops_on_sigterm_and_resumes(base, tiny_model_dir, monkeypatch, mode, extra):
+    steps = ["--max-steps", "40", "--save-every", "4", "--eval-every", "0"]
+    expected = base / "resume-one"
+    if not (expected / "final").exists():  # shared by both modes
+        _one_process(_args(tiny_model_dir, base, expected, 4, *steps), base / "cache-resume", monkeypatch)
+    out = base / f"resume-{mode}"
+    proc = _torchrun(_args(tiny_model_dir, base, out, 2, *steps, *extra), base / "cache-resume", wait=False)
+    _wait_for_checkpoint(proc, out, 8)
+    proc.send_signal(signal.SIGTERM)  # torchrun passes it on to both workers
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode != 0 and "continue with --resume auto" in err, err[-3000:]
+    assert not (out / "final").exists()
+    code, log = _torchrun(_args(tiny_model_dir, base, out, 2, *steps, *extra, "--resume", "auto"),
+                          base / "cache-resume")
+    assert code == 0, log[-3000:]
+    assert "resumed from" in log
+    assert [m["step"] for m in _metrics(out)] == list(range(1, 41)) + [40]  # every step once, then the final eval
+    g, e = load_file(out / "final" / "model.safetensors"), load_file(expected / "final" / "model.safetensors")
+    assert max((g[k] - e[k]).abs().max().item() for k in e) <= TOL
+
+    # that checkpoint belongs to a 2-process run: one process would see other batches, so it is refused
+    # (an FSDP checkpoint is refused for its --fsdp option already)
+    with pytest.raises(CheckpointError, match="2 process" if mode == "ddp" else "fsdp: True → False"):
+        from dpokit import train
+        train(model=tiny_model_dir, data=str(base / "train.jsonl"), output_dir=str(base / f"resume-1-{mode}"),
+              batch_size=2, grad_accum=2, epochs=3, lr=1e-3, eval_batch_size=2, max_steps=40, save_every=4,
+              progress=False, resume=str(complete_checkpoints(str(out))[0]), log=lambda *a: None)
+
+
+def test_combinations_that_cannot_work_are_refused_at_start_up(base, tiny_model_dir, monkeypatch, capsys):
+    from dpokit import train
+    from dpokit.config import TrainConfig
+    with pytest.raises(DistributedError, match="launch with torchrun"):
+        train(model=tiny_model_dir, data=str(base / "train.jsonl"), fsdp=True, output_dir=str(base / "x"),
+              log=lambda *a: None)
+    for bad in ({"lora_r": 4}, {"sync_ref_every": 2}):
+        with pytest.raises(ConfigError, match="fsdp"):
+            TrainConfig.from_dict({"fsdp": True, **bad})
+    with pytest.raises(ConfigError, match="multi-process"):
+        TrainConfig.from_dict({"fsdp": True, "loss": "grpo"})
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(DistributedError, match="online training"):
+        train(loss="grpo", output_dir=str(base / "x"), log=lambda *a: None)
+    with pytest.raises(DistributedError, match="RANK is not set"):
+        train(model=tiny_model_dir, data=str(base / "train.jsonl"), output_dir=str(base / "x"), log=lambda *a: None)
+    monkeypatch.delenv("WORLD_SIZE")
+
+    # under torchrun, before any training: KTO's batch-wide KL point is not split over ranks (yet)
+    write_jsonl(base / "kto.jsonl", [{"prompt": r["prompt"], "completion": r["chosen"], "label": True}
+                                     for r in _rows(0, 6)])
+    code, log = _torchrun(["train", "--model", tiny_model_dir, "--data", str(base / "kto.jsonl"), "--loss", "kto",
+                           "--output-dir", str(base / "kto"), "--no-progress"], base / "cache-kto")
+    assert code != 0 and "dpokit: error: kto under torchrun is not supported" in log, log[-3000:]
+    assert not (base / "kto" / "metrics.jsonl").exists()
