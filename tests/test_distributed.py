@@ -86,12 +86,13 @@ def one_process(base, tiny_model_dir):
     return runs
 
 
-@pytest.mark.parametrize("mode,extra", [("ddp", ()), ("fsdp", ("--fsdp",)), ("ddp-lora", ("--lora-r", "4"))])
+@pytest.mark.parametrize("mode,extra", [("ddp", ()), ("fsdp", ("--fsdp",)), ("ddp-lora", ("--lora-r", "4")),
+                                        ("fsdp-checkpointing", ("--fsdp", "--gradient-checkpointing"))])
 def test_two_processes_match_one_process(base, tiny_model_dir, one_process, mode, extra):
     out = base / f"two-{mode}"
     code, log = _torchrun(_args(tiny_model_dir, base, out, 2, *extra), base / f"cache-{mode}")
     assert code == 0, log[-3000:]
-    assert ("FSDP2" if mode == "fsdp" else "DDP") in log
+    assert ("FSDP2" if mode.startswith("fsdp") else "DDP") in log
     assert log.count("held-out implicit-reward accuracy:") == 1  # the summary comes from rank 0 alone
     expected_dir = one_process["lora" if "lora" in mode else "full"]
 

@@ -189,6 +189,46 @@ def test_bf16_autocast_keeps_logps_and_loss_in_fp32(tmp_path, tiny_model_dir, ex
     assert math.isfinite(bf16[-1]["loss"])
 
 
+def test_fp16_scales_the_loss_skips_overflowing_steps_and_resumes_exactly(tmp_path, tiny_model_dir, explicit_rows,
+                                                                          monkeypatch):
+    import functools
+    data = write_jsonl(tmp_path / "d.jsonl", explicit_rows)
+    common = dict(model=tiny_model_dir, data=data, max_steps=8, batch_size=2, lr=1e-3, progress=False,
+                  shuffle=False, device="cpu", dtype="fp16")
+    fp32 = _metrics(train(output_dir=str(tmp_path / "fp32"), log=_quiet, **{**common, "dtype": "fp32"}).output_dir)
+    plain = _metrics(train(output_dir=str(tmp_path / "fp16"), log=_quiet, **common).output_dir)
+    assert plain[0]["logps/chosen"] == pytest.approx(fp32[0]["logps/chosen"], rel=1e-2)  # fp16 matmuls
+    assert plain[0]["logps/chosen"] != fp32[0]["logps/chosen"]  # autocast really ran
+    assert plain[0]["loss_scale"] == 2.0 ** 16
+
+    # A start scale far too high: the first steps overflow in fp16 and must be skipped while the scale falls.
+    monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, init_scale=2.0 ** 19))
+    logs: list[str] = []
+    fp16 = _metrics(train(output_dir=str(tmp_path / "a"), log=logs.append, **common).output_dir)
+    skipped = [m for m in fp16 if "fp16_overflow_skipped" in m]
+    trained = [m for m in fp16 if "loss" in m]
+    assert skipped and trained and skipped[0]["step"] == 1  # some steps overflowed, later ones trained
+    assert [m["fp16_overflow_skipped"] for m in skipped] == list(range(1, len(skipped) + 1))  # counted
+    assert skipped[0]["loss_scale"] == 2.0 ** 18  # halved
+    assert all(m["loss_scale"] == trained[0]["loss_scale"] for m in trained)
+    assert sum("fp16 gradients overflowed" in line for line in logs) == len(skipped)  # and said so
+    assert all(math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"]) for m in trained)
+
+    # the loss scale is part of the checkpoint (lowered before step 4 here, so a resume at 4 needs it): a run
+    # stopped after step 4 and resumed ends bit-identical
+    assert skipped[-1]["step"] < 4
+    first = train(output_dir=str(tmp_path / "c"), log=_quiet, save_every=4, **{**common, "max_steps": 8})
+    import shutil
+    shutil.rmtree(first.final_dir)
+    for ckpt in sorted((tmp_path / "c" / "checkpoints").iterdir())[1:]:
+        shutil.rmtree(ckpt)
+    train(output_dir=str(tmp_path / "c"), log=_quiet, save_every=4, resume="auto", **common)
+    a, c = load_file(tmp_path / "a" / "final" / "model.safetensors"), load_file(first.final_dir / "model.safetensors")
+    assert all(torch.equal(a[k], c[k]) for k in a)
+    with pytest.raises(ConfigError, match="fp16"):
+        TrainConfig.from_dict({"fsdp": True, "dtype": "fp16"})
+
+
 def test_cache_is_keyed_on_precision_and_untouched_without_ref_cache(tmp_path, tiny_model_dir, explicit_rows,
                                                                      monkeypatch):
     monkeypatch.setenv("DPOKIT_CACHE", str(tmp_path / "cache"))

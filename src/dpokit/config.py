@@ -113,8 +113,10 @@ class TrainConfig:
     resume: str | None = opt(None, "resume from a checkpoint folder, or 'auto' for the newest in --output-dir")
     device: str = opt("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', …")
     dtype: str = opt("auto", "compute precision: weights and optimizer state stay fp32, forward passes autocast to "
-                     "bf16; log-probs and losses are always fp32. 'auto': bf16 on GPU, fp32 on CPU (bf16 is "
-                     "~4× slower than fp32 on CPUs without AMX)", ("auto", "fp32", "bf16"))
+                     "bf16 or fp16; log-probs and losses are always fp32. 'auto': bf16 on GPU, fp32 on CPU (bf16 is "
+                     "~4× slower than fp32 on CPUs without AMX). fp16 (GPUs without bf16) scales the loss "
+                     "(GradScaler): a step whose gradients overflow is skipped, counted and the scale lowered",
+                     ("auto", "fp32", "bf16", "fp16"))
     fsdp: bool = opt(False, "under torchrun: shard weights, gradients and optimizer state over the processes "
                      "(FSDP2 fully_shard) instead of replicating them (DDP, the default)")
     progress: bool = opt(True, "show a progress bar on the terminal")
@@ -209,12 +211,15 @@ class TrainConfig:
             raise ConfigError("sync_ref_every (TR-DPO) with LoRA is not supported: the reference is the base "
                               "model with adapters disabled and cannot drift toward the policy")
         if self.fsdp:
-            for key, why in (("lora_r", "LoRA under FSDP is not supported: adapters are small, so use DDP "
-                              "(torchrun without --fsdp), which keeps the base model whole"),
-                             ("sync_ref_every", "TR-DPO's moving reference is a whole copy of the policy, which "
-                              "FSDP shards: use DDP (torchrun without --fsdp)")):
-                if getattr(self, key):
-                    raise ConfigError(f"fsdp with {key} = {getattr(self, key)}: {why}")
+            for key, active, why in (
+                    ("lora_r", self.lora_r, "LoRA under FSDP is not supported: adapters are small, so use DDP "
+                     "(torchrun without --fsdp), which keeps the base model whole"),
+                    ("sync_ref_every", self.sync_ref_every, "TR-DPO's moving reference is a whole copy of the "
+                     "policy, which FSDP shards: use DDP (torchrun without --fsdp)"),
+                    ("dtype", self.dtype == "fp16", "fp16's loss scaler is not sharding-aware here: use --dtype "
+                     "bf16 with FSDP")):
+                if active:
+                    raise ConfigError(f"fsdp with {key} = {getattr(self, key)!r}: {why}")
         for f in fields(self):
             choices = f.metadata.get("choices")
             if choices:
@@ -242,6 +247,9 @@ class TrainConfig:
         if not self.online:
             refuse(online_keys + grpo_keys, "only applies to online training: add --loss grpo or --online-dpo")
             return
+        if self.dtype == "fp16":
+            raise ConfigError("dtype = 'fp16' is for offline training (it needs a loss scaler); online training "
+                              "takes fp32 or bf16")
         refuse(("data", "eval_data", "eval_every", "save_every", "keep_last", "resume", "lora_r", "fsdp")
                + (() if self.rounds else ("ref_cache",)),
                "is not used by online training (it samples its own data from --prompts; no held-out pairs, "

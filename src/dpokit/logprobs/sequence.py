@@ -19,13 +19,21 @@ from torch.utils.checkpoint import checkpoint
 CHUNK_ELEMENTS = 2**25
 
 
+def autocast_dtype(device: torch.device, dtype: str) -> torch.dtype | None:
+    """The dtype forward passes autocast to: bf16 when asked (or 'auto' on a GPU), fp16 when asked, else none."""
+    if dtype == "bf16" or (dtype == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return torch.float16 if dtype == "fp16" else None
+
+
 def autocasts_bf16(device: torch.device, dtype: str) -> bool:
-    return dtype == "bf16" or (dtype == "auto" and device.type == "cuda")
+    return autocast_dtype(device, dtype) == torch.bfloat16
 
 
 def compute_precision(device: torch.device, dtype: str):
-    """The autocast context for forward passes: bf16 when asked (or 'auto' on a GPU), else none."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocasts_bf16(device, dtype))
+    """The autocast context for forward passes (weights stay fp32; see `autocast_dtype`)."""
+    low = autocast_dtype(device, dtype)
+    return torch.autocast(device.type, dtype=low or torch.bfloat16, enabled=low is not None)
 
 
 @dataclass

@@ -50,7 +50,7 @@ def _fsync(path: Path) -> None:
 
 def save_checkpoint(output_dir: str, step: int, policy, tokenizer, optimizer_state: dict, scheduler,
                     config_yaml: str, reference=None, eval_ref=None, keep_last: int = 0, model_state=None,
-                    world: int = 1) -> Path:
+                    world: int = 1, scaler_state: dict | None = None) -> Path:
     """Write a complete checkpoint atomically. `reference` is saved only when it moves (TR-DPO);
     `eval_ref` (held-out reference log-probs) so a resumed run compares with the same starting point.
     `model_state`: whole weights gathered from an FSDP-sharded policy (else the policy's own);
@@ -70,6 +70,7 @@ def save_checkpoint(output_dir: str, step: int, policy, tokenizer, optimizer_sta
         "step": step,
         "optimizer": optimizer_state,
         "world_size": world,
+        "scaler": scaler_state or {},  # fp16's loss scale and growth tracker
         "scheduler": scheduler.state_dict(),
         "torch_rng": torch.get_rng_state(),
         "python_rng": list(random.getstate()[1]),
@@ -140,8 +141,9 @@ def load_weights(path: Path, policy, reference=None) -> None:
         _load_weights(reference, path / REFERENCE)
 
 
-def load_training_state(path: Path, load_optimizer, scheduler, eval_ref=None, world: int = 1):
-    """Optimizer (through `load_optimizer(state)`), schedule, RNG and position; returns (step, eval_ref)."""
+def load_training_state(path: Path, load_optimizer, scheduler, eval_ref=None, world: int = 1, scaler=None):
+    """Optimizer (through `load_optimizer(state)`), schedule, fp16 loss scale, RNG and position; returns
+    (step, eval_ref)."""
     state = torch.load(path / STATE, weights_only=True)
     saved_world = state.get("world_size", 1)
     if saved_world != world:
@@ -150,6 +152,8 @@ def load_training_state(path: Path, load_optimizer, scheduler, eval_ref=None, wo
                               f"{saved_world} process(es)")
     load_optimizer(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["torch_rng"])
     py = random.getstate()
     random.setstate((py[0], tuple(state["python_rng"]), py[2]))

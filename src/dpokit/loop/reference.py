@@ -16,7 +16,7 @@ import torch
 
 from dpokit.distributed import Distributed, broadcast_object
 from dpokit.logprobs import PairLogps, compute_precision
-from dpokit.logprobs.sequence import autocasts_bf16
+from dpokit.logprobs.sequence import autocast_dtype
 from dpokit.logprobs.refcache import cache_key, cache_path, compute_reference, load_cached, store, weights_digest
 from dpokit.models import load_model, load_tokenizer
 from dpokit.models.load import ModelError
@@ -62,7 +62,8 @@ def prepare_reference(cfg, policy, tokenizer, train_set, eval_set, unpaired: boo
     # The digest covers weights; the precision, device and batch layout the sums are computed with go in the
     # key too: the same layout as the held-out evaluation makes step 0's margins exactly 0, not ±1e-6 noise
     # (which would show as a random "accuracy" before training).
-    numerics = (f"{device.type}:{'bf16' if autocasts_bf16(device, cfg.dtype) else 'fp32'}:"
+    low = autocast_dtype(device, cfg.dtype)
+    numerics = (f"{device.type}:{ {torch.bfloat16: 'bf16', torch.float16: 'fp16'}.get(low, 'fp32')}:"
                 f"pack{cfg.pack_tokens}:batch{cfg.eval_batch_size}")
     digest = weights_digest(model or policy) + numerics if cfg.ref_cache else None
 

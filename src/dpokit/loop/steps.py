@@ -22,7 +22,7 @@ class NonFiniteError(RuntimeError):
 
 
 def _backward(losses: torch.Tensor, step_examples: float, rows, step: int, weight: float,
-              check_finite: bool) -> None:
+              check_finite: bool, scaler) -> None:
     loss = losses.sum() / step_examples
     if weight != 1.0:
         loss = loss * weight
@@ -30,14 +30,14 @@ def _backward(losses: torch.Tensor, step_examples: float, rows, step: int, weigh
     # the loss summed over ranks instead, and a NaN gradient reaches every rank through the reduction.
     if check_finite and not torch.isfinite(loss):
         raise NonFiniteError(f"step {step}: non-finite loss on rows {[r.source for r in rows]}")
-    loss.backward()
+    (scaler.scale(loss) if scaler is not None else loss).backward()  # fp16: scaled so gradients stay in range
 
 
 def paired_step(policy, reference, rows, cfg, pad_id: int, device, step_examples: float, step: int,
-                ref_cached=None, weight: float = 1.0, check_finite: bool = True):
+                ref_cached=None, weight: float = 1.0, check_finite: bool = True, scaler=None):
     """`ref_cached`: the rows' reference log-probs from the cache; else `reference` is run (or None:
     reference-free objective). `weight` 0 runs forward and backward for nothing (a rank with no rows
-    left in a micro-batch must still take part in the gradient reduction)."""
+    left in a micro-batch must still take part in the gradient reduction). `scaler`: fp16's GradScaler."""
     batch = {k: v.to(device) for k, v in pair_batch(rows, pad_id, cfg.prefix_sharing, cfg.pack_tokens).items()}
     ref = ref_cached
     with compute_precision(device, cfg.dtype):
@@ -47,7 +47,7 @@ def paired_step(policy, reference, rows, cfg, pad_id: int, device, step_examples
                 ref = pair_logps(model, batch, cfg.ld_alpha)
         pol = pair_logps(policy, batch, cfg.ld_alpha, cfg.use_weighting)
     losses, extra = combined_loss(cfg.loss_names, cfg.loss_weight_values, pol, ref, cfg)
-    _backward(losses, step_examples, rows, step, weight, check_finite)
+    _backward(losses, step_examples, rows, step, weight, check_finite, scaler)
     r_chosen, r_rejected = rewards(pol, ref, cfg)
     sums = {
         "loss": losses.detach().sum().item(),
@@ -64,7 +64,7 @@ def paired_step(policy, reference, rows, cfg, pad_id: int, device, step_examples
 
 
 def kto_step(policy, reference, rows, cfg, pad_id: int, device, step_examples: float, step: int, ref_cached=None,
-             weight: float = 1.0, check_finite: bool = True):
+             weight: float = 1.0, check_finite: bool = True, scaler=None):
     batch = {k: v.to(device) for k, v in collate_kto(rows, pad_id, cfg.max_length).items()}
     labels = batch.pop("labels")
     n = len(rows)
@@ -81,7 +81,7 @@ def kto_step(policy, reference, rows, cfg, pad_id: int, device, step_examples: f
     z_ref = kto_reference_point(pol_kl, ref_all[n:])
     losses = kto_loss(pol, ref_all[:n], labels, z_ref, cfg.beta, cfg.kto_desirable_weight,
                       cfg.kto_undesirable_weight)
-    _backward(losses, step_examples, rows, step, weight, check_finite)
+    _backward(losses, step_examples, rows, step, weight, check_finite, scaler)
     reward = cfg.beta * (pol.detach() - ref_all[:n])
     sums = {"loss": losses.detach().sum().item(), "kto/kl": z_ref.item() * n,
             "kto/desirable_fraction": labels.float().sum().item()}

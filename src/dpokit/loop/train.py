@@ -165,10 +165,12 @@ def _train(cfg: TrainConfig, ctx: Distributed, log) -> TrainResult:
     trained = wrap(policy, ctx) if ctx.enabled else policy  # what the steps call (DDP/FSDP hooks its forward)
     optimizer = build_optimizer(policy.parameters(), cfg.optimizer, cfg.lr, cfg.weight_decay)
     scheduler = build_scheduler(optimizer, cfg.warmup_steps, total_steps, cfg.lr_scheduler)
+    fp16 = cfg.dtype == "fp16"
+    scaler = torch.amp.GradScaler(device.type) if fp16 else None  # fp16 gradients underflow without it
     start_step = 0
     if ckpt is not None:
         start_step, eval_ref = load_training_state(ckpt, lambda s: load_optimizer_state(trained, optimizer, s, ctx),
-                                                   scheduler, eval_ref, ctx.world)
+                                                   scheduler, eval_ref, ctx.world, scaler)
         log(f"resumed from {ckpt} at step {start_step}")
         if ctx.is_main:
             keep_metrics_until(out / "metrics.jsonl", start_step)  # steps after the checkpoint are redone
@@ -180,7 +182,7 @@ def _train(cfg: TrainConfig, ctx: Distributed, log) -> TrainResult:
         if ctx.is_main:
             path = save_checkpoint(cfg.output_dir, step_done, policy, tokenizer, optimizer_state, scheduler,
                                    cfg.to_yaml(), reference if cfg.sync_ref_every else None, eval_ref, cfg.keep_last,
-                                   model_state, ctx.world)
+                                   model_state, ctx.world, scaler.state_dict() if scaler else None)
         ctx.barrier()  # no rank moves on (or exits) before the checkpoint is complete
         return path
 
@@ -203,6 +205,8 @@ def _train(cfg: TrainConfig, ctx: Distributed, log) -> TrainResult:
     metrics_file = open(out / "metrics.jsonl", "a" if start_step else "w", encoding="utf-8") if ctx.is_main else None
     bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps,
                disable=not (cfg.progress and ctx.is_main), desc="dpo", dynamic_ncols=True)
+    fp16_skipped = 0
+
     def optimizer_step(step: int) -> dict:
         """grad_accum micro-batches, clip, update; the step's metrics. Raises NonFiniteError before the update."""
         t0 = time.perf_counter()
@@ -220,7 +224,7 @@ def _train(cfg: TrainConfig, ctx: Distributed, log) -> TrainResult:
                 # ÷ (step_pairs / world): DDP and FSDP average gradients over ranks, so this yields the step mean
                 micro_sums, micro_tokens = step_fn(trained, reference, [train_set[i] for i in mine], cfg, pad_id,
                                                    device, step_pairs / ctx.world, step + 1, ref_rows, weight,
-                                                   check_finite=not ctx.enabled)
+                                                   check_finite=not ctx.enabled, scaler=scaler)
             for key, value in micro_sums.items():
                 sums[key] += value * weight
             sums["tokens"] += micro_tokens * weight
@@ -228,12 +232,28 @@ def _train(cfg: TrainConfig, ctx: Distributed, log) -> TrainResult:
         rows = [train_set[i].source for m in micro for i in m]
         if not math.isfinite(sums["loss"]):
             raise NonFiniteError(f"step {step + 1}: non-finite loss on rows {rows}")
+        if fp16:
+            scaler.unscale_(optimizer)  # true gradients, so clipping and the logged norm mean what they say
         norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm or float("inf"))
         grad_norm = grad_norm_value(norm)
+        if fp16 and not math.isfinite(grad_norm):  # fp16 overflow: expected now and then, the scaler adapts
+            nonlocal fp16_skipped
+            scale = scaler.get_scale()
+            scaler.step(optimizer)  # skips the update (it saw the inf)
+            scaler.update()  # lowers the scale
+            optimizer.zero_grad(set_to_none=True)
+            fp16_skipped += 1
+            log(f"step {step + 1}: fp16 gradients overflowed at loss scale {scale:g}; step skipped "
+                f"({fp16_skipped} so far), scale lowered to {scaler.get_scale():g}")
+            return {"step": step + 1, "fp16_overflow_skipped": fp16_skipped, "loss_scale": scaler.get_scale()}
         if not math.isfinite(grad_norm):
             raise NonFiniteError(f"step {step + 1}: non-finite gradient norm on rows {rows}")
         lr = scheduler.get_last_lr()[0]
-        optimizer.step()
+        if fp16:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if cfg.sync_ref_every and (step + 1) % cfg.sync_ref_every == 0:
@@ -246,6 +266,8 @@ def _train(cfg: TrainConfig, ctx: Distributed, log) -> TrainResult:
             finish_kto_metrics(record)
         record.update({"lr": lr, "grad_norm": grad_norm, "pairs_per_s": step_pairs / seconds,
                        "tokens_per_s": tokens / seconds})
+        if fp16:
+            record["loss_scale"] = scaler.get_scale()
         return record
 
     skipped_nonfinite = 0
