@@ -229,3 +229,13 @@ def grad_norm_value(norm) -> float:
         norm = norm.full_tensor()
     return float(norm)
 
+
+
+def training_state_bytes(model, optimizer) -> tuple[int, int]:
+    """(weight bytes, optimizer-state bytes) this process holds: its shards under FSDP2, everything under DDP."""
+    def local(t) -> int:
+        t = t.to_local() if hasattr(t, "to_local") else t
+        return t.numel() * t.element_size()
+    weights = sum(local(p) for p in model.parameters())
+    moments = sum(local(v) for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v))
+    return weights, moments

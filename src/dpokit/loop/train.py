@@ -28,7 +28,8 @@ from dpokit.data import builtin_path, load_completions, load_pairs
 from dpokit.evaluation import evaluate_pairs
 from dpokit.logprobs import compute_precision
 from dpokit.distributed import (Distributed, DistributedError, any_across, full_model_state, full_optimizer_state,
-                                gradient_sync, grad_norm_value, load_optimizer_state, start, sum_across, wrap)
+                                gradient_sync, grad_norm_value, load_optimizer_state, start, sum_across,
+                                training_state_bytes, wrap)
 from dpokit.loop.checkpoint import (check_same_run, check_writable, complete_checkpoints, find_checkpoint,
                                     keep_metrics_until, load_training_state, load_weights, save_checkpoint)
 from dpokit.loop.signals import StopSignals, TrainingInterrupted
@@ -311,6 +312,10 @@ def _train(cfg: TrainConfig, ctx: Distributed, log) -> TrainResult:
         log(f"held-out after training  ({len(eval_set)} pairs): {format_eval(eval_after)}")
     if metrics_file:
         metrics_file.close()
+    if ctx.enabled:
+        weights, moments = training_state_bytes(policy, optimizer)
+        log(f"each process held {weights / 2**30:.2f} GiB of weights and {moments / 2**30:.2f} GiB of optimizer state"
+            f" ({'sharded by FSDP2' if ctx.fsdp else 'replicated by DDP'})")
     final = out / "final"
     model_state = full_model_state(trained, ctx)
     if ctx.is_main:
