@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 from dataclasses import fields
 
 from dpokit.config import ConfigError, TrainConfig
@@ -70,7 +69,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_cache_ref(args) -> int:
-    from dpokit.loop.train import cache_reference
+    from dpokit.loop.reference import cache_reference
     cache_reference(config_from_args(args))
     return 0
 

@@ -62,3 +62,10 @@ def evaluate_pairs(policy, pairs: list[TokenizedPair], ref: PairLogps, cfg, pad_
         "eval/logps/chosen_shift": (pol.chosen - ref.chosen).mean().item(),
         "eval/logps/rejected_shift": (pol.rejected - ref.rejected).mean().item(),
     }
+
+
+def format_eval(m: dict[str, float]) -> str:
+    loss = f"loss {m['eval/loss']:.4f}, " if "eval/loss" in m else ""
+    return (f"implicit-reward accuracy {m['eval/rewards/accuracies']:.3f}, margin {m['eval/rewards/margins']:+.3f}, "
+            f"{loss}chosen log-prob shift {m['eval/logps/chosen_shift']:+.2f}, "
+            f"rejected {m['eval/logps/rejected_shift']:+.2f}")

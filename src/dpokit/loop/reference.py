@@ -14,13 +14,14 @@ from dataclasses import dataclass
 
 import torch
 
-from dpokit.distributed import Distributed, broadcast_object
+from dpokit.config import TrainConfig
+from dpokit.distributed import Distributed, broadcast_object, start
 from dpokit.logprobs import PairLogps, compute_precision
 from dpokit.logprobs.sequence import autocast_dtype
 from dpokit.logprobs.refcache import cache_key, cache_path, compute_reference, load_cached, store, weights_digest
 from dpokit.models import load_model, load_tokenizer
 from dpokit.models.load import ModelError
-from dpokit.objectives import needs_reference
+from dpokit.objectives import OBJECTIVES, needs_reference
 
 
 @dataclass
@@ -109,3 +110,26 @@ def sync_reference(reference, policy, alpha: float) -> None:
     """TR-DPO (Gorbatovski 2024) soft update: π_ref ← α·π + (1 − α)·π_ref."""
     for ref_param, param in zip(reference.parameters(), policy.parameters()):
         ref_param.mul_(1 - alpha).add_(param, alpha=alpha)
+
+
+def cache_reference(config: TrainConfig | None = None, log=print, **overrides) -> None:
+    """`dpokit cache-ref`: compute (or find) the reference log-probs a `train` with the same options
+    would use, and stop. Training then starts without loading or running the reference."""
+    cfg = TrainConfig.from_dict({**(config.to_dict() if config else {}), **overrides})
+    if cfg.online:
+        raise ValueError("nothing to cache: online training (grpo, --online-dpo) samples new completions every step")
+    unpaired = any(OBJECTIVES[n].data == "unpaired" for n in cfg.loss_names)
+    if unpaired or cfg.sync_ref_every or not cfg.ref_cache:
+        raise ValueError("nothing to cache: kto, TR-DPO (--sync-ref-every) and --no-ref-cache run the reference live")
+    from dpokit.loop.inputs import load_data
+    ctx = start(False, cfg.device)  # under torchrun the ranks share the batches out; nothing is sharded
+    try:
+        log = log if ctx.is_main else (lambda *a, **k: None)
+        device = ctx.device(cfg.device)
+        tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+        train_set, eval_set = load_data(cfg, tokenizer, unpaired, log)
+        policy = load_model(cfg.model, device, cfg.allow_pickle, cfg.trust_remote_code)
+        prepare_reference(cfg, policy, tokenizer, train_set, eval_set, unpaired, device, tokenizer.pad_token_id, log,
+                          ctx)
+    finally:
+        ctx.close()

@@ -22,16 +22,16 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from dpokit.batches import TokenizedPair, tokenize_completions, tokenize_pairs
 from dpokit.config import TrainConfig
-from dpokit.data import builtin_path, load_completions, load_pairs
 from dpokit.evaluation import evaluate_pairs
+from dpokit.evaluation.preference import format_eval
 from dpokit.logprobs import compute_precision
 from dpokit.distributed import (Distributed, DistributedError, any_across, full_model_state, full_optimizer_state,
                                 gradient_sync, grad_norm_value, load_optimizer_state, start, sum_across,
                                 training_state_bytes, wrap)
 from dpokit.loop.checkpoint import (check_same_run, check_writable, complete_checkpoints, find_checkpoint,
                                     keep_metrics_until, load_training_state, load_weights, save_checkpoint)
+from dpokit.loop.inputs import load_data
 from dpokit.loop.signals import StopSignals, TrainingInterrupted
 from dpokit.loop.optim import build_optimizer, build_scheduler
 from dpokit.loop.reference import AdaptersOff, prepare_reference, sync_reference
@@ -55,32 +55,6 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def load_data(cfg: TrainConfig, tokenizer, unpaired: bool, log) -> tuple[list, list[TokenizedPair]]:
-    """Read, check and tokenize the training and held-out data, reporting what happened to every row.
-
-    Training rows are pairs, or labelled completions for unpaired objectives (KTO); held-out rows are
-    always pairs, so every objective reports the same implicit-reward accuracy."""
-    train_path = cfg.data or builtin_path("helpful_train")
-    eval_path = cfg.eval_data or (None if cfg.data else builtin_path("helpful_eval"))
-    out = []
-    for role, path in (("train", train_path), ("eval", eval_path)):
-        if path is None:
-            out.append([])
-            continue
-        if unpaired and role == "train":
-            examples, report = load_completions(path, cfg.on_bad_row)
-            tokenized, tok_report = tokenize_completions(examples, tokenizer, cfg.max_length, cfg.max_prompt_length)
-        else:
-            pairs, report = load_pairs(path, cfg.on_bad_row)
-            tokenized, tok_report = tokenize_pairs(pairs, tokenizer, cfg.max_length, cfg.max_prompt_length)
-        log(f"{role} data: {report.summary()}")
-        log(f"  {tok_report.summary()}")
-        if not tokenized:
-            raise ValueError(f"{path}: no pair survived tokenization ({tok_report.summary()})")
-        out.append(tokenized)
-    return out[0], out[1]
 
 
 def train(config: TrainConfig | None = None, log=print, **overrides) -> TrainResult:
@@ -328,35 +302,6 @@ def _train(cfg: TrainConfig, ctx: Distributed, log) -> TrainResult:
     return TrainResult(out, total_steps, eval_before, eval_after, final, start_step)
 
 
-def cache_reference(config: TrainConfig | None = None, log=print, **overrides) -> None:
-    """`dpokit cache-ref`: compute (or find) the reference log-probs a `train` with the same options
-    would use, and stop. Training then starts without loading or running the reference."""
-    cfg = TrainConfig.from_dict({**(config.to_dict() if config else {}), **overrides})
-    if cfg.online:
-        raise ValueError("nothing to cache: online training (grpo, --online-dpo) samples new completions every step")
-    unpaired = any(OBJECTIVES[n].data == "unpaired" for n in cfg.loss_names)
-    if unpaired or cfg.sync_ref_every or not cfg.ref_cache:
-        raise ValueError("nothing to cache: kto, TR-DPO (--sync-ref-every) and --no-ref-cache run the reference live")
-    ctx = start(False, cfg.device)  # under torchrun the ranks share the batches out; nothing is sharded
-    try:
-        log = log if ctx.is_main else (lambda *a, **k: None)
-        device = ctx.device(cfg.device)
-        tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
-        train_set, eval_set = load_data(cfg, tokenizer, unpaired, log)
-        policy = load_model(cfg.model, device, cfg.allow_pickle, cfg.trust_remote_code)
-        prepare_reference(cfg, policy, tokenizer, train_set, eval_set, unpaired, device, tokenizer.pad_token_id, log,
-                          ctx)
-    finally:
-        ctx.close()
-
-
 def run_eval(policy, eval_set, eval_ref, cfg: TrainConfig, pad_id: int, device, ctx=None) -> dict[str, float]:
     with compute_precision(device, cfg.dtype):
         return evaluate_pairs(policy, eval_set, eval_ref, cfg, pad_id, device, ctx)
-
-
-def format_eval(m: dict[str, float]) -> str:
-    loss = f"loss {m['eval/loss']:.4f}, " if "eval/loss" in m else ""
-    return (f"implicit-reward accuracy {m['eval/rewards/accuracies']:.3f}, margin {m['eval/rewards/margins']:+.3f}, "
-            f"{loss}chosen log-prob shift {m['eval/logps/chosen_shift']:+.2f}, "
-            f"rejected {m['eval/logps/rejected_shift']:+.2f}")
