@@ -84,3 +84,20 @@ requires_hh = pytest.mark.skipif(not HH_HELPFUL.is_file(), reason="../shared/dat
 def letter_reward(prompts, completions):
     """A reward for tests (spec `conftest:letter_reward`): the share of 'e' among a completion's letters."""
     return [c.count("e") / max(1, sum(ch.isalpha() for ch in c)) for c in completions]
+
+
+def wait_for_checkpoint(proc, out: Path, at_least: int, seconds: float = 120) -> None:
+    """Poll until `out` holds a complete checkpoint of step >= at_least; fail with the process's stderr if
+    it ended first."""
+    import time
+    from dpokit.loop.checkpoint import complete_checkpoints
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        done = [int(p.name.split("-")[1]) for p in complete_checkpoints(str(out))]
+        if done and max(done) >= at_least:
+            return
+        if proc.poll() is not None:
+            err = proc.stderr.read()
+            raise AssertionError((err.decode() if isinstance(err, bytes) else err)[-3000:])
+        time.sleep(0.005)
+    raise AssertionError("no checkpoint appeared")

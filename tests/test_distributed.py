@@ -12,14 +12,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import write_jsonl
+from conftest import wait_for_checkpoint, write_jsonl
 from dpokit.cli import main
 from dpokit.config import ConfigError
 from dpokit.data import builtin_path
@@ -36,8 +35,10 @@ def _rows(start: int, count: int) -> list[dict]:
 
 def _args(model: str, base: Path, out: Path, batch_size: int, *extra: str) -> list[str]:
     # 13 pairs: a global micro-batch of 4 leaves one pair in the epoch's last, so one rank sits it out
-    # (the weight-0 repeat); 7 held-out pairs in batches of 2 split unevenly over the ranks.
-    return ["train", "--model", model, "--data", str(base / "train.jsonl"), "--eval-data", str(base / "eval.jsonl"),
+    # (the weight-0 repeat); 7 held-out pairs in batches of 2 split unevenly over the ranks. KTO reads
+    # 13 labelled completions instead (its held-out set stays pairs).
+    data = base / ("kto.jsonl" if "kto" in extra else "train.jsonl")
+    return ["train", "--model", model, "--data", str(data), "--eval-data", str(base / "eval.jsonl"),
             "--output-dir", str(out), "--batch-size", str(batch_size), "--grad-accum", "2", "--epochs", "3",
             "--lr", "1e-3", "--eval-batch-size", "2", "--eval-every", "3", "--no-progress", *extra]
 
@@ -73,6 +74,8 @@ def base(tmp_path_factory):
     path = tmp_path_factory.mktemp("dist")
     write_jsonl(path / "train.jsonl", _rows(0, 13))
     write_jsonl(path / "eval.jsonl", _rows(20, 7))
+    write_jsonl(path / "kto.jsonl", [{"prompt": r["prompt"], "completion": r["chosen" if i % 3 else "rejected"],
+                                      "label": bool(i % 3)} for i, r in enumerate(_rows(30, 13))])
     return path
 
 
@@ -80,21 +83,22 @@ def base(tmp_path_factory):
 def one_process(base, tiny_model_dir):
     mp = pytest.MonkeyPatch()
     runs = {}
-    for name, extra in (("full", ()), ("lora", ("--lora-r", "4"))):
+    for name, extra in (("full", ()), ("lora", ("--lora-r", "4")), ("kto", ("--loss", "kto"))):
         _one_process(_args(tiny_model_dir, base, base / f"one-{name}", 4, *extra), base / f"cache-one-{name}", mp)
         runs[name] = base / f"one-{name}"
     return runs
 
 
 @pytest.mark.parametrize("mode,extra", [("ddp", ()), ("fsdp", ("--fsdp",)), ("ddp-lora", ("--lora-r", "4")),
-                                        ("fsdp-checkpointing", ("--fsdp", "--gradient-checkpointing"))])
+                                        ("fsdp-checkpointing", ("--fsdp", "--gradient-checkpointing")),
+                                        ("ddp-kto", ("--loss", "kto")), ("fsdp-kto", ("--fsdp", "--loss", "kto"))])
 def test_two_processes_match_one_process(base, tiny_model_dir, one_process, mode, extra):
     out = base / f"two-{mode}"
     code, log = _torchrun(_args(tiny_model_dir, base, out, 2, *extra), base / f"cache-{mode}")
     assert code == 0, log[-3000:]
     assert ("FSDP2" if mode.startswith("fsdp") else "DDP") in log
     assert log.count("held-out implicit-reward accuracy:") == 1  # the summary comes from rank 0 alone
-    expected_dir = one_process["lora" if "lora" in mode else "full"]
+    expected_dir = one_process["lora" if "lora" in mode else "kto" if "kto" in mode else "full"]
 
     # metrics: written once per step by rank 0, each equal to the one-process value (sums reduced over ranks)
     got, expected = _metrics(out), _metrics(expected_dir)
@@ -104,7 +108,7 @@ def test_two_processes_match_one_process(base, tiny_model_dir, one_process, mode
         for key in e:
             if not key.endswith("_per_s"):
                 assert _close(g[key], e[key]), (g["step"], key, g[key], e[key])
-    assert any("eval/loss" in m for m in got[:-1])  # a held-out evaluation mid-run, split over the ranks
+    assert any("eval/rewards/margins" in m for m in got[:-1])  # a held-out evaluation mid-run, split over ranks
 
     # weights (the adapter alone for LoRA): same names, same values
     name = "adapter_model.safetensors" if "lora" in mode else "model.safetensors"
@@ -127,17 +131,6 @@ def test_reference_cache_computed_in_parallel_is_the_one_process_cache(base, one
         assert all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
-def _wait_for_checkpoint(proc, out: Path, at_least: int) -> None:
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        done = [int(p.name.split("-")[1]) for p in complete_checkpoints(str(out))]
-        if done and max(done) >= at_least:
-            return
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        time.sleep(0.005)
-    raise AssertionError("no checkpoint appeared")
-
-
 @pytest.mark.parametrize("mode,extra", [("ddp", ()), ("fsdp", ("--fsdp",))])
 def test_distributed_run_stops_on_sigterm_and_resumes(base, tiny_model_dir, monkeypatch, mode, extra):
     steps = ["--max-steps", "40", "--save-every", "4", "--eval-every", "0"]
@@ -146,7 +139,7 @@ def test_distributed_run_stops_on_sigterm_and_resumes(base, tiny_model_dir, monk
         _one_process(_args(tiny_model_dir, base, expected, 4, *steps), base / "cache-resume", monkeypatch)
     out = base / f"resume-{mode}"
     proc = _torchrun(_args(tiny_model_dir, base, out, 2, *steps, *extra), base / "cache-resume", wait=False)
-    _wait_for_checkpoint(proc, out, 8)
+    wait_for_checkpoint(proc, out, 8, seconds=240)
     proc.send_signal(signal.SIGTERM)  # torchrun passes it on to both workers
     _, err = proc.communicate(timeout=240)
     assert proc.returncode != 0 and "continue with --resume auto" in err, err[-3000:]
@@ -185,11 +178,3 @@ def test_combinations_that_cannot_work_are_refused_at_start_up(base, tiny_model_
     with pytest.raises(DistributedError, match="RANK is not set"):
         train(model=tiny_model_dir, data=str(base / "train.jsonl"), output_dir=str(base / "x"), log=lambda *a: None)
     monkeypatch.delenv("WORLD_SIZE")
-
-    # under torchrun, before any training: KTO's batch-wide KL point is not split over ranks (yet)
-    write_jsonl(base / "kto.jsonl", [{"prompt": r["prompt"], "completion": r["chosen"], "label": True}
-                                     for r in _rows(0, 6)])
-    code, log = _torchrun(["train", "--model", tiny_model_dir, "--data", str(base / "kto.jsonl"), "--loss", "kto",
-                           "--output-dir", str(base / "kto"), "--no-progress"], base / "cache-kto")
-    assert code != 0 and "dpokit: error: kto under torchrun is not supported" in log, log[-3000:]
-    assert not (base / "kto" / "metrics.jsonl").exists()

@@ -9,14 +9,13 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import write_jsonl
+from conftest import wait_for_checkpoint, write_jsonl
 from dpokit import train
 from dpokit.cli import main
 from dpokit.loop.checkpoint import CheckpointError, complete_checkpoints, find_checkpoint
@@ -51,23 +50,12 @@ def _start(model, data, out) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
-def _wait_for_checkpoint(proc, out: Path, at_least: int) -> None:
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        done = [int(p.name.split("-")[1]) for p in complete_checkpoints(str(out))]
-        if done and max(done) >= at_least:
-            return
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        time.sleep(0.005)
-    raise AssertionError("no checkpoint appeared")
-
-
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
 def test_killed_run_resumes_to_bit_identical_weights(tiny_model_dir, uninterrupted, how):
     data, expected, base = uninterrupted
     out = base / how
     proc = _start(tiny_model_dir, data, out)
-    _wait_for_checkpoint(proc, out, random.Random(how).randrange(4, STEPS // 2, 4))
+    wait_for_checkpoint(proc, out, random.Random(how).randrange(4, STEPS // 2, 4))
     proc.send_signal(getattr(signal, how))
     code = proc.wait(timeout=120)
     assert code == (-signal.SIGKILL if how == "SIGKILL" else 128 + signal.SIGTERM), proc.stderr.read().decode()

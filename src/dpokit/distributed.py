@@ -132,6 +132,15 @@ def sum_across(values: dict[str, float], ctx: Distributed) -> dict[str, float]:
     return dict(zip(keys, t.tolist()))
 
 
+def gather_cat(tensor: torch.Tensor, ctx: Distributed) -> torch.Tensor:
+    """The 1-D tensors of every rank (lengths may differ), concatenated in rank order, on this tensor's device."""
+    if not ctx.enabled:
+        return tensor
+    parts: list = [None] * ctx.world
+    dist.all_gather_object(parts, tensor.detach().cpu())
+    return torch.cat(parts).to(tensor.device)
+
+
 def any_across(flag: bool, ctx: Distributed) -> bool:
     """True on every rank when it is true on any (a SIGTERM may reach the ranks a step apart)."""
     if not ctx.enabled:

@@ -17,12 +17,15 @@ def collate(pairs: list[TokenizedPair], pad_id: int) -> dict[str, torch.Tensor]:
     return pad_rows(rows, pad_id)
 
 
-def collate_kto(examples: list[TokenizedCompletion], pad_id: int, max_length: int) -> dict[str, torch.Tensor]:
+def collate_kto(examples: list[TokenizedCompletion], pad_id: int, max_length: int,
+                kl_partners: list[TokenizedCompletion] | None = None) -> dict[str, torch.Tensor]:
     """KTO batch: rows [x_i + y_i for i < B] then the mismatched [x_i + y_{i−1} for i < B] used to
     estimate the KL reference point (as the KTO paper and TRL: completions cycled by one in the batch).
-    Mismatched completions are cut to fit max_length. Adds `labels` [B] (bool)."""
+    `kl_partners`: the examples whose completions the mismatched rows take instead (under torchrun, the
+    neighbours in the whole micro-batch, some held by other ranks). Mismatched completions are cut to fit
+    max_length. Adds `labels` [B] (bool)."""
     rows = [(e.prompt_ids, e.completion_ids) for e in examples]
-    shifted = [examples[-1]] + examples[:-1]
+    shifted = kl_partners if kl_partners is not None else [examples[-1]] + examples[:-1]
     rows += [(e.prompt_ids, s.completion_ids[:max_length - len(e.prompt_ids)]) for e, s in zip(examples, shifted)]
     batch = pad_rows(rows, pad_id)
     batch["labels"] = torch.tensor([e.label for e in examples], dtype=torch.bool)

@@ -151,7 +151,7 @@ def completion_token_logps(model, input_ids: torch.Tensor, attention_mask: torch
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
     if position_ids is not None:
         batch["position_ids"] = position_ids
-    return batch_token_logps(model, batch, with_sq)
+    return token_logps(model, batch, with_sq)
 
 
 def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,

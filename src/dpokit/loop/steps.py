@@ -64,8 +64,10 @@ def paired_step(policy, reference, rows, cfg, pad_id: int, device, step_examples
 
 
 def kto_step(policy, reference, rows, cfg, pad_id: int, device, step_examples: float, step: int, ref_cached=None,
-             weight: float = 1.0, check_finite: bool = True, scaler=None):
-    batch = {k: v.to(device) for k, v in collate_kto(rows, pad_id, cfg.max_length).items()}
+             weight: float = 1.0, check_finite: bool = True, scaler=None, kl_partners=None, gather=None):
+    """`kl_partners` and `gather` (under torchrun): the examples lending their completions to the KL rows,
+    and a function concatenating a tensor over ranks, so z_ref is the mean over the whole micro-batch."""
+    batch = {k: v.to(device) for k, v in collate_kto(rows, pad_id, cfg.max_length, kl_partners).items()}
     labels = batch.pop("labels")
     n = len(rows)
     # The mismatched (KL) rows need no gradient: z_ref is detached. Running them without grad saves
@@ -78,7 +80,10 @@ def kto_step(policy, reference, rows, cfg, pad_id: int, device, step_examples: f
                 ref_all = sequence_logps(model, **batch)
             pol_kl = sequence_logps(policy, **{k: v[n:] for k, v in batch.items()})
         pol = sequence_logps(policy, **main)
-    z_ref = kto_reference_point(pol_kl, ref_all[n:])
+    pol_kl, ref_kl = pol_kl, ref_all[n:]
+    if gather is not None:  # a rank sitting out (weight 0) lends nothing to the estimate
+        pol_kl, ref_kl = (gather(t if weight else t[:0]) for t in (pol_kl, ref_kl))
+    z_ref = kto_reference_point(pol_kl, ref_kl)
     losses = kto_loss(pol, ref_all[:n], labels, z_ref, cfg.beta, cfg.kto_desirable_weight,
                       cfg.kto_undesirable_weight)
     _backward(losses, step_examples, rows, step, weight, check_finite, scaler)

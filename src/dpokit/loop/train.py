@@ -27,8 +27,8 @@ from dpokit.evaluation import evaluate_pairs
 from dpokit.evaluation.preference import format_eval
 from dpokit.logprobs import compute_precision
 from dpokit.distributed import (Distributed, DistributedError, any_across, full_model_state, full_optimizer_state,
-                                gradient_sync, grad_norm_value, load_optimizer_state, start, sum_across,
-                                training_state_bytes, wrap)
+                                gather_cat, gradient_sync, grad_norm_value, load_optimizer_state, start,
+                                sum_across, training_state_bytes, wrap)
 from dpokit.loop.checkpoint import (check_same_run, check_writable, complete_checkpoints, find_checkpoint,
                                     keep_metrics_until, load_training_state, load_weights, save_checkpoint)
 from dpokit.loop.inputs import load_data
@@ -78,9 +78,6 @@ def train(config: TrainConfig | None = None, log=print, **overrides) -> TrainRes
 
 def _train(cfg: TrainConfig, ctx: Distributed, log) -> TrainResult:
     unpaired = any(OBJECTIVES[n].data == "unpaired" for n in cfg.loss_names)
-    if unpaired and ctx.enabled:
-        raise DistributedError("kto under torchrun is not supported yet: its KL reference point mixes completions "
-                               "across the batch; run it in one process")
     device = ctx.device(cfg.device)
     torch.manual_seed(cfg.seed)  # the same seed on every rank: LoRA's initial weights must agree
     random.seed(cfg.seed)
@@ -195,11 +192,15 @@ def _train(cfg: TrainConfig, ctx: Distributed, log) -> TrainResult:
             weight = 1.0 if mine else 0.0
             mine = mine or idx[:1]
             ref_rows = train_ref.select(mine, device) if train_ref is not None else None
+            kto = {}
+            if unpaired and ctx.enabled:  # KL rows borrow the previous completion of the whole micro-batch
+                partners = [idx[(p - 1) % len(idx)] for p in range(ctx.rank, len(idx), ctx.world)] or idx[-1:]
+                kto = {"kl_partners": [train_set[i] for i in partners], "gather": lambda t: gather_cat(t, ctx)}
             with gradient_sync(trained, ctx, sync=k == len(micro) - 1):
                 # ÷ (step_pairs / world): DDP and FSDP average gradients over ranks, so this yields the step mean
                 micro_sums, micro_tokens = step_fn(trained, reference, [train_set[i] for i in mine], cfg, pad_id,
                                                    device, step_pairs / ctx.world, step + 1, ref_rows, weight,
-                                                   check_finite=not ctx.enabled, scaler=scaler)
+                                                   check_finite=not ctx.enabled, scaler=scaler, **kto)
             for key, value in micro_sums.items():
                 sums[key] += value * weight
             sums["tokens"] += micro_tokens * weight
