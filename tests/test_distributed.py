@@ -123,8 +123,7 @@ def test_two_processes_match_one_process(base, tiny_model_dir, one_process, mode
 def test_reference_cache_computed_in_parallel_is_the_one_process_cache(base, one_process):
     one = sorted((base / "cache-one-full" / "refcache").glob("*.safetensors"))
     two = sorted((base / "cache-ddp" / "refcache").glob("*.safetensors"))
-    if not two:
-        pytest.skip("needs the DDP run of test_two_processes_match_one_process")
+    assert two, "run with test_two_processes_match_one_process[ddp], which writes this cache"
     assert [p.name for p in one] == [p.name for p in two] and len(one) == 2  # training and held-out pairs
     for a, b in zip(one, two):
         ta, tb = load_file(a), load_file(b)
@@ -164,7 +163,7 @@ def test_distributed_run_stops_on_sigterm_and_resumes(base, tiny_model_dir, monk
 def test_combinations_that_cannot_work_are_refused_at_start_up(base, tiny_model_dir, monkeypatch, capsys):
     from dpokit import train
     from dpokit.config import TrainConfig
-    with pytest.raises(DistributedError, match="launch with torchrun"):
+    with pytest.raises(DistributedError, match="launch at least 2 with torchrun"):
         train(model=tiny_model_dir, data=str(base / "train.jsonl"), fsdp=True, output_dir=str(base / "x"),
               log=lambda *a: None)
     for bad in ({"lora_r": 4}, {"sync_ref_every": 2}):

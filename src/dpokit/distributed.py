@@ -76,7 +76,7 @@ def start(fsdp: bool = False, requested_device: str = "auto") -> Distributed:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         if fsdp:
-            raise DistributedError("--fsdp shards the model over processes: launch with torchrun, e.g. "
+            raise DistributedError("--fsdp shards the model over processes: launch at least 2 with torchrun, e.g. "
                                    "torchrun --nproc-per-node 2 -m dpokit train --fsdp …")
         return Distributed()
     for key in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -122,12 +122,19 @@ def map_batches(compute, n_batches: int, ctx: Distributed | None, lockstep: bool
     return [merged[i] for i in range(n_batches)]
 
 
+def _comm_device() -> torch.device:
+    """Where collective tensors must live: NCCL reduces only CUDA tensors, gloo CPU ones."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def sum_across(values: dict[str, float], ctx: Distributed) -> dict[str, float]:
     """Each key summed over ranks (float64, so sums of many small numbers stay exact enough)."""
     if not ctx.enabled or not values:
         return dict(values)
     keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=_comm_device())
     dist.all_reduce(t)
     return dict(zip(keys, t.tolist()))
 
@@ -145,7 +152,7 @@ def any_across(flag: bool, ctx: Distributed) -> bool:
     """True on every rank when it is true on any (a SIGTERM may reach the ranks a step apart)."""
     if not ctx.enabled:
         return flag
-    t = torch.tensor([1 if flag else 0], dtype=torch.int64)
+    t = torch.tensor([1 if flag else 0], dtype=torch.int64, device=_comm_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 
@@ -164,7 +171,10 @@ def wrap(policy, ctx: Distributed):
     from dpokit.logprobs.sequence import TokenLogpsModule
     module = TokenLogpsModule(policy)
     if ctx.fsdp:
-        from torch.distributed.fsdp import fully_shard
+        try:
+            from torch.distributed.fsdp import fully_shard
+        except ImportError:  # torch < 2.6 kept FSDP2 under its private name
+            from torch.distributed._composable.fsdp import fully_shard
         layers = _decoder_layers(policy)
         for layer in layers:
             fully_shard(layer)
@@ -173,7 +183,11 @@ def wrap(policy, ctx: Distributed):
     device_ids = [ctx.local_rank] if next(policy.parameters()).is_cuda else None
     # forward_sync_buffers off: the only buffers are constant (rotary frequencies), and broadcasting them would
     # make every forward a collective, so evaluation could not be split unevenly across ranks.
-    return DistributedDataParallel(module, device_ids=device_ids, forward_sync_buffers=False)
+    import inspect
+    # torch 2.13 renamed broadcast_buffers to forward_sync_buffers; older versions know only the first
+    off = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+           else "broadcast_buffers")
+    return DistributedDataParallel(module, device_ids=device_ids, **{off: False})
 
 
 def _decoder_layers(policy):
