@@ -205,9 +205,10 @@ def _train(cfg: TrainConfig, ctx: Distributed, log) -> TrainResult:
                 sums[key] += value * weight
             sums["tokens"] += micro_tokens * weight
         sums = sum_across(sums, ctx)
-        rows = [train_set[i].source for m in micro for i in m]
+        def rows():  # named in errors only
+            return [train_set[i].source for m in micro for i in m]
         if not math.isfinite(sums["loss"]):
-            raise NonFiniteError(f"step {step + 1}: non-finite loss on rows {rows}")
+            raise NonFiniteError(f"step {step + 1}: non-finite loss on rows {rows()}")
         if fp16:
             scaler.unscale_(optimizer)  # true gradients, so clipping and the logged norm mean what they say
         norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm or float("inf"))
@@ -223,7 +224,7 @@ def _train(cfg: TrainConfig, ctx: Distributed, log) -> TrainResult:
                 f"({fp16_skipped} so far), scale lowered to {scaler.get_scale():g}")
             return {"step": step + 1, "fp16_overflow_skipped": fp16_skipped, "loss_scale": scaler.get_scale()}
         if not math.isfinite(grad_norm):
-            raise NonFiniteError(f"step {step + 1}: non-finite gradient norm on rows {rows}")
+            raise NonFiniteError(f"step {step + 1}: non-finite gradient norm on rows {rows()}")
         lr = scheduler.get_last_lr()[0]
         if fp16:
             scaler.step(optimizer)
