@@ -25,6 +25,11 @@ import torch
 import torch.distributed as dist
 
 
+def wants_cuda(requested: str) -> bool:
+    """--device asks for a GPU: 'cuda…', or 'auto' where one is present."""
+    return requested.startswith("cuda") or (requested == "auto" and torch.cuda.is_available())
+
+
 class DistributedError(RuntimeError):
     """A multi-process set-up that cannot work, reported before any work starts."""
 
@@ -47,8 +52,7 @@ class Distributed:
 
     def device(self, requested: str) -> torch.device:
         """The device of this process: cuda:LOCAL_RANK on GPUs (one process per GPU), else the CPU."""
-        use_cuda = requested.startswith("cuda") or (requested == "auto" and torch.cuda.is_available())
-        if not use_cuda:
+        if not wants_cuda(requested):
             return torch.device(requested if requested != "auto" else "cpu")
         if self.enabled:
             if requested not in ("auto", "cuda"):
@@ -83,10 +87,10 @@ def start(fsdp: bool = False, requested_device: str = "auto") -> Distributed:
         if key not in os.environ:
             raise DistributedError(f"WORLD_SIZE={world} but {key} is not set: launch with torchrun, which sets "
                                    "RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT for every process")
-    wants_cuda = requested_device.startswith("cuda") or (requested_device == "auto" and torch.cuda.is_available())
-    backend = "nccl" if wants_cuda else "gloo"
+    on_gpu = wants_cuda(requested_device)
+    backend = "nccl" if on_gpu else "gloo"
     local_rank = int(os.environ["LOCAL_RANK"])
-    if wants_cuda:
+    if on_gpu:
         torch.cuda.set_device(local_rank)
     dist.init_process_group(backend)
     return Distributed(dist.get_rank(), dist.get_world_size(), local_rank, fsdp, owns_group=True)
@@ -181,10 +185,10 @@ def wrap(policy, ctx: Distributed):
         return fully_shard(module)  # the root: embeddings, final norm, LM head (tied or not)
     from torch.nn.parallel import DistributedDataParallel
     device_ids = [ctx.local_rank] if next(policy.parameters()).is_cuda else None
-    # forward_sync_buffers off: the only buffers are constant (rotary frequencies), and broadcasting them would
-    # make every forward a collective, so evaluation could not be split unevenly across ranks.
+    # Buffer sync off: the only buffers are constant (rotary frequencies), and syncing them would make every
+    # forward a collective, so evaluation could not be split unevenly across ranks. (torch 2.13 renamed
+    # broadcast_buffers to forward_sync_buffers; older versions know only the first.)
     import inspect
-    # torch 2.13 renamed broadcast_buffers to forward_sync_buffers; older versions know only the first
     off = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
            else "broadcast_buffers")
     return DistributedDataParallel(module, device_ids=device_ids, **{off: False})
@@ -202,16 +206,14 @@ def _decoder_layers(policy):
 @contextmanager
 def gradient_sync(trained, ctx: Distributed, sync: bool):
     """Gradients are reduced across ranks only on the last micro-batch of a step (grad accumulation)."""
-    if not ctx.enabled or sync:
-        if ctx.fsdp:
-            trained.set_requires_gradient_sync(True)
+    if ctx.fsdp:
+        trained.set_requires_gradient_sync(sync)
         yield
-    elif ctx.fsdp:
-        trained.set_requires_gradient_sync(False)
-        yield
-    else:
+    elif ctx.enabled and not sync:
         with trained.no_sync():
             yield
+    else:
+        yield
 
 
 def full_model_state(trained, ctx: Distributed) -> dict | None:

@@ -52,9 +52,8 @@ class TrainResult:
 
 
 def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    """The device of a one-process run (online training)."""
+    return Distributed().device(name)
 
 
 def train(config: TrainConfig | None = None, log=print, **overrides) -> TrainResult:
