@@ -399,6 +399,13 @@ def _coerce(key: str, value: Any, f: dataclasses.Field, source: str) -> Any:
             return None
         raise ConfigError(f"{source}: {key} cannot be null")
     base = kind.replace("| None", "").strip()
+    if base == "str | list":  # "a,b" or [a, b]; anything else would reach list(value) (list(3): TypeError)
+        scalar = (str, int, float)
+        if not (isinstance(value, str) or isinstance(value, list) and all(
+                isinstance(v, scalar) and not isinstance(v, bool) for v in value)):
+            raise ConfigError(f"{source}: {key} expects a comma-separated string or a list, got "
+                              f"{type(value).__name__} {value!r}")
+        return value
     ok = {
         "str": isinstance(value, str),
         "int": isinstance(value, int) and not isinstance(value, bool),
