@@ -125,7 +125,7 @@ def cmd_eval(args) -> int:
     from dpokit.evaluation.offline import default_reference, evaluate_file
     from dpokit.tasks.commands import generation_eval, write_eval
     if not args.pairs and not args.prompts:
-        raise ValueError("eval needs held-out PAIRS, --prompts for generation metrics, or both")
+        raise ConfigError("eval needs held-out PAIRS, --prompts for generation metrics, or both")
     cfg = config_from_args(args)
     ref_model = args.against or default_reference(args.model_dir)
     result = {"model": args.model_dir, "ref_model": ref_model}
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ConfigError, DataError, ModelError, CheckpointError, NonFiniteError, RewardError, DistributedError,
-            FileNotFoundError, ValueError) as e:
+            FileNotFoundError) as e:  # dpokit's own types only: any other error is a bug, shown as one
         print(f"dpokit: error: {e}", file=sys.stderr)
         return 2
 

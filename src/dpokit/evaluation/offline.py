@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from dpokit.batches import pad_rows, tokenize_completions, tokenize_pairs
-from dpokit.config import TrainConfig
+from dpokit.config import ConfigError, TrainConfig
 from dpokit.data import Completion, load_pairs
 from dpokit.evaluation.preference import evaluate_pairs, reference_logps
 from dpokit.logprobs import compute_precision, sequence_logps
@@ -59,7 +59,7 @@ def score_completions(model: str, ref_model: str | None, prompt, completions: li
     examples = [Completion(prompt, c, True, f"candidate {i + 1}", conversational) for i, c in enumerate(completions)]
     tokenized, report = tokenize_completions(examples, tokenizer, cfg.max_length, cfg.max_prompt_length)
     if len(tokenized) != len(examples):
-        raise ValueError(f"some candidates do not fit max_length: {report.summary()}")
+        raise ConfigError(f"some candidates do not fit max_length: {report.summary()}")
     batch = pad_rows([(t.prompt_ids, t.completion_ids) for t in tokenized], tokenizer.pad_token_id)
     policy_logps = sequence_logps(load_model(model), **batch)
     ref_logps = sequence_logps(load_model(ref_model), **batch)

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from dpokit.config import ConfigError
+
 
 @dataclass
 class Samples:
@@ -111,7 +113,7 @@ def sample(model, tokenizer, prompts: list, n: int = 1, max_new_tokens: int = 32
     same seed gives the same samples for the same prompts and batch size.
     """
     if temperature < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"temperature must be >= 0 and top_p in (0, 1], got {temperature}, {top_p}")
+        raise ConfigError(f"temperature must be >= 0 and top_p in (0, 1], got {temperature}, {top_p}")
     device = device or next(model.parameters()).device
     eos_id = tokenizer.eos_token_id
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id

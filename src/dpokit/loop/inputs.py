@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dpokit.batches import TokenizedPair, tokenize_completions, tokenize_pairs
 from dpokit.config import TrainConfig
-from dpokit.data import builtin_path, load_completions, load_pairs
+from dpokit.data import DataError, builtin_path, load_completions, load_pairs
 
 
 def load_data(cfg: TrainConfig, tokenizer, unpaired: bool, log) -> tuple[list, list[TokenizedPair]]:
@@ -28,6 +28,6 @@ def load_data(cfg: TrainConfig, tokenizer, unpaired: bool, log) -> tuple[list, l
         log(f"{role} data: {report.summary()}")
         log(f"  {tok_report.summary()}")
         if not tokenized:
-            raise ValueError(f"{path}: no pair survived tokenization ({tok_report.summary()})")
+            raise DataError(path, None, None, f"no pair survived tokenization ({tok_report.summary()})", "empty")
         out.append(tokenized)
     return out[0], out[1]

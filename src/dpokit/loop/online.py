@@ -41,8 +41,8 @@ from tqdm.auto import tqdm
 
 from dpokit.batches import TokenizedPair, pad_rows
 from dpokit.config import TrainConfig
-from dpokit.data import builtin_path, load_prompts
-from dpokit.evaluation.rewards import combine
+from dpokit.data import DataError, builtin_path, load_prompts
+from dpokit.evaluation.rewards import RewardError, combine
 from dpokit.generation import sample
 from dpokit.generation.sample import prompt_token_ids
 from dpokit.logprobs import compute_precision
@@ -241,7 +241,8 @@ def load_online_prompts(cfg: TrainConfig, tokenizer, log) -> list:
     if len(kept) < len(prompts):
         log(f"  left out {len(prompts) - len(kept)} prompts longer than {limit} tokens")
     if not kept:
-        raise ValueError(f"{path}: no prompt fits in {limit} tokens (max_prompt_length, max_length − max_new_tokens)")
+        raise DataError(path, None, None, f"no prompt fits in {limit} tokens (max_prompt_length, max_length − "
+                        "max_new_tokens)", "empty")
     return kept
 
 
@@ -281,7 +282,7 @@ def iterative_dpo(cfg: TrainConfig, log) -> TrainResult:
         stats.seconds = samples.seconds
         log(f"round {r}/{cfg.rounds}: {stats.summary()}; mean reward {statistics.fmean(rewards):.4f}")
         if not rows:
-            raise ValueError(f"round {r}: every sampled group tied on reward; no pairs to train on")
+            raise RewardError(f"round {r}: every sampled group tied on reward; no pairs to train on")
         pairs_file = write_jsonl(rows, out / f"round-{r}" / "pairs.jsonl")
         result = train(TrainConfig.from_dict({**offline, "model": model, "data": str(pairs_file),
                                               "output_dir": str(out / f"round-{r}")}), log=log)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dpokit.config import TrainConfig
+from dpokit.config import ConfigError, TrainConfig
 from dpokit.distributed import Distributed, broadcast_object, start
 from dpokit.logprobs import PairLogps, compute_precision
 from dpokit.logprobs.sequence import autocast_dtype
@@ -117,10 +117,10 @@ def cache_reference(config: TrainConfig | None = None, log=print, **overrides) -
     would use, and stop. Training then starts without loading or running the reference."""
     cfg = TrainConfig.from_dict({**(config.to_dict() if config else {}), **overrides})
     if cfg.online:
-        raise ValueError("nothing to cache: online training (grpo, --online-dpo) samples new completions every step")
+        raise ConfigError("nothing to cache: online training (grpo, --online-dpo) samples new completions every step")
     unpaired = any(OBJECTIVES[n].data == "unpaired" for n in cfg.loss_names)
     if unpaired or cfg.sync_ref_every or not cfg.ref_cache:
-        raise ValueError("nothing to cache: kto, TR-DPO (--sync-ref-every) and --no-ref-cache run the reference live")
+        raise ConfigError("nothing to cache: kto, TR-DPO (--sync-ref-every) and --no-ref-cache run the reference live")
     from dpokit.loop.inputs import load_data
     ctx = start(False, cfg.device)  # under torchrun the ranks share the batches out; nothing is sharded
     try:

@@ -104,7 +104,8 @@ def cmd_sweep(args) -> int:
     online = tuple(m.strip() for m in args.online.split(",") if m.strip()) if args.online else ()
     unknown = set(online) - {"grpo", "online-dpo"}
     if unknown:
-        raise ValueError(f"--online: unknown method(s) {', '.join(sorted(unknown))}; choose from grpo, online-dpo")
+        from dpokit.config import ConfigError
+        raise ConfigError(f"--online: unknown method(s) {', '.join(sorted(unknown))}; choose from grpo, online-dpo")
     run_sweep(args.output_dir, args.axis, task, args.checkpoints, best_of, args.preferred_ft, args.keep_checkpoints,
               online, args.online_steps, progress=False, **overrides)
     return 0

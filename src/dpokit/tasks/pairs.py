@@ -9,6 +9,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dpokit.config import ConfigError
 from dpokit.generation import Samples, sample
 
 
@@ -72,7 +73,7 @@ def make_pairs(model, tokenizer, prompts: list, reward_fn, n: int = 4, pairing: 
                seed: int = 0, batch_size: int = 128) -> tuple[list[dict], PairStats]:
     """Sample n completions per prompt from `model`, score with `reward_fn`, pair (see `pair_up`)."""
     if n < 2:
-        raise ValueError(f"making pairs needs at least 2 samples per prompt, got {n}")
+        raise ConfigError(f"making pairs needs at least 2 samples per prompt, got {n}")
     s = sample(model, tokenizer, prompts, n, max_new_tokens, temperature, top_p, batch_size, seed)
     rewards = reward_fn([s.prompt_of(i) for i in range(len(s.texts))], s.texts)
     rows, stats = pair_up(s, rewards, pairing, min_gap)
