@@ -11,6 +11,7 @@ from each row's first real token, so padding changes nothing a row computes.
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass
 
@@ -65,6 +66,12 @@ def next_token(logits: torch.Tensor, temperature: float, top_p: float, generator
     return token if order is None else order.gather(-1, token.unsqueeze(-1)).squeeze(-1)
 
 
+def cache_keyword(model) -> str:
+    """The name of the KV cache in a causal LM's forward arguments and outputs: `cache` in current transformers
+    (5.24 deprecates `past_key_values`, to be removed in 5.40), `past_key_values` in earlier 5.x releases."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 @torch.no_grad()
 def _decode(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int, pad_id: int, temperature: float,
             top_p: float, generator: torch.Generator, device) -> tuple[list[list[int]], list[float]]:
@@ -76,9 +83,10 @@ def _decode(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int, p
         attention[i, width - len(p):] = 1
     input_ids, attention = input_ids.to(device), attention.to(device)
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    cache_arg = cache_keyword(model)
     out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True,
                 logits_to_keep=1)
-    cache, done = out.past_key_values, torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    cache, done = out[cache_arg], torch.zeros(len(prompts), dtype=torch.bool, device=device)
     generated, logps = [], torch.zeros(len(prompts), dtype=torch.float64, device=device)
     for step in range(max_new_tokens):
         logits = out.logits[:, -1].float()
@@ -94,8 +102,8 @@ def _decode(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int, p
         attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=-1)
         positions = positions[:, -1:] + 1
         out = model(input_ids=token.unsqueeze(-1), attention_mask=attention, position_ids=positions,
-                    past_key_values=cache, use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
+                    use_cache=True, logits_to_keep=1, **{cache_arg: cache})
+        cache = out[cache_arg]
     rows = torch.stack(generated, dim=1).tolist()
     completions = []
     for row in rows:
