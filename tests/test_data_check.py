@@ -8,8 +8,9 @@ import pytest
 
 from conftest import write_jsonl
 from dpokit.batches import TokenizedPair, TokenizeReport, tokenize_pairs
+from dpokit.batches.tokenize import tokenize_completions
 from dpokit.cli import main
-from dpokit.data import DataError, LoadReport, Pair, load_pairs
+from dpokit.data import DataError, LoadReport, Pair, load_completions, load_pairs
 from dpokit.data.check import check_file, check_stats, format_check
 
 GOOD = [{"prompt": "How do I boil an egg?", "chosen": " Simmer it for nine minutes, then cool it in cold water.",
@@ -46,7 +47,7 @@ def test_check_stats_is_exact_arithmetic():
     assert s["duplicates"] == {"count": 2, "lines": [(4, 1), (5, 1)]}
     assert s["tokens"]["prompt"] == {"mean": 3.5, "median": 4.0, "max": 4}
     assert s["tokens"]["chosen"] == {"mean": 8.25, "median": 10.0, "max": 10}
-    assert s["truncation"] == {"pairs": 3, "prompts": 2, "completions": 3, "tokens_cut": 4 + 6 + 6,
+    assert s["truncation"] == {"truncated": 3, "prompts": 2, "completions": 3, "tokens_cut": 4 + 6 + 6,
                                "mean_cut": 16 / 3, "dropped": {}, "dropped_sources": []}
     # chosen - rejected: +4, -2, +4, +4
     assert s["length_bias"] == {"pairs": 4, "chosen_longer": 0.75, "rejected_longer": 0.25, "equal": 0.0,
@@ -90,7 +91,7 @@ def test_check_file_with_a_real_tokenizer(tmp_path, tokenizer):
     lost = [sum(map(len, (f.prompt_ids, f.chosen_ids, f.rejected_ids))) -
             sum(map(len, (c.prompt_ids, c.chosen_ids, c.rejected_ids))) for f, c in zip(full, cut)]
     assert s["truncation"]["tokens_cut"] == sum(lost) > 0
-    assert s["truncation"]["pairs"] == sum(n > 0 for n in lost)
+    assert s["truncation"]["truncated"] == sum(n > 0 for n in lost)
     assert (s["truncation"]["prompts"], s["truncation"]["completions"]) == (report.prompts_truncated,
                                                                             report.completions_truncated)
     differences = [len(t.chosen_ids) - len(t.rejected_ids) for t in full]
@@ -171,3 +172,50 @@ def test_load_report_keeps_every_error(tmp_path):
     pairs, report = load_pairs(str(tmp_path / "b.jsonl"), on_bad_row="skip", allow_empty=True)
     assert pairs == [] and len(report.errors) == 4
     assert report.rows == 0
+
+
+UNPAIRED = [{"prompt": "How do I boil an egg?", "completion": " Simmer it for nine minutes.", "label": True},
+            {"prompt": "How do I boil an egg?", "completion": " No idea.", "label": False},
+            {"prompt": "Name a fruit.", "completion": " An apple, which is sweet.", "label": "true"},
+            {"prompt": "Name a fruit.", "completion": " No idea.", "label": 0}]
+
+
+def test_check_file_reads_unpaired_kto_files(tmp_path, tokenizer):
+    """A KTO file (prompt, completion, label) is checked as KTO training reads it, not as broken pairs."""
+    bad = [{"prompt": "Q", "completion": " a"},                                # line 5: no label
+           {"prompt": "Q", "completion": " a", "label": "maybe"},              # line 6
+           UNPAIRED[0],                                                        # line 7: repeats line 1
+           {**UNPAIRED[1], "label": True}]                                     # line 8: contradicts line 2
+    path = write_jsonl(tmp_path / "k.jsonl", UNPAIRED + bad)
+    s = check_file(path, tokenizer, max_length=12, max_prompt_length=4)
+    assert (s["format"], s["unit"], s["completions"]) == ("unpaired", "completions", 6)
+    assert s["invalid"]["count"] == 2 and [r.split(":")[1] for r in s["invalid"]["rows"]] == ["5", "6"]
+    assert s["labels"] == {"desirable": 4, "undesirable": 2}
+    assert s["duplicates"] == {"count": 1, "lines": [(7, 1)]}
+    assert s["contradictions"] == {"count": 1, "lines": [(8, 2)]}
+    examples, _ = load_completions(path, on_bad_row="skip")
+    full, _ = tokenize_completions(examples, tokenizer, 10_000, None)
+    cut, report = tokenize_completions(examples, tokenizer, 12, 4)
+    assert s["tokens"]["completion"]["max"] == max(len(t.completion_ids) for t in full)
+    lost = [len(f.prompt_ids) + len(f.completion_ids) - len(c.prompt_ids) - len(c.completion_ids)
+            for f, c in zip(full, cut)]
+    assert s["truncation"]["tokens_cut"] == sum(lost) > 0 and s["truncation"]["truncated"] == sum(n > 0 for n in lost)
+    desirable = [len(t.completion_ids) for t in full if t.label]
+    assert s["label_lengths"]["desirable"] == pytest.approx(sum(desirable) / len(desirable))
+    text = format_check(s)
+    assert f"{path}: 6 completions, format unpaired" in text and "4 desirable, 2 undesirable" in text
+    assert "invalid rows: 2" in text and "contradictory labels: 1" in text and "line 8 = line 2" in text
+
+
+def test_cli_checks_unpaired_files(tmp_path, tokenizer_dir, capsys):
+    kto = write_jsonl(tmp_path / "k.jsonl", UNPAIRED)
+    pairs = write_jsonl(tmp_path / "e.jsonl", GOOD)
+    rc = main(["data", "check", kto, pairs, "--model", tokenizer_dir])
+    out, err = capsys.readouterr()
+    assert rc == 0 and not err, err
+    assert f"{kto}: 4 completions, format unpaired" in out and "invalid rows: none" in out
+    assert "2 files read: 3 pairs by format: explicit 3; 4 completions by format: unpaired 4; 0 invalid rows" in out
+    all_bad = write_jsonl(tmp_path / "b.jsonl", [{"prompt": "Q", "completion": " a", "label": "maybe"}])
+    assert main(["data", "check", all_bad, "--model", tokenizer_dir, "--on-bad-row", "skip"]) == 1
+    out, err = capsys.readouterr()
+    assert f"{all_bad}: 0 completions, format unpaired" in out and "1 unusable file(s)" in err

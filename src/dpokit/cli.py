@@ -91,7 +91,7 @@ def cmd_data_check(args) -> int:
             continue
         print(format_check(stats))
         all_stats.append(stats)
-        unusable += stats["pairs"] == 0
+        unusable += stats[stats["unit"]] == 0  # no pair (or, unpaired, no completion) to train on
     if len(all_stats) > 1:
         print(format_totals(all_stats))
     invalid = sum(s["invalid"]["count"] for s in all_stats) if args.on_bad_row == "error" else 0
@@ -219,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_data = sub.add_parser("data", help="inspect preference files")
     data_sub = p_data.add_subparsers(dest="data_command", required=True)
     p_check = data_sub.add_parser("check", help="load and tokenize files, reporting formats, every invalid row, "
-                                  "duplicates, token lengths, truncation and chosen/rejected length bias",
+                                  "duplicates, token lengths, truncation and chosen/rejected length bias; unpaired "
+                                  "(KTO) files: label balance and completions labelled both ways",
                                   description="Exits 1 if a file is unusable, or has invalid rows and "
                                   "--on-bad-row is error (the default); with skip, invalid rows are listed only.")
     p_check.add_argument("files", nargs="+")

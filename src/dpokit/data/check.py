@@ -2,7 +2,9 @@
 
 Invalid rows (all of them, each with file:line:field), exact duplicates, token lengths, truncation, and
 the chosen/rejected length bias: DPO is known to learn "longer is better" when chosen answers are
-systematically longer, so a file where they are deserves a look before training.
+systematically longer, so a file where they are deserves a look before training. Unpaired (KTO) files
+— prompt, completion, label — are checked as KTO training reads them: label balance, completions
+repeated with the other label, and the desirable/undesirable length difference in place of pair bias.
 
 `check_stats` is a pure function of what loading and tokenizing produced; `format_check` turns its dict
 into text; `check_file` runs both stages on one file.
@@ -15,8 +17,10 @@ import statistics
 import sys
 from collections import Counter
 
-from dpokit.batches.tokenize import TokenizedPair, TokenizeReport, tokenize_pairs
-from dpokit.data.formats import LoadReport, Pair, load_pairs
+from dpokit.batches.tokenize import TokenizedCompletion, TokenizedPair, TokenizeReport, tokenize_completions, \
+    tokenize_pairs
+from dpokit.data.formats import Completion, LoadReport, Pair, detect_format, load_completions, load_pairs
+from dpokit.data.readers import read_rows
 
 SHOWN = 5  # duplicate lines and dropped rows named in the text; invalid rows are all listed
 
@@ -46,24 +50,61 @@ def check_stats(pairs: list[Pair], load_report: LoadReport, tokenized: list[Toke
     differences = [len(t.chosen_ids) - len(t.rejected_ids) for t in untruncated]
     n = len(differences)
     return {
-        "path": load_report.path,
-        "format": load_report.format,
-        "pairs": len(pairs),
-        "invalid": {"count": sum(load_report.skipped.values()), "by_reason": dict(load_report.skipped),
-                    "rows": [str(e) for e in load_report.errors]},
+        **_common(load_report, "pairs", len(pairs), duplicates, cuts, tok_report),
         "chosen_equals_rejected": load_report.skipped.get("chosen_equals_rejected", 0),
-        "duplicates": {"count": len(duplicates), "lines": duplicates[:SHOWN]},
         "tokens": {part: _spread([len(getattr(t, f"{part}_ids")) for t in untruncated])
                    for part in ("prompt", "chosen", "rejected")},
-        "truncation": {"pairs": len(cuts), "prompts": tok_report.prompts_truncated,
-                       "completions": tok_report.completions_truncated, "tokens_cut": sum(cuts),
-                       "mean_cut": sum(cuts) / len(cuts) if cuts else 0.0,
-                       "dropped": dict(tok_report.dropped), "dropped_sources": list(tok_report.dropped_sources)},
         "length_bias": {"pairs": n,
                         "chosen_longer": sum(d > 0 for d in differences) / n if n else None,
                         "rejected_longer": sum(d < 0 for d in differences) / n if n else None,
                         "equal": sum(d == 0 for d in differences) / n if n else None,
                         "mean_difference": sum(differences) / n if n else None},
+    }
+
+
+def check_unpaired_stats(examples: list[Completion], load_report: LoadReport, tokenized: list[TokenizedCompletion],
+                         tok_report: TokenizeReport, untruncated: list[TokenizedCompletion]) -> dict:
+    """Statistics of one unpaired (KTO) file, as `check_stats` for pairs. A completion repeated with the
+    same label is a duplicate; with the other label, a contradiction (KTO would push it both ways)."""
+    first_seen, duplicates, contradictions = {}, [], []
+    for ex in examples:
+        key = json.dumps([ex.prompt, ex.completion])
+        if key in first_seen:
+            line, label = first_seen[key]
+            (duplicates if ex.label == label else contradictions).append((_line(ex.source), line))
+        else:
+            first_seen[key] = (_line(ex.source), ex.label)
+    full = {(t.source, t.label): t for t in untruncated}  # a split pair's two completions share a source
+    cuts = [c for t in tokenized if (c := sum(len(a) - len(b) for a, b in (
+        (full[t.source, t.label].prompt_ids, t.prompt_ids),
+        (full[t.source, t.label].completion_ids, t.completion_ids))))]
+
+    def mean_length(label: bool) -> float | None:
+        lengths = [len(t.completion_ids) for t in untruncated if t.label == label]
+        return sum(lengths) / len(lengths) if lengths else None
+    return {
+        **_common(load_report, "completions", len(examples), duplicates, cuts, tok_report),
+        "labels": {"desirable": sum(ex.label for ex in examples),
+                   "undesirable": sum(not ex.label for ex in examples)},
+        "contradictions": {"count": len(contradictions), "lines": contradictions[:SHOWN]},
+        "tokens": {part: _spread([len(getattr(t, f"{part}_ids")) for t in untruncated])
+                   for part in ("prompt", "completion")},
+        "label_lengths": {"desirable": mean_length(True), "undesirable": mean_length(False)},
+        "measured": len(untruncated),
+    }
+
+
+def _common(load_report: LoadReport, unit: str, n: int, duplicates: list, cuts: list[int],
+            tok_report: TokenizeReport) -> dict:
+    return {
+        "path": load_report.path, "format": load_report.format, "unit": unit, unit: n,
+        "invalid": {"count": sum(load_report.skipped.values()), "by_reason": dict(load_report.skipped),
+                    "rows": [str(e) for e in load_report.errors]},
+        "duplicates": {"count": len(duplicates), "lines": duplicates[:SHOWN]},
+        "truncation": {"truncated": len(cuts), "prompts": tok_report.prompts_truncated,
+                       "completions": tok_report.completions_truncated, "tokens_cut": sum(cuts),
+                       "mean_cut": sum(cuts) / len(cuts) if cuts else 0.0,
+                       "dropped": dict(tok_report.dropped), "dropped_sources": list(tok_report.dropped_sources)},
     }
 
 
@@ -79,7 +120,9 @@ def _spread(values: list[int]) -> dict | None:
 
 def format_check(stats: dict) -> str:
     """The report of one file, as `dpokit data check` prints it."""
-    lines = [f"{stats['path']}: {stats['pairs']} pairs, format {stats['format']}"]
+    unit, paired = stats["unit"], stats["unit"] == "pairs"
+    one = unit[:-1]
+    lines = [f"{stats['path']}: {stats[unit]} {unit}, format {stats['format']}"]
     invalid = stats["invalid"]
     if invalid["count"]:
         reasons = ", ".join(f"{n} {why}" for why, n in sorted(invalid["by_reason"].items()))
@@ -87,53 +130,79 @@ def format_check(stats: dict) -> str:
         lines += [f"    {row}" for row in invalid["rows"]]
     else:
         lines.append("  invalid rows: none")
-    if stats["chosen_equals_rejected"]:
+    if paired and stats["chosen_equals_rejected"]:
         lines.append(f"  chosen == rejected: {stats['chosen_equals_rejected']} (among the invalid rows)")
-    dup = stats["duplicates"]
-    if dup["count"]:
-        shown = ", ".join(f"line {line} = line {first}" for line, first in dup["lines"])
-        lines.append(f"  duplicates: {dup['count']} pairs repeat an earlier one (same prompt, chosen and "
-                     f"rejected): {shown}" + (" …" if dup["count"] > len(dup["lines"]) else ""))
-    else:
-        lines.append("  duplicates: none")
-    if not stats["length_bias"]["pairs"]:
-        lines.append("  no pair left to measure")
+    if not paired:
+        labels = stats["labels"]
+        share = f" ({labels['desirable'] / stats[unit]:.1%} desirable)" if stats[unit] else ""
+        lines.append(f"  labels: {labels['desirable']} desirable, {labels['undesirable']} undesirable{share}")
+    same = "same prompt, chosen and rejected" if paired else "same prompt, completion and label"
+    lines.append(_repeats("duplicates", stats["duplicates"], f"{unit} repeat an earlier one ({same})"))
+    if not paired:
+        lines.append(_repeats("contradictory labels", stats["contradictions"], f"{unit} repeat an earlier one "
+                              "with the other label (KTO pushes them both ways)"))
+    if not (stats["length_bias"]["pairs"] if paired else stats["measured"]):
+        lines.append(f"  no {one} left to measure")
         return "\n".join(lines)
 
     lines.append(f"  {'tokens (before truncation)':<28}{'mean':>8}{'median':>8}{'max':>8}")
     for part, s in stats["tokens"].items():
         lines.append(f"    {part:<26}{s['mean']:>8.1f}{s['median']:>8.1f}{s['max']:>8}")
     tr = stats["truncation"]
-    text = (f"  truncation: {tr['pairs']} pairs truncated ({tr['prompts']} prompts, {tr['completions']} "
+    text = (f"  truncation: {tr['truncated']} {unit} truncated ({tr['prompts']} prompts, {tr['completions']} "
             f"completions), {tr['tokens_cut']} tokens cut")
-    if tr["pairs"]:
-        text += f", mean {tr['mean_cut']:.1f} per truncated pair"
+    if tr["truncated"]:
+        text += f", mean {tr['mean_cut']:.1f} per truncated {one}"
     if tr["dropped"]:
         sources = tr["dropped_sources"]
         text += ("; dropped " + ", ".join(f"{n} ({why})" for why, n in sorted(tr["dropped"].items())) + ": "
                  + ", ".join(sources[:SHOWN]) + (" …" if len(sources) > SHOWN else ""))
     lines.append(text)
-    bias = stats["length_bias"]
-    lines.append(f"  length bias: chosen longer in {bias['chosen_longer']:.1%} of pairs, rejected longer in "
-                 f"{bias['rejected_longer']:.1%}, equal {bias['equal']:.1%}; mean chosen - rejected "
-                 f"{bias['mean_difference']:+.1f} tokens")
+    if paired:
+        bias = stats["length_bias"]
+        lines.append(f"  length bias: chosen longer in {bias['chosen_longer']:.1%} of pairs, rejected longer in "
+                     f"{bias['rejected_longer']:.1%}, equal {bias['equal']:.1%}; mean chosen - rejected "
+                     f"{bias['mean_difference']:+.1f} tokens")
+    else:
+        mean = {k: "-" if v is None else f"{v:.1f}" for k, v in stats["label_lengths"].items()}
+        lines.append(f"  length bias: desirable completions {mean['desirable']} tokens on average, undesirable "
+                     f"{mean['undesirable']}")
     return "\n".join(lines)
 
 
+def _repeats(name: str, found: dict, what: str) -> str:
+    if not found["count"]:
+        return f"  {name}: none"
+    shown = ", ".join(f"line {line} = line {first}" for line, first in found["lines"])
+    return f"  {name}: {found['count']} {what}: {shown}" + (" …" if found["count"] > len(found["lines"]) else "")
+
+
 def format_totals(all_stats: list[dict]) -> str:
-    """One line over several files: pairs by format, invalid rows."""
-    by_format = Counter()
-    for s in all_stats:
-        by_format[s["format"]] += s["pairs"]
-    formats = ", ".join(f"{fmt} {n}" for fmt, n in sorted(by_format.items()))
+    """One line over several files: pairs (and unpaired completions) by format, invalid rows."""
+    parts = []
+    for unit in ("pairs", "completions"):
+        by_format = Counter()
+        for s in all_stats:
+            if s["unit"] == unit:
+                by_format[s["format"]] += s[unit]
+        if by_format:
+            formats = ", ".join(f"{fmt} {n}" for fmt, n in sorted(by_format.items()))
+            parts.append(f"{sum(by_format.values())} {unit} by format: {formats}")
     invalid = sum(s["invalid"]["count"] for s in all_stats)
-    return (f"{len(all_stats)} files read: {sum(by_format.values())} pairs by format: {formats}; "
-            f"{invalid} invalid rows")
+    return f"{len(all_stats)} files read: " + "; ".join(parts) + f"; {invalid} invalid rows"
 
 
 def check_file(path: str, tokenizer, max_length: int, max_prompt_length: int | None) -> dict:
     """Load `path` keeping every bad row's error, tokenize as training would and without limits, and
-    measure. Raises DataError only for problems with the whole file."""
+    measure. Unpaired files (their first readable row has prompt, completion, label) are loaded as KTO
+    training loads them. Raises DataError only for problems with the whole file."""
+    first = next((row for _, row in read_rows(path) if isinstance(row, dict)), None)
+    if first is not None and detect_format(first) == "unpaired":
+        examples, report = load_completions(path, on_bad_row="skip", allow_empty=True)
+        report.format = "unpaired" if report.format == "unknown" else report.format
+        tokenized, tok_report = tokenize_completions(examples, tokenizer, max_length, max_prompt_length)
+        untruncated, _ = tokenize_completions(examples, tokenizer, sys.maxsize, None)
+        return check_unpaired_stats(examples, report, tokenized, tok_report, untruncated)
     pairs, report = load_pairs(path, on_bad_row="skip", allow_empty=True)
     tokenized, tok_report = tokenize_pairs(pairs, tokenizer, max_length, max_prompt_length)
     untruncated, _ = tokenize_pairs(pairs, tokenizer, sys.maxsize, None)

@@ -177,9 +177,11 @@ def parse_row(row: dict, fmt: str, path: str, line: int) -> Pair:
     return Pair(prompt, chosen, rejected, source)
 
 
-def load_completions(path: str, on_bad_row: str = "error") -> tuple[list[Completion], LoadReport]:
+def load_completions(path: str, on_bad_row: str = "error",
+                     allow_empty: bool = False) -> tuple[list[Completion], LoadReport]:
     """Labelled completions for KTO: unpaired rows as they are, or each preference pair split into a
-    desirable (chosen) and an undesirable (rejected) completion of the same prompt."""
+    desirable (chosen) and an undesirable (rejected) completion of the same prompt. `allow_empty` as
+    for `load_pairs`."""
     def parse(row, fmt, line):
         if fmt == "unpaired":
             return [parse_unpaired(row, path, line)]
@@ -190,7 +192,7 @@ def load_completions(path: str, on_bad_row: str = "error") -> tuple[list[Complet
     out, report = _load_rows(path, on_bad_row, parse, describe=lambda fmt: fmt if fmt == "unpaired"
                              else f"{fmt} pairs split into desirable/undesirable")
     report.unit = "completions"
-    if not out:
+    if not out and not allow_empty:
         raise DataError(path, None, None, "no usable completions", reason="empty")
     return out, report
 
