@@ -4,6 +4,7 @@ iterative DPO rounds, and meaningless option combinations are refused at start-u
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import pytest
@@ -133,3 +134,36 @@ def test_cli_routes_grpo_and_refuses_reward_without_an_online_method(tmp_path, t
 def test_meaningless_combinations_are_refused(options, message):
     with pytest.raises(ConfigError, match=message):
         train(**options)
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_online_dpo_tr_dpo_moves_the_reference_every_n_steps(tmp_path, tiny_model_dir, prompts_file, monkeypatch,
+                                                              steps):
+    loaded = []
+    original = online.load_reference
+    monkeypatch.setattr(online, "load_reference", lambda *a, **k: loaded.append(original(*a, **k)) or loaded[-1])
+    result = train(**_common(tiny_model_dir, prompts_file, tmp_path / "run", online_dpo=True, max_steps=steps,
+                             num_generations=3, sync_ref_every=2, sync_ref_alpha=0.6))
+    start, final = (load_file(f"{d}/model.safetensors") for d in (tiny_model_dir, result.final_dir))
+    reference = dict(loaded[0].named_parameters())
+    for name, ref in reference.items():
+        if name not in start:  # a tied weight, saved once
+            continue
+        if steps == 1:  # no sync before step N = 2
+            assert torch.equal(ref, start[name]), name
+        else:  # after step 2 the policy is the final model: π_ref ← α·π + (1 − α)·π_ref0
+            torch.testing.assert_close(ref, 0.6 * final[name] + 0.4 * start[name], rtol=1e-6, atol=1e-7)
+    if steps == 2:
+        assert _changed(tiny_model_dir, result.final_dir)
+        assert any(not torch.equal(reference[k], start[k]) for k in start)
+
+
+def test_iterative_dpo_rounds_train_tr_dpo_offline(tmp_path, tiny_model_dir, prompts_file, monkeypatch):
+    """--rounds hands --sync-ref-every to each round's offline run, whose loop moves that round's reference."""
+    offline = importlib.import_module("dpokit.loop.train")  # the module (dpokit.loop.train is also a function)
+    calls = []
+    original = offline.sync_reference
+    monkeypatch.setattr(offline, "sync_reference", lambda *a: calls.append(a[2]) or original(*a))
+    train(**_common(tiny_model_dir, prompts_file, tmp_path / "run", online_dpo=True, rounds=2, max_steps=2,
+                    num_generations=2, sync_ref_every=1, sync_ref_alpha=0.5))
+    assert calls == [0.5] * 4  # 2 rounds × 2 steps, every step

@@ -13,7 +13,8 @@ Every step, top to bottom:
      Online DPO (Guo et al. 2024, "Direct language model alignment from online AI feedback",
      arXiv:2402.04792): the best and the worst completion of each prompt form a pair (ties skipped and
      counted); one update of the configured paired objective (sigmoid: DPO) on those pairs against the
-     reference, through the offline loop's own `paired_step`;
+     reference, through the offline loop's own `paired_step`; with --sync-ref-every N (TR-DPO) the reference
+     then moves to α·π + (1 − α)·π_ref after every N-th step;
   5. one line of metrics.jsonl (reward, advantages, KL, lengths, clipping, generation time and share).
 At the end final/ is saved as in the offline loop.
 
@@ -21,7 +22,7 @@ At the end final/ is saved as in the offline loop.
 starting from the current policy). The reference of a round is the policy the round starts from — the
 offline loop's default, as in Self-Rewarding LMs (Yuan et al. 2024, arXiv:2401.10020) where M_{t+1} is
 DPO-trained from M_t — so the KL to the original model can grow with every round; --ref-model pins one
-reference for all rounds instead.
+reference for all rounds instead. --sync-ref-every N moves a round's reference as in any offline run.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from dpokit.logprobs import compute_precision
 from dpokit.logprobs.sequence import completion_token_logps
 from dpokit.loop.checkpoint import check_writable
 from dpokit.loop.optim import build_optimizer, build_scheduler
-from dpokit.loop.reference import load_ref_model
+from dpokit.loop.reference import load_ref_model, sync_reference
 from dpokit.loop.steps import NonFiniteError, paired_step
 from dpokit.loop.train import TrainResult, pick_device, train
 from dpokit.models.lora import disable_dropout
@@ -184,17 +185,20 @@ def grpo_step(policy, reference, samples, rewards, cfg, optimizer, scheduler, pa
 def online_dpo_step(policy, reference, samples, rewards, cfg, optimizer, scheduler, pad_id, device, step) -> dict:
     """Best vs worst completion of each prompt → one update of the paired objective(s) on those pairs."""
     pairs, left_out = best_vs_worst(samples, rewards, step)
-    if not pairs:  # every group tied: nothing to learn from this batch
-        return {"pairs": 0, **left_out}
-    sums: dict[str, float] = defaultdict(float)
-    for i in range(0, len(pairs), cfg.batch_size):
-        micro_sums, _ = paired_step(policy, reference, pairs[i:i + cfg.batch_size], cfg, pad_id, device, len(pairs),
-                                    step + 1)
-        for key, value in micro_sums.items():
-            sums[key] += value
-    grad_norm, lr = update(policy, optimizer, scheduler, cfg, step)
-    return {**{k: v / len(pairs) for k, v in sums.items()}, "pairs": len(pairs), **left_out, "lr": lr,
-            "grad_norm": grad_norm}
+    record = {"pairs": 0, **left_out}  # every group tied: nothing to learn from this batch
+    if pairs:
+        sums: dict[str, float] = defaultdict(float)
+        for i in range(0, len(pairs), cfg.batch_size):
+            micro_sums, _ = paired_step(policy, reference, pairs[i:i + cfg.batch_size], cfg, pad_id, device,
+                                        len(pairs), step + 1)
+            for key, value in micro_sums.items():
+                sums[key] += value
+        grad_norm, lr = update(policy, optimizer, scheduler, cfg, step)
+        record = {**{k: v / len(pairs) for k, v in sums.items()}, "pairs": len(pairs), **left_out, "lr": lr,
+                  "grad_norm": grad_norm}
+    if cfg.sync_ref_every and (step + 1) % cfg.sync_ref_every == 0:  # TR-DPO, as in the offline loop
+        sync_reference(reference, policy, cfg.sync_ref_alpha)
+    return record
 
 
 def best_vs_worst(samples, rewards, step: int) -> tuple[list[TokenizedPair], dict[str, int]]:
