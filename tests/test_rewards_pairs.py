@@ -42,24 +42,64 @@ def test_callable_reward_and_its_checks(tmp_path, monkeypatch):
         load_reward("badreward:X")
 
 
-def test_classifier_folder_reward(tmp_path, tokenizer):
+def _classifier_folder(path, tokenizer, pad_token_id, chat_template: bool):
+    """A tiny random 2-label Llama reward model saved with `tokenizer` (with or without its chat template)."""
+    import copy
     from transformers import LlamaConfig, LlamaForSequenceClassification
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=2, num_labels=2, pad_token_id=tokenizer.pad_token_id,
+                      num_attention_heads=4, num_key_value_heads=2, num_labels=2, pad_token_id=pad_token_id,
                       id2label={0: "NEGATIVE", 1: "POSITIVE"}, label2id={"NEGATIVE": 0, "POSITIVE": 1})
     model = LlamaForSequenceClassification(cfg).eval()
-    model.save_pretrained(tmp_path, safe_serialization=True)
-    tokenizer.save_pretrained(tmp_path)
-    texts = ["How do I boil an egg?", "Hi"]
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer = copy.deepcopy(tokenizer)
+    if not chat_template:
+        tokenizer.chat_template = None
+    tokenizer.save_pretrained(path)
+    return model, tokenizer
+
+
+def _logits_one_by_one(model, tokenizer, texts, add_special_tokens=True):
     with torch.no_grad():
-        enc = tokenizer([t + " yes" for t in texts], return_tensors="pt", padding=True)
-        expected = model(**enc).logits
+        return [model(**tokenizer(t, return_tensors="pt", add_special_tokens=add_special_tokens)).logits[0]
+                for t in texts]
+
+
+def test_classifier_folder_reward(tmp_path, tokenizer):
+    """Without a chat template the reward model reads prompt + completion as plain text."""
+    model, tok = _classifier_folder(tmp_path, tokenizer, tokenizer.pad_token_id, chat_template=False)
+    texts = ["How do I boil an egg?", "Hi"]
+    expected = _logits_one_by_one(model, tok, [t + " yes" for t in texts])
     for spec, column in ((str(tmp_path), 1), (f"{tmp_path}#NEGATIVE", 0)):
         got = load_reward(spec)(texts, [" yes", " yes"])
-        assert got == pytest.approx(expected[:, column].tolist(), abs=1e-5)
+        assert got == pytest.approx([e[column].item() for e in expected], abs=1e-5)
     with pytest.raises(RewardError, match="no label 'HAPPY'"):
         load_reward(f"{tmp_path}#HAPPY")
+
+
+def test_classifier_without_pad_token_id_scores_batches(tmp_path, tokenizer):
+    """A reward model whose config has no pad_token_id: HF refuses batches > 1 unless it is set (from the
+    tokenizer), and each row then scores as it does alone."""
+    model, tok = _classifier_folder(tmp_path, tokenizer, None, chat_template=False)
+    prompts, completions = ["How do I boil an egg?", "Hi", "Name a fruit."], [" Simmer it.", " yes", " An apple."]
+    expected = _logits_one_by_one(model, tok, [p + c for p, c in zip(prompts, completions)])
+    got = load_reward(str(tmp_path))(prompts, completions)
+    assert got == pytest.approx([e[1].item() for e in expected], abs=1e-5)
+
+
+def test_classifier_with_a_chat_template_reads_the_conversation(tmp_path, tokenizer):
+    """With a chat template, (prompt, completion) is rendered as [user: prompt, assistant: completion]; a
+    message-list prompt is extended by the assistant turn."""
+    model, tok = _classifier_folder(tmp_path, tokenizer, tokenizer.pad_token_id, chat_template=True)
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    prompts, completions = ["How do I boil an egg?", chat], ["Simmer it.", "Hello!"]
+    conversations = [[{"role": "user", "content": prompts[0]}, {"role": "assistant", "content": "Simmer it."}],
+                     chat + [{"role": "assistant", "content": "Hello!"}]]
+    texts = [tok.apply_chat_template(c, tokenize=False) for c in conversations]
+    assert texts[0] == "<|im_start|>user\nHow do I boil an egg?<|im_end|>\n<|im_start|>assistant\nSimmer it.<|im_end|>\n"
+    expected = _logits_one_by_one(model, tok, texts, add_special_tokens=False)
+    got = load_reward(str(tmp_path))(prompts, completions)
+    assert got == pytest.approx([e[1].item() for e in expected], abs=1e-5)
 
 
 def test_combined_rewards_weight_each_term():

@@ -9,7 +9,10 @@ turns a spec into one:
   because the review is prompt + continuation; the built-in prompts are chosen to be neutral.
 - a local folder of an HF sequence-classification model (a reward model): its logit for one label.
   One-label models give their only logit; others the label named after `#` (`./clf#POSITIVE`), else the
-  last label. Loaded from safetensors only, without remote code, like every dpokit model.
+  last label. Loaded from safetensors only, without remote code, like every dpokit model. What it reads:
+  if its tokenizer has a chat template, the conversation [user: prompt, assistant: completion] (a message
+  list prompt, plus the assistant turn) rendered by that template, as chat reward models are trained;
+  otherwise the plain text prompt + completion.
 - `module:function`: any importable Python callable with the signature above.
 """
 
@@ -31,6 +34,20 @@ def _text(prompt) -> str:
     if isinstance(prompt, list):  # a conversation: the text of its messages
         return "\n".join(str(m.get("content", "")) for m in prompt)
     return prompt
+
+
+def _conversation(prompt, completion: str) -> list[dict]:
+    user = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+    return user + [{"role": "assistant", "content": completion}]
+
+
+def reward_model_inputs(tokenizer, prompts: list, completions: list[str]) -> tuple[list[str], bool]:
+    """(texts, add_special_tokens) a reward model reads (module docstring): chat-rendered texts already hold
+    the template's special tokens, so the tokenizer must not add its own again."""
+    if tokenizer.chat_template:
+        return [tokenizer.apply_chat_template(_conversation(p, c), tokenize=False)
+                for p, c in zip(prompts, completions)], False
+    return [_text(p) + c for p, c in zip(prompts, completions)], True
 
 
 def sentiment_reward() -> RewardFn:
@@ -59,15 +76,23 @@ def classifier_reward(folder: str, label: str | None = None, device: str = "cpu"
         if label not in by_name:
             raise RewardError(f"reward model {folder}: no label {label!r}; it has {sorted(by_name)}")
         index = by_name[label]
+    # HF finds each row's last real token as the last one that is not config.pad_token_id, and refuses
+    # batches > 1 without one: the tokenizer must pad with exactly that id.
     if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+        if model.config.pad_token_id is not None:
+            tokenizer.pad_token_id = model.config.pad_token_id
+        else:
+            tokenizer.pad_token = tokenizer.eos_token
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
 
     @torch.no_grad()
     def classifier(prompts: list, completions: list[str]) -> list[float]:
-        texts = [_text(p) + c for p, c in zip(prompts, completions)]
+        texts, special = reward_model_inputs(tokenizer, prompts, completions)
         scores = []
         for i in range(0, len(texts), batch_size):
-            enc = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True, truncation=True).to(device)
+            enc = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True, truncation=True,
+                            add_special_tokens=special).to(device)
             scores += model(**enc).logits[:, index].float().tolist()
         return scores
     return classifier
