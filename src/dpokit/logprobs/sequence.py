@@ -3,11 +3,13 @@
 The fast path runs the transformer body once, keeps the hidden states only at positions that predict
 a completion token, and applies the LM head to those alone, in chunks: the [rows, T, vocab] fp32
 logits tensor (49k vocab here, 128k+ for Llama 3) never exists. `sequence_logps_full` is the plain
-textbook computation from the full logits; tests hold the two equal.
+textbook computation from the full logits; tests hold the two equal. Models whose logits are not
+lm_head(hidden) — scaled, soft-capped — are found by a probe (`fast_head`) and take the full logits.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -58,8 +60,10 @@ def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def _token_stats(states: torch.Tensor, head, targets: torch.Tensor, with_sq: bool):
+def _token_stats(states: torch.Tensor, head, targets: torch.Tensor, with_sq: bool, temperature: float = 1.0):
     logits = _at_least_fp32(head(states))
+    if temperature != 1.0:
+        logits = logits / temperature
     lse = torch.logsumexp(logits, dim=-1)
     logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
     if not with_sq:
@@ -68,11 +72,66 @@ def _token_stats(states: torch.Tensor, head, targets: torch.Tensor, with_sq: boo
         return logps, torch.logsumexp(2 * logits.detach(), dim=-1) - 2 * lse.detach()
 
 
-def _has_plain_head(model) -> bool:
-    """True when logits are exactly lm_head(last hidden state): no scaling or soft-capping after it."""
-    cfg = model.config
-    return (getattr(cfg, "final_logit_softcapping", None) is None and getattr(cfg, "logit_scale", None) is None
-            and model.get_output_embeddings() is not None)
+# The fast path's decision, cached on the model instance (PEFT forwards attribute look-ups to the model it
+# wraps, DDP/FSDP2 wrap a `TokenLogpsModule` holding it, deepcopy copies it).
+DECISION = "_dpokit_fast_head"
+PROBE_TOKENS = 16
+# Config keys of post-processings the probe may not see: a soft-cap c·tanh(z/c) is the identity while |z| ≪ c
+# (random or early weights), yet bends a trained model's logits. Scales (Granite's logits_scaling, Falcon-H1's
+# lm_head_multiplier, …) show at any weights, so the probe finds them without a list.
+CAPPING_KEYS = ("final_logit_softcapping", "logit_scale")
+
+
+def fast_head(model) -> bool:
+    """Whether logits are output_embeddings(decoder(x).last_hidden_state), so the fast path is exact.
+
+    Decided once per model instance (`load_model` decides at load, before any DDP/FSDP2 wrapping; other
+    models at their first use) and warned about once when the answer is no."""
+    decided = getattr(model, DECISION, None)
+    if decided is None:
+        why = _probe_head(model)
+        if why:
+            name = type(model.get_base_model() if hasattr(model, "get_base_model") else model).__name__  # PEFT
+            warnings.warn(f"dpokit: {name}: fast log-prob path off ({why}); log-probs come from the "
+                          "model's full [rows, T, vocab] logits, which takes more memory", stacklevel=2)
+        decided = not why
+        setattr(model, DECISION, decided)
+    return decided
+
+
+def _probe_head(model) -> str:
+    """Why the fast path would differ from model(x).logits, or '' when it agrees.
+
+    Compares log_softmax of both on PROBE_TOKENS ids spread over the vocabulary, in eval mode, under
+    no_grad, without autocast. Tolerance: max |Δ| ≤ max(1e-4, 8 eps) · max(1, max |log p|) — fp32 rounding
+    of the same matmuls passes (Δ ≈ 0), a scaled head fails (Δ ≈ (1 − m)·spread of the logits)."""
+    for key in CAPPING_KEYS:
+        if getattr(model.config, key, None) is not None:
+            return f"config.{key} = {getattr(model.config, key)}"
+    head = model.get_output_embeddings()
+    if head is None:
+        return "the model has no output embeddings"
+    embed = model.get_input_embeddings().weight
+    ids = torch.linspace(0, embed.shape[0] - 1, PROBE_TOKENS, device=embed.device).long()[None]   # [1, P]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), torch.autocast(embed.device.type, enabled=False):
+            full = model(input_ids=ids, use_cache=False).logits
+            try:
+                fast = head(model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state)
+            except Exception as e:  # noqa: BLE001 — any failure of the split call means: use the whole model
+                return f"calling the decoder and the head separately fails: {type(e).__name__}: {e}"
+    finally:
+        model.train(was_training)
+    if fast.shape != full.shape:
+        return f"decoder → head gives {tuple(fast.shape)}, the model {tuple(full.shape)}"
+    full_lp, fast_lp = F.log_softmax(_at_least_fp32(full), -1), F.log_softmax(_at_least_fp32(fast), -1)
+    diff = (fast_lp - full_lp).abs().max().item()
+    tol = max(1e-4, 8 * torch.finfo(full.dtype).eps) * max(1.0, full_lp.abs().max().item())
+    if not diff <= tol:  # (NaN fails too)
+        return f"max |Δ log-softmax| = {diff:.3g} > {tol:.2g} against the model's logits ({PROBE_TOKENS}-token probe)"
+    return ""
 
 
 def padded_score_index(completion_mask: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -91,9 +150,10 @@ def additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Ten
         ~attention_mask, torch.finfo(dtype).min)
 
 
-def batch_token_logps(model, batch: dict[str, torch.Tensor], with_sq: bool = False) -> TokenLogps:
+def batch_token_logps(model, batch: dict[str, torch.Tensor], with_sq: bool = False,
+                      temperature: float = 1.0) -> TokenLogps:
     """Log-probs of every scored completion token of a batch from `collate` (padded) or
-    `collate_packed` (prefix-shared, packed)."""
+    `collate_packed` (prefix-shared, packed); under softmax(logits / temperature) when it is not 1 (GRPO)."""
     index = batch if "score_seq" in batch else padded_score_index(batch["completion_mask"])
     mask = batch["attention_mask"]
     if mask.dim() == 4:
@@ -102,7 +162,7 @@ def batch_token_logps(model, batch: dict[str, torch.Tensor], with_sq: bool = Fal
                   use_cache=False)
     row, src = index["score_row"], index["score_src"]
     targets = batch["input_ids"][row, index["score_tgt"]]                       # [K]
-    if _has_plain_head(model):
+    if fast_head(model):
         states = model.get_decoder()(**kwargs).last_hidden_state[row, src]      # [K, H] only what is scored
         head = model.get_output_embeddings()
     else:  # logits post-processed by the model: take them whole, then select
@@ -110,11 +170,12 @@ def batch_token_logps(model, batch: dict[str, torch.Tensor], with_sq: bool = Fal
     width = head.out_features if hasattr(head, "out_features") else states.shape[-1]
     chunk = max(1, CHUNK_ELEMENTS // width)
     if states.shape[0] <= chunk:
-        values, sq = _token_stats(states, head, targets, with_sq)
+        values, sq = _token_stats(states, head, targets, with_sq, temperature)
     else:
         recompute = torch.is_grad_enabled()
-        parts = [checkpoint(_token_stats, s, head, t, with_sq, use_reentrant=False) if recompute
-                 else _token_stats(s, head, t, with_sq) for s, t in zip(states.split(chunk), targets.split(chunk))]
+        parts = [checkpoint(_token_stats, s, head, t, with_sq, temperature, use_reentrant=False) if recompute
+                 else _token_stats(s, head, t, with_sq, temperature)
+                 for s, t in zip(states.split(chunk), targets.split(chunk))]
         values = torch.cat([p[0] for p in parts])
         sq = torch.cat([p[1] for p in parts]) if with_sq else None
     return TokenLogps(values, index["score_seq"], index["score_pos"], sq, int(index["n_seqs"]))

