@@ -53,17 +53,21 @@ def test_rows_do_not_depend_on_their_batch(tokenizer):
     assert together.completion_ids[2] == together.completion_ids[3] == alone.completion_ids[0]
 
 
-def test_recorded_logps_equal_teacher_forcing_and_seed_repeats(tokenizer):
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_recorded_logps_equal_teacher_forcing_and_seed_repeats(tokenizer, temperature):
+    """Recorded: the model's own log-probs (T = 1) whatever the sampling temperature — generation metrics
+    subtract the reference's T = 1 log-probs from them; GRPO's tempered ones: tests/test_online.py."""
     model = make_tiny_model(len(tokenizer))
-    s = sample(model, tokenizer, PROMPTS, n=3, max_new_tokens=16, seed=7, batch_size=4)
+    kw = dict(n=3, max_new_tokens=16, batch_size=4, temperature=temperature)
+    s = sample(model, tokenizer, PROMPTS, seed=7, **kw)
     assert len(s.texts) == 9 and s.prompt_of(4) == PROMPTS[1]
     batch = pad_rows(list(zip(s.prompt_ids, s.completion_ids)), tokenizer.pad_token_id)
     with torch.no_grad():
         forced = sequence_logps(model, **batch)
     assert torch.allclose(torch.tensor(s.logps, dtype=torch.float32), forced, rtol=1e-4, atol=1e-4)
-    again = sample(model, tokenizer, PROMPTS, n=3, max_new_tokens=16, seed=7, batch_size=4)
+    again = sample(model, tokenizer, PROMPTS, seed=7, **kw)
     assert again.completion_ids == s.completion_ids
-    other = sample(model, tokenizer, PROMPTS, n=3, max_new_tokens=16, seed=8, batch_size=4)
+    other = sample(model, tokenizer, PROMPTS, seed=8, **kw)
     assert other.completion_ids != s.completion_ids
 
 

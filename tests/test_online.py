@@ -167,3 +167,23 @@ def test_iterative_dpo_rounds_train_tr_dpo_offline(tmp_path, tiny_model_dir, pro
     train(**_common(tiny_model_dir, prompts_file, tmp_path / "run", online_dpo=True, rounds=2, max_steps=2,
                     num_generations=2, sync_ref_every=1, sync_ref_alpha=0.5))
     assert calls == [0.5] * 4  # 2 rounds × 2 steps, every step
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_grpo_log_probs_are_those_of_the_tempered_sampling_distribution(tokenizer, temperature):
+    """GRPO's π_θ, π_old and π_ref per-token log-probs are log softmax(logits / T) — the distribution the samples
+    were drawn from, as TRL 1.16 (its fused LM head divides by args.temperature for the policy and reference)."""
+    from conftest import make_tiny_model
+    from dpokit.config import TrainConfig
+    from dpokit.generation import sample
+    model = make_tiny_model(len(tokenizer))
+    s = sample(model, tokenizer, ["How do I boil an egg?", "Hi"], n=2, max_new_tokens=8, temperature=temperature)
+    rows = list(zip(s.prompt_ids, s.completion_ids))
+    logps, mask = online.token_logps(model, rows, tokenizer.pad_token_id, torch.device("cpu"),
+                                     TrainConfig(loss="grpo", temperature=temperature))
+    for i, (p, c) in enumerate(rows):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([p + c])).logits[0, len(p) - 1:-1]
+        expected = torch.log_softmax(logits / temperature, -1).gather(-1, torch.tensor(c)[:, None]).squeeze(-1)
+        torch.testing.assert_close(logps[i, :len(c)], expected, rtol=1e-5, atol=1e-5)
+        assert mask[i].sum().item() == len(c)

@@ -131,8 +131,8 @@ class TrainConfig:
     num_generations: int = opt(4, "online: completions sampled per prompt (GRPO's group size G; online DPO pairs "
                                "the best with the worst of them); >= 2")
     max_new_tokens: int = opt(32, "online: tokens sampled per completion at most")
-    temperature: float = opt(1.0, "online: sampling temperature (> 0); GRPO's ratios and KL use the model's own "
-                             "log-probs (temperature 1) whatever this is")
+    temperature: float = opt(1.0, "online: sampling temperature (> 0); GRPO takes its π_θ, π_old and π_ref "
+                             "log-probs (ratios, KL) at this temperature too, as TRL; online DPO's are at 1")
     grpo_iterations: int = opt(1, "grpo: optimisation passes μ over each sampled batch (1: on-policy, ratio 1)")
     epsilon_low: float = opt(0.2, "grpo: clip the ratio below at 1 − ε_low")
     epsilon_high: float | None = opt(None, "grpo: clip the ratio above at 1 + ε_high (null: ε_low; DAPO: 0.28)")

@@ -28,7 +28,8 @@ class Samples:
     prompt_ids: list[list[int]]     # per row
     completion_ids: list[list[int]]  # per row; ends with EOS when the model stopped by itself
     texts: list[str]                # per row; decoded completion without special tokens
-    logps: list[float]              # per row; Σ log π(token | prefix) under the model (temperature 1, no top-p)
+    logps: list[float]              # per row; Σ log π(token | prefix) under the model itself (T = 1, no top-p),
+                                    # whatever the sampling temperature: the generation metrics' KL estimate
     new_tokens: int = 0             # tokens generated in all (for the cost accounting)
     seconds: float = 0.0
 

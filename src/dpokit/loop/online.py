@@ -8,7 +8,7 @@ Every step, top to bottom:
   3. their rewards from --reward (a weighted sum when several);
   4. GRPO (objectives/grpo.py; Shao et al. 2024, arXiv:2402.03300): group-relative advantages; per-token
      log-probs of the sampled tokens under π_old (one no-grad teacher-forced pass) and, when kl_coef > 0,
-     under π_ref; then grpo_iterations (μ) optimizer updates over the sampled batch, each accumulated over
+     under π_ref — all three at the sampling temperature, softmax(logits / T), as TRL; then grpo_iterations (μ) optimizer updates over the sampled batch, each accumulated over
      micro-batches of batch_size prompts' groups.
      Online DPO (Guo et al. 2024, "Direct language model alignment from online AI feedback",
      arXiv:2402.04792): the best and the worst completion of each prompt form a pair (ties skipped and
@@ -47,7 +47,7 @@ from dpokit.evaluation.rewards import RewardError, combine
 from dpokit.generation import sample
 from dpokit.generation.sample import prompt_token_ids
 from dpokit.logprobs import compute_precision
-from dpokit.logprobs.sequence import completion_token_logps
+from dpokit.logprobs.sequence import batch_token_logps
 from dpokit.loop.checkpoint import check_writable
 from dpokit.loop.optim import build_optimizer, build_scheduler
 from dpokit.loop.reference import load_ref_model, sync_reference
@@ -212,10 +212,14 @@ def best_vs_worst(samples, rewards, step: int) -> tuple[list[TokenizedPair], dic
 
 
 def token_logps(model, rows: list[tuple[list[int], list[int]]], pad_id: int, device, cfg):
-    """Per-token log-probs of each row's completion tokens, [B, T] right-padded, and the mask of real tokens."""
+    """Per-token log-probs of each row's completion tokens, [B, T] right-padded, and the mask of real tokens.
+
+    Under softmax(logits / cfg.temperature), the distribution the tokens were sampled from, for π_θ, π_old and
+    π_ref alike (as TRL 1.16's GRPOTrainer): at T ≠ 1, T = 1 log-probs would make ρ and the KL those of a model
+    other than the one that sampled, and μ = 1 would no longer be on-policy."""
     batch = {k: v.to(device) for k, v in pad_rows(rows, pad_id).items()}
     with compute_precision(device, cfg.dtype):
-        tok = completion_token_logps(model, **batch)
+        tok = batch_token_logps(model, batch, temperature=cfg.temperature)
     shape, index = (len(rows), max(len(c) for _, c in rows)), (tok.rows, tok.positions)
     logps = tok.values.new_zeros(shape).index_put(index, tok.values)  # keeps the graph to tok.values
     mask = torch.zeros(shape, device=tok.values.device).index_put(index, torch.ones_like(tok.values).detach())
