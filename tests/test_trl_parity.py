@@ -106,6 +106,9 @@ DPO_CASES = {
                            {"loss": "hinge", "use_weighting": True, "ld_alpha": 0.5}),
     "rpo_wpo": ({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5], "use_weighting": True},
                 {"loss": "sigmoid,sft", "loss_weights": "1.0,0.5", "use_weighting": True}),
+    # LD weights the DPO log-ratios only; TRL's sft term is the plain NLL of every chosen token
+    "rpo_ld_alpha": ({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5], "ld_alpha": 0.3},
+                     {"loss": "sigmoid,sft", "loss_weights": "1.0,0.5", "ld_alpha": 0.3}),
 }
 # Per-token log-probs are bitwise TRL's (test below); the per-sequence sums differ by fp32 summation order only
 # (TRL: torch.sum over the padded row; dpokit: index_add), ≤ 2 ulp ≈ 1.5e-5 at |log π| ≈ 40–70. sppo_hard is a

@@ -29,7 +29,7 @@ def reference_logps(model, pairs: list[TokenizedPair], batch_size: int, pad_id: 
         values = [getattr(p, name) for p in parts]
         return None if values[0] is None else torch.cat(values).cpu()
     return PairLogps(*(cat(n) for n in ("chosen", "rejected", "chosen_tokens", "rejected_tokens",
-                                        "chosen_wpo", "rejected_wpo")))
+                                        "chosen_wpo", "rejected_wpo", "chosen_plain")))
 
 
 @torch.no_grad()

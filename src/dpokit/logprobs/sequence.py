@@ -240,13 +240,19 @@ class PairLogps:
     rejected_tokens: torch.Tensor   # [B]
     chosen_wpo: torch.Tensor | None = None    # [B] mean_t (log π(y_t) − log Σ_v π(v)²), for WPO
     rejected_wpo: torch.Tensor | None = None
+    chosen_plain: torch.Tensor | None = None  # [B] unweighted sum when `chosen` is LD-weighted, else None
 
     def select(self, index: list[int], device=None) -> "PairLogps":
         """The rows `index` (e.g. one micro-batch out of a whole-dataset table), moved to `device`."""
         idx = torch.tensor(index)
         return PairLogps(*(None if (t := getattr(self, n)) is None else t[idx].to(device)
                            for n in ("chosen", "rejected", "chosen_tokens", "rejected_tokens", "chosen_wpo",
-                                     "rejected_wpo")))
+                                     "rejected_wpo", "chosen_plain")))
+
+    @property
+    def chosen_nll_logps(self) -> torch.Tensor:
+        """[B] Σ_t log π(y_w,t), every token weighted 1: what NLL terms use (LD-DPO weights only log-ratios)."""
+        return self.chosen if self.chosen_plain is None else self.chosen_plain
 
     @property
     def chosen_avg(self) -> torch.Tensor:
@@ -262,7 +268,8 @@ def pair_logps(model, batch: dict[str, torch.Tensor], ld_alpha: float | None = N
     """Log-prob summaries of each pair.
 
     ld_alpha (LD-DPO, Liu 2024): tokens beyond the shorter completion's length count with weight α, so
-    the longer answer's extra tokens stop dominating the log-ratio. α = 1 is plain DPO.
+    the longer answer's extra tokens stop dominating the log-ratio. α = 1 is plain DPO. The unweighted
+    chosen sum is kept too (`chosen_plain`): NLL terms stay plain NLL, as in TRL.
     """
     tok = token_logps(model, batch, with_sq=with_wpo)
     counts = tok.counts()
@@ -274,6 +281,8 @@ def pair_logps(model, batch: dict[str, torch.Tensor], ld_alpha: float | None = N
         weights = torch.where(tok.positions < shared[tok.rows], one, one * ld_alpha)
     sums = tok.sums(weights)
     out = PairLogps(sums[:b], sums[b:], counts[:b], counts[b:])
+    if weights is not None:
+        out.chosen_plain = tok.sums()[:b]
     if with_wpo:
         aligned = torch.zeros(tok.n_rows, device=counts.device, dtype=tok.values.dtype).index_add(
             0, tok.rows, tok.values.detach() - tok.log_sum_sq) / counts.clamp(min=1)

@@ -90,12 +90,12 @@ OBJECTIVES: dict[str, Objective] = {o.name: o for o in [
                                               x.policy.rejected_tokens)),
     _entry("sft", "NLL of the chosen completion (token mean); sigmoid,sft is RPO",
            "RPO: Pang et al. 2024 (arXiv:2404.19733)",
-           lambda x, cfg: P.sft_loss(x.policy.chosen, x.policy.chosen_tokens).expand_as(x.policy.chosen),
+           lambda x, cfg: P.sft_loss(x.policy.chosen_nll_logps, x.policy.chosen_tokens).expand_as(x.policy.chosen),
            reference=False),
     _entry("cpo", "CPO: reference-free DPO on summed log-probs + cpo_alpha · NLL(chosen)",
            "Xu et al. 2024 (arXiv:2401.08417)",
            lambda x, cfg: RF.cpo_loss(x.policy.chosen, x.policy.rejected, cfg.beta, cfg.label_smoothing)
-           + cfg.cpo_alpha * P.sft_loss(x.policy.chosen, x.policy.chosen_tokens),
+           + cfg.cpo_alpha * P.sft_loss(x.policy.chosen_nll_logps, x.policy.chosen_tokens),
            ["label_smoothing", "cpo_alpha"], reference=False),
     _entry("simpo", "SimPO: reference-free, length-averaged log-probs with target margin simpo_gamma",
            "Meng et al. 2024 (arXiv:2405.14734)",
@@ -104,7 +104,7 @@ OBJECTIVES: dict[str, Objective] = {o.name: o for o in [
     _entry("orpo", "ORPO: NLL(chosen) + orpo_lambda · odds-ratio term, reference-free",
            "Hong et al. 2024 (arXiv:2403.07691)",
            lambda x, cfg: RF.orpo_loss(x.policy.chosen_avg, x.policy.rejected_avg, cfg.orpo_lambda)
-           + P.sft_loss(x.policy.chosen, x.policy.chosen_tokens), ["orpo_lambda"], reference=False),
+           + P.sft_loss(x.policy.chosen_nll_logps, x.policy.chosen_tokens), ["orpo_lambda"], reference=False),
     # Unpaired: the loop batches labelled completions and calls objectives/kto.py directly.
     _entry("kto", "KTO: unpaired desirable/undesirable completions vs a batch KL reference point",
            "Ethayarajh et al. 2024 (arXiv:2402.01306)", None,
@@ -132,7 +132,7 @@ def combined_loss(names: list[str], weights: list[float], policy: PairLogps, ref
         if len(names) > 1:
             metrics[f"loss/{name}"] = losses.detach().mean()
     if any(n in ("sft", "cpo", "orpo") for n in names):
-        metrics["nll"] = P.sft_loss(policy.chosen.detach(), policy.chosen_tokens)
+        metrics["nll"] = P.sft_loss(policy.chosen_nll_logps.detach(), policy.chosen_tokens)
     if "orpo" in names:
         log_odds = RF.orpo_log_odds(policy.chosen_avg.detach(), policy.rejected_avg.detach())
         metrics["orpo/log_odds"] = log_odds.mean()
