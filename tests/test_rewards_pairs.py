@@ -96,7 +96,8 @@ def test_classifier_with_a_chat_template_reads_the_conversation(tmp_path, tokeni
     conversations = [[{"role": "user", "content": prompts[0]}, {"role": "assistant", "content": "Simmer it."}],
                      chat + [{"role": "assistant", "content": "Hello!"}]]
     texts = [tok.apply_chat_template(c, tokenize=False) for c in conversations]
-    assert texts[0] == "<|im_start|>user\nHow do I boil an egg?<|im_end|>\n<|im_start|>assistant\nSimmer it.<|im_end|>\n"
+    assert texts[0] == ("<|im_start|>user\nHow do I boil an egg?<|im_end|>\n"
+                        "<|im_start|>assistant\nSimmer it.<|im_end|>\n")
     expected = _logits_one_by_one(model, tok, texts, add_special_tokens=False)
     got = load_reward(str(tmp_path))(prompts, completions)
     assert got == pytest.approx([e[1].item() for e in expected], abs=1e-5)

@@ -6,6 +6,9 @@ import argparse
 import os
 import sys
 from dataclasses import fields
+from pathlib import Path
+
+import yaml
 
 from dpokit.config import ConfigError, TrainConfig
 from dpokit.tasks.commands import add_commands, add_sampling_flags
@@ -49,6 +52,18 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if args.config:
         return TrainConfig.from_yaml(args.config, overrides=values)
     return TrainConfig.from_dict(values, source="command line")
+
+
+def given_options(args: argparse.Namespace) -> dict[str, tuple]:
+    """{key: (value, where from)} of the TrainConfig options the user set: flags, and the keys of a
+    --config file (flags win). eval and score take the others from the run."""
+    given = {}
+    if args.config:
+        from_file = TrainConfig.from_yaml(args.config)  # refuses an unreadable or invalid file first
+        keys = (yaml.safe_load(Path(args.config).read_text(encoding="utf-8")) or {}).keys()
+        given = {k.replace("-", "_"): (getattr(from_file, k.replace("-", "_")), args.config) for k in keys}
+    flags = args.config_keys if args.config_keys is not None else [f.name for f in fields(TrainConfig)]
+    return given | {k: (getattr(args, k), "--" + k.replace("_", "-")) for k in flags if hasattr(args, k)}
 
 
 def cmd_train(args) -> int:
@@ -122,15 +137,17 @@ def cmd_losses(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from dpokit.evaluation.offline import default_reference, evaluate_file
+    from dpokit.evaluation.offline import evaluate_file, resolve
     from dpokit.tasks.commands import generation_eval, write_eval
     if not args.pairs and not args.prompts:
         raise ConfigError("eval needs held-out PAIRS, --prompts for generation metrics, or both")
-    cfg = config_from_args(args)
-    ref_model = args.against or default_reference(args.model_dir)
+    settings = resolve(args.model_dir, given_options(args), args.against)
+    ref_model = settings.ref_model
+    if args.pairs:
+        print(f"implicit reward β·(log π − log π_ref): {settings.describe()}")
     result = {"model": args.model_dir, "ref_model": ref_model}
     if args.pairs:
-        result.update(evaluate_file(args.model_dir, ref_model, args.pairs, cfg))
+        result.update(evaluate_file(args.model_dir, settings, args.pairs))
     if args.prompts:
         result["generation"] = generation_eval(args, args.model_dir, ref_model)
     for key, value in result.items():
@@ -146,10 +163,11 @@ def cmd_eval(args) -> int:
 
 
 def cmd_score(args) -> int:
-    from dpokit.evaluation.offline import score_completions
-    cfg = config_from_args(args)
-    ranked = score_completions(args.model_dir, args.against, args.prompt, args.completion, cfg.beta, cfg)
-    print(f"implicit reward β·(log π − log π_ref), β = {cfg.beta}, best first:")
+    from dpokit.evaluation.offline import resolve, reward_formula, score_completions
+    settings = resolve(args.model_dir, given_options(args), args.against, reference="if_needed")
+    ranked = score_completions(args.model_dir, settings, args.prompt, args.completion)
+    note = "; ld_alpha not applied (candidates are not a pair)" if settings.cfg.ld_alpha is not None else ""
+    print(f"implicit reward {reward_formula(settings)}: {settings.describe()}{note}; best first:")
     for reward, completion in ranked:
         print(f"{reward:+10.4f}  {completion!r}")
     return 0
@@ -162,6 +180,12 @@ def cmd_bench(args) -> int:
         args.data = builtin_path("helpful_train")
     bench.run(args)
     return 0
+
+
+RUN_SETTINGS = ("For a model saved by a dpokit run (runs/x/final or a checkpoint folder), β, the loss and its "
+                "options, ld_alpha and the length limits come from the run's config.yaml unless given here (the "
+                "defaults shown below apply otherwise); the reference is the run's. Printed: which were used, "
+                "and where from.")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -182,27 +206,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_eval = sub.add_parser("eval", help="a trained model against its reference: held-out preference metrics "
                             "(accuracy, margins, log-prob shift) and/or generation metrics (reward, win rate, KL, "
-                            "length) from sampled completions; --output writes eval.json and report.html")
+                            "length) from sampled completions; --output writes eval.json and report.html",
+                            description=RUN_SETTINGS)
     p_eval.add_argument("model_dir", help="trained model (e.g. runs/x/final)")
     p_eval.add_argument("pairs", nargs="?", default=None, help="held-out pairs file (any supported format)")
     p_eval.add_argument("--prompts", default=None, help="prompts file for generation metrics (a 'prompt' field "
                         "per row; a pairs file works)")
     add_sampling_flags(p_eval, 4, "completions per prompt from each model (default: 4)")
-    p_eval.add_argument("--against", default=None, help="reference model (default: the run's starting model, "
-                        "read from runs/x/config.yaml)")
+    p_eval.add_argument("--against", default=None, help="reference model (default: the run's reference or "
+                        "starting model, read from runs/x/config.yaml)")
     p_eval.add_argument("--output", default=None, help="write the metrics as JSON here (e.g. runs/x/eval.json), "
                         "and report.html with plots beside it")
-    add_config_flags(p_eval, only=("beta", "max_length", "max_prompt_length", "eval_batch_size", "on_bad_row",
-                                   "device", "dtype", "prefix_sharing", "pack_tokens"))
+    add_config_flags(p_eval, only=("beta", "loss", "ld_alpha", "max_length", "max_prompt_length", "eval_batch_size",
+                                   "on_bad_row", "device", "dtype", "prefix_sharing", "pack_tokens"))
     p_eval.set_defaults(func=cmd_eval)
 
     p_score = sub.add_parser("score", help="rank candidate completions of a prompt by the implicit reward "
-                             "β·(log π − log π_ref): your language model is secretly a reward model")
+                             "β·(log π − log π_ref): your language model is secretly a reward model",
+                             description=RUN_SETTINGS + " Without a reference (a reference-free loss, no --against) "
+                             "the reward is that objective's: β·log π, or β·(mean token log π) for simpo and orpo.")
     p_score.add_argument("model_dir", help="trained model (e.g. runs/x/final)")
     p_score.add_argument("--prompt", required=True)
     p_score.add_argument("--completion", action="append", required=True, help="a candidate (repeat the flag)")
-    p_score.add_argument("--against", default=None, help="reference model (default: the run's starting model)")
-    add_config_flags(p_score, only=("beta", "max_length", "max_prompt_length"))
+    p_score.add_argument("--against", default=None, help="reference model (default: the run's reference or "
+                         "starting model; none for a reference-free --loss such as simpo)")
+    add_config_flags(p_score, only=("beta", "loss", "max_length", "max_prompt_length"))
     p_score.set_defaults(func=cmd_score)
 
     from dpokit import bench

@@ -2,11 +2,18 @@
 
 score: "your language model is secretly a reward model" (the DPO paper's title) as a command — rank
 candidate completions of a prompt by the implicit reward β·(log π(y|x) − log π_ref(y|x)).
+
+Both read the run's own settings: for a model saved by a dpokit run (DIR/final, or a checkpoint folder),
+β, the objective and its options, LD-DPO's ld_alpha, the length limits (RUN_KEYS) and the reference come
+from the run's config.yaml unless given on the command line, so the implicit reward is the one the run
+trained. `resolve` says where each came from.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -18,42 +25,116 @@ from dpokit.evaluation.preference import evaluate_pairs, reference_logps
 from dpokit.logprobs import compute_precision, sequence_logps
 from dpokit.models import load_model, load_tokenizer
 from dpokit.models.load import ModelError
+from dpokit.objectives import needs_reference
+
+# What defines a run's implicit reward and held-out loss. With an explicit --loss only the first three
+# are kept: the others are options of the run's own objective.
+RUN_KEYS = ("beta", "max_length", "max_prompt_length", "loss", "loss_weights", "label_smoothing", "ipo_normalize",
+            "f_divergence", "f_alpha", "use_weighting", "ld_alpha", "cpo_alpha", "simpo_gamma", "orpo_lambda",
+            "dpop_lambda", "discopop_tau", "kto_desirable_weight", "kto_undesirable_weight")
 
 
-def default_reference(model: str) -> str:
-    """The starting model of a dpokit run folder (DIR/final → DIR/config.yaml's `model`)."""
-    config = Path(model).parent / "config.yaml"
-    if Path(model).name == "final" and config.is_file():
-        run = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
-        if run.get("ref_model") or run.get("model"):
-            return run.get("ref_model") or run["model"]
-    raise ModelError(f"--ref-model is needed (--against): {model} is not the final/ folder of a dpokit run, "
-                     "so its starting model is unknown")
+@dataclass
+class Settings:
+    cfg: TrainConfig
+    ref_model: str | None       # None: a reference-free objective scored without a reference (score only)
+    sources: dict[str, str] = field(default_factory=dict)  # beta, loss, ld_alpha, reference → where from
+
+    def describe(self) -> str:
+        ld = f", ld_alpha {self.cfg.ld_alpha} ({self.sources['ld_alpha']})" if self.cfg.ld_alpha is not None else ""
+        ref = f", reference {self.ref_model} ({self.sources['reference']})" if self.ref_model else ", no reference"
+        return f"β = {self.cfg.beta} ({self.sources['beta']}), loss {self.cfg.loss} ({self.sources['loss']}){ld}{ref}"
 
 
-def evaluate_file(model: str, ref_model: str | None, data: str, cfg: TrainConfig, log=print) -> dict[str, float]:
-    """Held-out preference metrics of `model` against `ref_model` on the pairs in `data`."""
-    ref_model = ref_model or default_reference(model)
-    device = torch.device("cuda" if torch.cuda.is_available() and cfg.device == "auto" else
-                          (cfg.device if cfg.device != "auto" else "cpu"))
+def run_config(model: str) -> tuple[dict, str | None]:
+    """(options, path) of the config.yaml a dpokit run saved with `model` (DIR/final → DIR/config.yaml; a
+    checkpoint folder holds its own), or ({}, None)."""
+    p = Path(model)
+    for path in ([p.parent / "config.yaml"] if p.name == "final" else []) + [p / "config.yaml"]:
+        if path.is_file():
+            try:
+                run = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            except (OSError, yaml.YAMLError) as e:
+                raise ConfigError(f"{path}: cannot read the run's config: {e}") from None
+            if not isinstance(run, dict):
+                raise ConfigError(f"{path}: expected a mapping of option: value, got {type(run).__name__}")
+            return run, str(path)
+    return {}, None
+
+
+def resolve(model: str, given: dict[str, tuple[Any, str]], against: str | None,
+            reference: str = "always") -> Settings:
+    """Options for evaluating `model`: `given` ({key: (value, where from)}: flags, a --config file) over
+    the run's RUN_KEYS over defaults. The reference: `against`, else the run's ref_model or starting model.
+    reference="always" (eval: reference-free runs are measured against their starting model too) or
+    "if_needed" (score: a reference-free objective's reward is β·log π, or its mean per token for
+    simpo/orpo, with no reference unless `against`)."""
+    run, path = run_config(model)
+    run_loss = str(run.get("loss", ""))
+    # GRPO trains no pairwise objective: its run supplies lengths only (β is GRPO's default, unused)
+    keys = RUN_KEYS[:3] if "loss" in given or "grpo" in run_loss else RUN_KEYS
+    from_run = {k: run[k] for k in keys if k in run and k not in given}
+    source = " + ".join(s for s in (path, "command line" if given else None) if s) or "defaults"
+    cfg = TrainConfig.from_dict({**from_run, **{k: v for k, (v, _) in given.items()}}, source=source)
+    if cfg.online:
+        raise ConfigError(f"loss {cfg.loss} is online (GRPO): it defines no implicit reward of a completion; "
+                          "give --loss a paired objective such as sigmoid")
+
+    def where(key: str) -> str:
+        if key in given:
+            return f"from {given[key][1]}"
+        if key in from_run:
+            return f"from {path}"
+        return "default" + (f"; the run's loss {run_loss} has none on pairs" if key == "loss" and "grpo" in run_loss
+                            else "")
+
+    sources = {k: where(k) for k in ("beta", "loss", "ld_alpha")}
+    ref_model = against or run.get("ref_model") or run.get("model")
+    sources["reference"] = "--against" if against else f"from {path}"
+    if reference == "if_needed" and not against and not needs_reference(cfg.loss_names):
+        ref_model = None
+    elif not ref_model:
+        raise ModelError(f"--against is needed: {model} is not the final/ or a checkpoint folder of a dpokit run, "
+                         "so its starting model is unknown")
+    return Settings(cfg, ref_model, sources)
+
+
+def pick_device(cfg: TrainConfig) -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() and cfg.device == "auto" else
+                        (cfg.device if cfg.device != "auto" else "cpu"))
+
+
+def evaluate_file(model: str, settings: Settings, data: str, log=print) -> dict[str, float]:
+    """Held-out preference metrics of `model` against `settings.ref_model` on the pairs in `data`, computed
+    as the run's own held-out evaluation does (its β, objective, ld_alpha and lengths)."""
+    cfg, ref_model = settings.cfg, settings.ref_model
+    device = pick_device(cfg)
     tokenizer = load_tokenizer(model)
     pairs, report = load_pairs(data, cfg.on_bad_row)
     tokenized, tok_report = tokenize_pairs(pairs, tokenizer, cfg.max_length, cfg.max_prompt_length)
     log(f"{report.summary()}\n  {tok_report.summary()}")
     with compute_precision(device, cfg.dtype):
+        # ld_alpha as training computes the held-out reference: the policy's log-probs use it too
         ref = reference_logps(load_model(ref_model, device), tokenized, cfg.eval_batch_size, tokenizer.pad_token_id,
-                              device, prefix_sharing=cfg.prefix_sharing, pack_tokens=cfg.pack_tokens)
+                              device, cfg.ld_alpha, prefix_sharing=cfg.prefix_sharing, pack_tokens=cfg.pack_tokens)
         metrics = evaluate_pairs(load_model(model, device), tokenized, ref, cfg, tokenizer.pad_token_id, device)
     return {"model": model, "ref_model": ref_model, "data": data, "pairs": len(tokenized), "beta": cfg.beta,
-            **metrics}
+            "loss": cfg.loss if isinstance(cfg.loss, str) else ",".join(cfg.loss), **metrics}
+
+
+def reward_formula(settings: Settings) -> str:
+    if settings.ref_model:
+        return "β·(log π − log π_ref)"
+    return "β·(mean token log π)" if {"simpo", "orpo"} & set(settings.cfg.loss_names) else "β·log π"
 
 
 @torch.no_grad()
-def score_completions(model: str, ref_model: str | None, prompt, completions: list, beta: float,
-                      cfg: TrainConfig) -> list[tuple[float, object]]:
-    """(implicit reward, completion) for each candidate, best first. prompt/completions are strings, or
-    message lists rendered with the chat template."""
-    ref_model = ref_model or default_reference(model)
+def score_completions(model: str, settings: Settings, prompt, completions: list) -> list[tuple[float, object]]:
+    """(implicit reward, completion) for each candidate, best first: β·(log π − log π_ref), or without a
+    reference the reference-free objective's own reward (`reward_formula`, as objectives.rewards). prompt and
+    completions are strings, or message lists rendered with the chat template. ld_alpha is not applied: it
+    weights a pair's tokens by the shorter completion's length, and candidates are not a pair."""
+    cfg = settings.cfg
     tokenizer = load_tokenizer(model)
     conversational = isinstance(prompt, list)
     examples = [Completion(prompt, c, True, f"candidate {i + 1}", conversational) for i, c in enumerate(completions)]
@@ -61,7 +142,10 @@ def score_completions(model: str, ref_model: str | None, prompt, completions: li
     if len(tokenized) != len(examples):
         raise ConfigError(f"some candidates do not fit max_length: {report.summary()}")
     batch = pad_rows([(t.prompt_ids, t.completion_ids) for t in tokenized], tokenizer.pad_token_id)
-    policy_logps = sequence_logps(load_model(model), **batch)
-    ref_logps = sequence_logps(load_model(ref_model), **batch)
-    rewards = (beta * (policy_logps - ref_logps)).tolist()
+    logps = sequence_logps(load_model(model), **batch)
+    if settings.ref_model:
+        logps = logps - sequence_logps(load_model(settings.ref_model), **batch)
+    elif {"simpo", "orpo"} & set(cfg.loss_names):
+        logps = logps / torch.tensor([len(t.completion_ids) for t in tokenized], dtype=logps.dtype)
+    rewards = (cfg.beta * logps).tolist()
     return sorted(zip(rewards, completions), key=lambda rc: -rc[0])
