@@ -177,3 +177,30 @@ def test_combinations_that_cannot_work_are_refused_at_start_up(base, tiny_model_
     with pytest.raises(DistributedError, match="RANK is not set"):
         train(model=tiny_model_dir, data=str(base / "train.jsonl"), output_dir=str(base / "x"), log=lambda *a: None)
     monkeypatch.delenv("WORLD_SIZE")
+
+
+def test_lora_dropout_run_resumes_exactly_under_ddp(base, tiny_model_dir):
+    """Each rank draws its own dropout masks (its rows have other shapes), so each rank's RNG state is
+    checkpointed and restored: resumed at step 3, the run ends with the uninterrupted run's adapter, bit for bit."""
+    out = base / "ddp-lora-dropout"
+    args = _args(tiny_model_dir, base, out, 2, "--lora-r", "4", "--lora-dropout", "0.1", "--max-steps", "6",
+                 "--save-every", "3", "--eval-every", "0")
+    code, log = _torchrun(args, base / "cache-lora-dropout")
+    assert code == 0, log[-3000:]
+    expected = load_file(out / "final" / "adapter_model.safetensors")
+    ckpt = complete_checkpoints(str(out))[0]
+    assert ckpt.name == "step-0000003"
+    code, log = _torchrun([*args, "--resume", str(ckpt)], base / "cache-lora-dropout")
+    assert code == 0 and "resumed from" in log, log[-3000:]
+    got = load_file(out / "final" / "adapter_model.safetensors")
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+def test_batch_sorting_objectives_are_refused_under_torchrun(base, tiny_model_dir, monkeypatch):
+    """AOT sorts the log-ratios of the whole micro-batch; split over processes each would sort only its rows."""
+    from dpokit import train
+    monkeypatch.setenv("WORLD_SIZE", "2")  # refused before the process group is joined: no torchrun needed
+    for loss in ("aot", "aot_unpaired", "sigmoid,aot"):
+        with pytest.raises(DistributedError, match=r"aot.*launch it without torchrun"):
+            train(model=tiny_model_dir, data=str(base / "train.jsonl"), loss=loss, output_dir=str(base / "x"),
+                  log=lambda *a: None)

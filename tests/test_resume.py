@@ -164,3 +164,71 @@ def test_resume_refuses_changed_options_and_auto_starts_fresh(tmp_path, tiny_mod
     assert first.resumed_at == 0 and any("starting fresh" in m for m in logs)
     with pytest.raises(CheckpointError, match=r"batch_size: 2 → 3"):
         train(output_dir=str(tmp_path / "r"), resume="auto", log=logs.append, **{**common, "batch_size": 3})
+    # options that change the numbers without changing the data order: the reference cache's batch layout
+    # (eval_batch_size) and the kernels (deterministic)
+    with pytest.raises(CheckpointError, match=r"eval_batch_size: 8 → 4"):
+        train(output_dir=str(tmp_path / "r"), resume="auto", log=logs.append, eval_batch_size=4, **common)
+    with pytest.raises(CheckpointError, match=r"deterministic: False → True"):
+        train(output_dir=str(tmp_path / "r"), resume="auto", log=logs.append, deterministic=True, **common)
+    # a CPU checkpoint is refused by a GPU run (no GPU here: the check itself, before any state is loaded)
+    from dpokit.loop.checkpoint import load_training_state
+    with pytest.raises(CheckpointError, match=r"written on cpu, this run is on cuda \(--device\)"):
+        load_training_state(complete_checkpoints(str(tmp_path / "r"))[0], None, None, device=torch.device("cuda"))
+
+
+def test_deterministic_turns_on_deterministic_kernels_for_the_run(tmp_path, tiny_model_dir, uninterrupted, monkeypatch):
+    data, _, _ = uninterrupted
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", "unset")
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")  # (monkeypatch restores the variable's absence afterwards)
+    import dpokit.loop.steps as steps
+    seen = []
+    real = steps.combined_loss
+
+    def spy(*args, **kwargs):
+        seen.append(torch.are_deterministic_algorithms_enabled())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(steps, "combined_loss", spy)
+    train(model=tiny_model_dir, data=data, output_dir=str(tmp_path / "d"), max_steps=2, batch_size=2,
+          deterministic=True, progress=False, log=lambda *_: None)
+    assert seen == [True, True] and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert not torch.are_deterministic_algorithms_enabled()  # the process's setting is given back
+
+
+def _eval_rows(start: int, count: int) -> list[dict]:
+    path = __import__("dpokit").data.builtin_path("helpful_eval")
+    return [json.loads(line) for line in open(path, encoding="utf-8")][start:start + count]
+
+
+@pytest.mark.parametrize("size", ["same-size", "other-size"])
+def test_resume_with_other_eval_data_evaluates_against_its_own_reference(tmp_path, tiny_model_dir, uninterrupted,
+                                                                         monkeypatch, size):
+    """--eval-data may change on resume: the held-out reference log-probs are those of the new pairs under
+    the *starting* reference (TR-DPO here, so the checkpoint's reference has moved), as if the run had
+    always used them."""
+    data, _, _ = uninterrupted
+    monkeypatch.setenv("DPOKIT_CACHE", str(tmp_path / "cache"))
+    old = write_jsonl(tmp_path / "old.jsonl", _eval_rows(0, 6))
+    new = write_jsonl(tmp_path / "new.jsonl", _eval_rows(6, 6 if size == "same-size" else 4))
+    common = dict(model=tiny_model_dir, data=data, max_steps=4, batch_size=2, lr=1e-3, sync_ref_every=2,
+                  save_every=2, progress=False, log=lambda *_: None)
+    expected = train(output_dir=str(tmp_path / "new-all-along"), eval_data=new, **common)
+    train(output_dir=str(tmp_path / "run"), eval_data=old, **common)
+    ckpt = complete_checkpoints(str(tmp_path / "run"))[0]
+    resumed = train(output_dir=str(tmp_path / "run"), eval_data=new, resume=str(ckpt), **common)
+    assert resumed.resumed_at == 2
+    assert resumed.eval_after == expected.eval_after
+
+
+def test_lora_dropout_run_resumes_exactly(tmp_path, tiny_model_dir, uninterrupted):
+    """LoRA dropout draws from the RNG every step: the checkpoint's RNG state makes the resumed masks the same."""
+    data, _, _ = uninterrupted
+    common = dict(model=tiny_model_dir, data=data, max_steps=6, batch_size=2, lr=1e-3, lora_r=4, lora_dropout=0.1,
+                  save_every=3, progress=False, log=lambda *_: None)
+    out = tmp_path / "run"
+    train(output_dir=str(out), **common)
+    expected = load_file(out / "final" / "adapter_model.safetensors")
+    resumed = train(output_dir=str(out), resume=str(complete_checkpoints(str(out))[0]), **common)
+    assert resumed.resumed_at == 3
+    got = load_file(out / "final" / "adapter_model.safetensors")
+    assert all(torch.equal(got[k], expected[k]) for k in expected)

@@ -100,6 +100,10 @@ class TrainConfig:
                           "counts them by reason", ("error", "skip"))
     # bookkeeping
     seed: int = opt(42, "seed for data order and initialisation; CPU runs are deterministic")
+    deterministic: bool = opt(False, "GPU: deterministic kernels (torch.use_deterministic_algorithms, "
+                              "CUBLAS_WORKSPACE_CONFIG=:4096:8), so a rerun or a resumed run repeats its weights "
+                              "bit for bit on the same GPU and software; slower, and an op without a deterministic "
+                              "kernel stops the run naming itself. CPU runs are deterministic without it")
     shuffle: bool = opt(True, "reshuffle the training rows every epoch (seeded); --no-shuffle keeps file order")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward: much less memory, about a "
                                        "third more time")

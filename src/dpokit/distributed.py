@@ -71,6 +71,26 @@ class Distributed:
             dist.destroy_process_group()
 
 
+def check_launch(online: bool, losses: list[str]) -> None:
+    """Refuse what cannot run over several processes before any of them waits on another. The process
+    count: a process group the caller made, else torchrun's WORLD_SIZE.
+
+    AOT sorts the log-ratios of the whole micro-batch; split over processes, each would sort only its own
+    rows — another loss. (Gathering them with autograd, torch.distributed.nn.all_gather, would also need the
+    sorted terms shared out so none counts twice: not done.)"""
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else \
+        int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return
+    if online:
+        raise DistributedError("online training (grpo, --online-dpo) runs in one process for now: launch it "
+                               "without torchrun")
+    coupled = [n for n in losses if n in ("aot", "aot_unpaired")]
+    if coupled:
+        raise DistributedError(f"loss {','.join(coupled)} sorts the log-ratios of the whole micro-batch, which "
+                               "torchrun splits over processes: launch it without torchrun")
+
+
 def start(fsdp: bool = False, requested_device: str = "auto") -> Distributed:
     """Join the process group torchrun describes in the environment (or one the caller created).
 
@@ -150,6 +170,15 @@ def gather_cat(tensor: torch.Tensor, ctx: Distributed) -> torch.Tensor:
     parts: list = [None] * ctx.world
     dist.all_gather_object(parts, tensor.detach().cpu())
     return torch.cat(parts).to(tensor.device)
+
+
+def gather_objects(value, ctx: Distributed) -> list:
+    """[rank 0's value, rank 1's, …] on every rank (small picklable values: RNG states)."""
+    if not ctx.enabled:
+        return [value]
+    parts: list = [None] * ctx.world
+    dist.all_gather_object(parts, value)
+    return parts
 
 
 def any_across(flag: bool, ctx: Distributed) -> bool:

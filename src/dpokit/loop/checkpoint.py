@@ -1,5 +1,9 @@
 """Resumable checkpoints: policy weights (safetensors), optimizer/scheduler state, RNG, position, config.
 
+The held-out reference log-probs are not saved: a resumed run recomputes them (or reads the reference
+cache) from the *starting* reference before the checkpoint's weights are loaded — also under TR-DPO,
+whose moving reference only the checkpoint holds — so they always match the --eval-data of this run.
+
 Written to a temporary folder, every file fsynced, a manifest of sha256 checksums written last, then
 renamed into place: a checkpoint folder either verifies against its manifest or is reported as
 partial/corrupt and skipped in favour of the previous one. Old checkpoints are pruned (`keep_last`)
@@ -14,6 +18,7 @@ import json
 import os
 import random
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -49,12 +54,12 @@ def _fsync(path: Path) -> None:
 
 
 def save_checkpoint(output_dir: str, step: int, policy, tokenizer, optimizer_state: dict, scheduler,
-                    config_yaml: str, reference=None, eval_ref=None, keep_last: int = 0, model_state=None,
-                    world: int = 1, scaler_state: dict | None = None) -> Path:
-    """Write a complete checkpoint atomically. `reference` is saved only when it moves (TR-DPO);
-    `eval_ref` (held-out reference log-probs) so a resumed run compares with the same starting point.
+                    config_yaml: str, reference=None, keep_last: int = 0, model_state=None, world: int = 1,
+                    scaler_state: dict | None = None, rng: list[dict] | None = None, device_type: str = "cpu") -> Path:
+    """Write a complete checkpoint atomically. `reference` is saved only when it moves (TR-DPO).
     `model_state`: whole weights gathered from an FSDP-sharded policy (else the policy's own);
-    `world`: the number of processes, which fixes the global batch and so the data order."""
+    `world`: the number of processes, which fixes the global batch and so the data order;
+    `rng`: every rank's `rng_state()` in rank order (default: this process's)."""
     root = checkpoint_root(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
@@ -72,9 +77,8 @@ def save_checkpoint(output_dir: str, step: int, policy, tokenizer, optimizer_sta
         "world_size": world,
         "scaler": scaler_state or {},  # fp16's loss scale and growth tracker
         "scheduler": scheduler.state_dict(),
-        "torch_rng": torch.get_rng_state(),
-        "python_rng": list(random.getstate()[1]),
-        "eval_ref": None if eval_ref is None else {k: v for k, v in vars(eval_ref).items()},
+        "rng": rng or [rng_state(torch.device(device_type))],
+        "device_type": device_type,  # cpu or cuda: the kernels, hence the numbers, differ
     }, tmp / STATE)
     (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
     files = sorted(p for p in tmp.iterdir() if p.is_file())
@@ -141,26 +145,64 @@ def load_weights(path: Path, policy, reference=None) -> None:
         _load_weights(reference, path / REFERENCE)
 
 
-def load_training_state(path: Path, load_optimizer, scheduler, eval_ref=None, world: int = 1, scaler=None):
-    """Optimizer (through `load_optimizer(state)`), schedule, fp16 loss scale, RNG and position; returns
-    (step, eval_ref)."""
+def rng_state(device: torch.device) -> dict:
+    """This process's random state: torch CPU, its own CUDA device's (dropout on a GPU draws from it;
+    under torchrun each rank has its own), and Python's `random`. numpy's is never drawn from in training."""
+    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    py = random.getstate()
+    random.setstate((py[0], tuple(state["python"]), py[2]))
+    if state.get("cuda") is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def load_training_state(path: Path, load_optimizer, scheduler, world: int = 1, scaler=None, rank: int = 0,
+                        device: torch.device = torch.device("cpu")) -> int:
+    """Optimizer (through `load_optimizer(state)`), schedule, fp16 loss scale, this rank's RNG; returns the step."""
     state = torch.load(path / STATE, weights_only=True)
     saved_world = state.get("world_size", 1)
     if saved_world != world:
         raise CheckpointError(f"{path} was written by {saved_world} process(es), this run has {world}: the global "
                               "batch (batch_size × grad_accum × processes) fixes the data order, so resume with "
                               f"{saved_world} process(es)")
+    saved_type = state.get("device_type", device.type)
+    if saved_type != device.type:
+        raise CheckpointError(f"{path} was written on {saved_type}, this run is on {device.type} (--device): other "
+                              f"kernels and precision (--dtype auto) would not continue that run; resume on {saved_type}")
     load_optimizer(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(state["torch_rng"])
-    py = random.getstate()
-    random.setstate((py[0], tuple(state["python_rng"]), py[2]))
-    if state.get("eval_ref") is not None:
-        from dpokit.logprobs import PairLogps
-        eval_ref = PairLogps(**state["eval_ref"])
-    return int(state["step"]), eval_ref
+    if "rng" in state:
+        set_rng_state(state["rng"][rank], device)
+    else:  # written before per-rank RNG states: rank 0's CPU and Python states only
+        set_rng_state({"torch": state["torch_rng"], "python": state["python_rng"]}, device)
+    return int(state["step"])
+
+
+@contextmanager
+def deterministic_kernels(on: bool):
+    """--deterministic: torch's deterministic kernels for the run, then the previous setting back.
+
+    On CUDA, index_add (the per-row log-prob sums), scatter_add and index_put(accumulate) otherwise
+    add in a varying order, and SDPA's fused attention backward is non-deterministic; in this mode
+    they take deterministic paths, and an op without one raises an error naming itself. cuBLAS needs
+    CUBLAS_WORKSPACE_CONFIG (":4096:8"), read when CUDA first runs a matmul: set here unless already
+    set. Untested on GPU here; CPU runs are deterministic without it."""
+    if not on:
+        yield
+        return
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
 def keep_metrics_until(path: Path, step: int) -> None:
@@ -172,9 +214,12 @@ def keep_metrics_until(path: Path, step: int) -> None:
     path.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
 
 
-# Options that may change between a run and its resumption without breaking exactness.
-MAY_CHANGE = {"resume", "progress", "eval_every", "eval_batch_size", "save_every", "keep_last", "output_dir",
-              "device", "on_nonfinite", "eval_data"}
+# Options that may change between a run and its resumption without changing its numbers. Not
+# eval_batch_size: it sets the batch layout of the cached reference log-probs, whose float sums then
+# differ in the last bits. `device` may be renamed (auto, cuda, cuda:1), but not its kind: see
+# load_training_state. eval_data: the held-out reference log-probs are recomputed for the new pairs.
+MAY_CHANGE = {"resume", "progress", "eval_every", "save_every", "keep_last", "output_dir", "device", "on_nonfinite",
+              "eval_data"}
 
 
 def check_same_run(path: Path, config: dict) -> None:

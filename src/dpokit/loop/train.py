@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import signal
 import time
@@ -26,11 +25,12 @@ from dpokit.config import TrainConfig
 from dpokit.evaluation import evaluate_pairs
 from dpokit.evaluation.preference import format_eval
 from dpokit.logprobs import compute_precision
-from dpokit.distributed import (Distributed, DistributedError, any_across, full_model_state, full_optimizer_state,
-                                gather_cat, gradient_sync, grad_norm_value, load_optimizer_state, start,
-                                sum_across, training_state_bytes, wrap)
-from dpokit.loop.checkpoint import (check_same_run, check_writable, complete_checkpoints, find_checkpoint,
-                                    keep_metrics_until, load_training_state, load_weights, save_checkpoint)
+from dpokit.distributed import (Distributed, any_across, check_launch, full_model_state, full_optimizer_state,
+                                gather_cat, gather_objects, gradient_sync, grad_norm_value, load_optimizer_state,
+                                start, sum_across, training_state_bytes, wrap)
+from dpokit.loop.checkpoint import (check_same_run, check_writable, complete_checkpoints, deterministic_kernels,
+                                    find_checkpoint, keep_metrics_until, load_training_state, load_weights, rng_state,
+                                    save_checkpoint)
 from dpokit.loop.inputs import load_data
 from dpokit.loop.signals import StopSignals, TrainingInterrupted
 from dpokit.loop.optim import build_optimizer, build_scheduler
@@ -62,17 +62,16 @@ def train(config: TrainConfig | None = None, log=print, **overrides) -> TrainRes
     `overrides` are TrainConfig fields: train(beta=0.5, data="pairs.jsonl"). Under torchrun (or inside a
     process group the caller made) this process trains its share: DDP, or FSDP2 with fsdp=True."""
     cfg = TrainConfig.from_dict({**(config.to_dict() if config else {}), **overrides})
-    if cfg.online:  # GRPO / online DPO: trains on its own samples, not on a pairs file
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise DistributedError("online training (grpo, --online-dpo) runs in one process for now: launch it "
-                                   "without torchrun")
-        from dpokit.loop.online import train_online
-        return train_online(cfg, log)
-    ctx = start(cfg.fsdp, cfg.device)
-    try:
-        return _train(cfg, ctx, log if ctx.is_main else (lambda *a, **k: None))
-    finally:
-        ctx.close()
+    check_launch(cfg.online, cfg.loss_names)
+    with deterministic_kernels(cfg.deterministic):
+        if cfg.online:  # GRPO / online DPO: trains on its own samples, not on a pairs file
+            from dpokit.loop.online import train_online
+            return train_online(cfg, log)
+        ctx = start(cfg.fsdp, cfg.device)
+        try:
+            return _train(cfg, ctx, log if ctx.is_main else (lambda *a, **k: None))
+        finally:
+            ctx.close()
 
 
 def _train(cfg: TrainConfig, ctx: Distributed, log) -> TrainResult:
@@ -140,8 +139,9 @@ def _train(cfg: TrainConfig, ctx: Distributed, log) -> TrainResult:
     scaler = torch.amp.GradScaler(device.type) if fp16 else None  # fp16 gradients underflow without it
     start_step = 0
     if ckpt is not None:
-        start_step, eval_ref = load_training_state(ckpt, lambda s: load_optimizer_state(trained, optimizer, s, ctx),
-                                                   scheduler, eval_ref, ctx.world, scaler)
+        # (eval_ref stays this run's: prepare_reference computed it from the starting reference, for --eval-data)
+        start_step = load_training_state(ckpt, lambda s: load_optimizer_state(trained, optimizer, s, ctx), scheduler,
+                                         ctx.world, scaler, ctx.rank, device)
         log(f"resumed from {ckpt} at step {start_step}")
         if ctx.is_main:
             keep_metrics_until(out / "metrics.jsonl", start_step)  # steps after the checkpoint are redone
@@ -149,11 +149,12 @@ def _train(cfg: TrainConfig, ctx: Distributed, log) -> TrainResult:
     def checkpoint(step_done: int) -> Path:
         model_state = full_model_state(trained, ctx)  # gathers shards: every rank takes part
         optimizer_state = full_optimizer_state(trained, optimizer, ctx)
+        rngs = gather_objects(rng_state(device), ctx)  # each rank's own: dropout draws differ per rank
         path = None
         if ctx.is_main:
             path = save_checkpoint(cfg.output_dir, step_done, policy, tokenizer, optimizer_state, scheduler,
-                                   cfg.to_yaml(), reference if cfg.sync_ref_every else None, eval_ref, cfg.keep_last,
-                                   model_state, ctx.world, scaler.state_dict() if scaler else None)
+                                   cfg.to_yaml(), reference if cfg.sync_ref_every else None, cfg.keep_last,
+                                   model_state, ctx.world, scaler.state_dict() if scaler else None, rngs, device.type)
         ctx.barrier()  # no rank moves on (or exits) before the checkpoint is complete
         return path
 
