@@ -62,3 +62,14 @@ def test_former_bare_value_errors_are_user_errors(tiny_model_dir, tmp_path, caps
     assert main(["make-pairs", "--model", tiny_model_dir, "--prompts", str(prompts), "--temperature", "-1",
                  "--output", str(tmp_path / "o.jsonl")]) == 2
     assert "dpokit: error: temperature must be >= 0" in capsys.readouterr().err
+
+
+def test_damaged_user_files_and_bad_lists_are_user_errors(tmp_path, capsys):
+    """Library ValueErrors on the user's own input (a damaged eval.json, --best-of x) are reported as the
+    user's to fix, not shown as a dpokit traceback."""
+    (tmp_path / "eval.json").write_text("{not json")
+    assert main(["report", str(tmp_path)]) == 2
+    assert f"dpokit: error: {tmp_path / 'eval.json'}: not valid JSON" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["sweep", "beta=0.1", "--best-of", "1,x"])
+    assert exit_.value.code == 2 and "--best-of: invalid int_list value" in capsys.readouterr().err

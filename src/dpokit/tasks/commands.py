@@ -100,7 +100,7 @@ def cmd_demo(args) -> int:
 def cmd_sweep(args) -> int:
     from dpokit.tasks.sweep import run_sweep
     task, overrides = task_from_args(args)
-    best_of = tuple(int(n) for n in args.best_of.split(",") if n.strip()) if args.best_of else ()
+    best_of = args.best_of  # a tuple: parsed by int_list
     online = tuple(m.strip() for m in args.online.split(",") if m.strip()) if args.online else ()
     unknown = set(online) - {"grpo", "online-dpo"}
     if unknown:
@@ -111,15 +111,28 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def _read_json(path: Path):
+    from dpokit.data import DataError
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:  # a damaged file is the user's to fix, not a dpokit bug
+        raise DataError(str(path), None, None, f"not valid JSON: {e}", "invalid_json") from None
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    """'1,4,16' → (1, 4, 16); argparse reports a ValueError here as a usage error."""
+    return tuple(int(n) for n in text.split(",") if n.strip())
+
+
 def cmd_report(args) -> int:
     from dpokit.report import write_report
     run = Path(args.run_dir)
     if not run.is_dir():
         raise FileNotFoundError(f"{run}: no such run folder")
     eval_path = Path(args.eval) if args.eval else run / "eval.json"
-    result = json.loads(eval_path.read_text(encoding="utf-8")) if eval_path.is_file() else None
+    result = _read_json(eval_path) if eval_path.is_file() else None
     frontier = run / "frontier.json"
-    points = json.loads(frontier.read_text(encoding="utf-8"))["points"] if frontier.is_file() else None
+    points = _read_json(frontier)["points"] if frontier.is_file() else None
     print(f"wrote {write_report(run, result, frontier_points=points)}")
     return 0
 
@@ -140,7 +153,7 @@ def add_commands(sub) -> None:
     add_task_flags(p)
     p.add_argument("--checkpoints", type=int, default=3, help="evaluated checkpoints per run besides the final "
                    "model (default: 3)")
-    p.add_argument("--best-of", default="1,4,16", help="N of the Best-of-N baseline (default: 1,4,16; '' for none)")
+    p.add_argument("--best-of", type=int_list, default="1,4,16", help="N of the Best-of-N baseline (default: 1,4,16; '' for none)")
     p.add_argument("--preferred-ft", action=argparse.BooleanOptionalAction, default=True,
                    help="train the Preferred-FT baseline (SFT on chosen completions)")
     p.add_argument("--online", default="", help="also train online methods on the training prompts and put their "
