@@ -153,7 +153,8 @@ def add_commands(sub) -> None:
     add_task_flags(p)
     p.add_argument("--checkpoints", type=int, default=3, help="evaluated checkpoints per run besides the final "
                    "model (default: 3)")
-    p.add_argument("--best-of", type=int_list, default="1,4,16", help="N of the Best-of-N baseline (default: 1,4,16; '' for none)")
+    p.add_argument("--best-of", type=int_list, default="1,4,16",
+                   help="N of the Best-of-N baseline (default: 1,4,16; '' for none)")
     p.add_argument("--preferred-ft", action=argparse.BooleanOptionalAction, default=True,
                    help="train the Preferred-FT baseline (SFT on chosen completions)")
     p.add_argument("--online", default="", help="also train online methods on the training prompts and put their "
