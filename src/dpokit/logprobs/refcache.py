@@ -55,14 +55,16 @@ def load_cached(key: str) -> PairLogps | None:
 
 @torch.no_grad()
 def compute_reference(model, pairs: list[TokenizedPair], batch_size: int, pad_id: int, device,
-                      ld_alpha: float | None, pack_tokens: int, ctx=None) -> PairLogps:
-    """Reference log-probs of every pair, in order, on CPU (prefix-shared, packed layout). Under torchrun
-    (`ctx`) each rank computes every world-th batch — the same batches as one process, so the same sums."""
+                      ld_alpha: float | None, prefix_sharing: bool, pack_tokens: int, ctx=None) -> PairLogps:
+    """Reference log-probs of every pair, in order, on CPU, in the run's layout (`pair_batch`): the held-out
+    evaluation computes the policy's with these very batches, so its margins before training are exactly 0.
+    Under torchrun (`ctx`) each rank computes every world-th batch — the same batches as one process, so the
+    same sums."""
     from dpokit.distributed import map_batches
 
     def batch_logps(b: int) -> PairLogps:
         rows = pairs[b * batch_size:(b + 1) * batch_size]
-        batch = {k: v.to(device) for k, v in pair_batch(rows, pad_id, True, pack_tokens).items()}
+        batch = {k: v.to(device) for k, v in pair_batch(rows, pad_id, prefix_sharing, pack_tokens).items()}
         return pair_logps(model, batch, ld_alpha)
 
     parts = map_batches(batch_logps, -(-len(pairs) // batch_size), ctx)

@@ -60,12 +60,15 @@ def prepare_reference(cfg, policy, tokenizer, train_set, eval_set, unpaired: boo
     if not with_ref:
         log(f"loss {cfg.loss} is reference-free: no reference model loaded")
     cacheable = with_ref and cfg.ref_cache and not cfg.sync_ref_every and not unpaired
-    # The digest covers weights; the precision, device and batch layout the sums are computed with go in the
-    # key too: the same layout as the held-out evaluation makes step 0's margins exactly 0, not ±1e-6 noise
-    # (which would show as a random "accuracy" before training).
+    # The digest covers weights; the precision, device and batch layout the sums are computed in go in the
+    # key too. Held-out pairs: the evaluation runs the policy in these very batches, so step 0's margins are
+    # exactly 0 in every precision, not rounding noise (which would show as a random "accuracy"). Training
+    # pairs: the steps' micro-batches differ (batch_size, shuffling), so a cached sum matches a live
+    # reference's to fp32 rounding, or to bf16/fp16 rounding under autocast (README, tests/test_refcache_exact.py).
     low = autocast_dtype(device, cfg.dtype)
+    layout = f"pack{cfg.pack_tokens}" if cfg.prefix_sharing else "padded"
     numerics = (f"{device.type}:{ {torch.bfloat16: 'bf16', torch.float16: 'fp16'}.get(low, 'fp32')}:"
-                f"pack{cfg.pack_tokens}:batch{cfg.eval_batch_size}")
+                f"{layout}:batch{cfg.eval_batch_size}")
     digest = weights_digest(model or policy) + numerics if cfg.ref_cache else None
 
     def the_model():
@@ -87,7 +90,7 @@ def prepare_reference(cfg, policy, tokenizer, train_set, eval_set, unpaired: boo
         source = model if model is not None else (policy if cacheable or not with_ref else the_model())
         with compute_precision(device, cfg.dtype):
             logps = compute_reference(source, pairs, cfg.eval_batch_size, pad_id, device, cfg.ld_alpha,
-                                      cfg.pack_tokens, ctx)
+                                      cfg.prefix_sharing, cfg.pack_tokens, ctx)
         seconds = time.perf_counter() - start
         where = f", cached at {store(key, logps)}" if key and ctx.is_main else ""
         on = f" on {ctx.world} processes" if ctx.enabled else ""
