@@ -94,3 +94,24 @@ def test_chat_prompts_use_the_template(tokenizer):
 def test_bad_sampling_options_are_refused(tokenizer):
     with pytest.raises(ValueError, match="top_p"):
         sample(make_tiny_model(len(tokenizer)), tokenizer, PROMPTS, top_p=0.0)
+
+
+def test_rows_cut_by_max_new_tokens_are_marked_truncated(tokenizer):
+    model = make_tiny_model(len(tokenizer))
+    free = sample(model, tokenizer, PROMPTS, n=1, max_new_tokens=6, temperature=0.0)
+    assert free.truncated == [True] * 3 and free.lengths == [6] * 3  # no EOS drawn: every row cut
+
+    class StopsAt:  # the same tokenizer, with the first greedy token of row 0 as its EOS
+        def __init__(self, eos):
+            self.eos_token_id = eos
+
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+
+        def __call__(self, *a, **k):
+            return tokenizer(*a, **k)
+
+    stop = free.completion_ids[0][0]
+    cut = sample(model, StopsAt(stop), PROMPTS, n=1, max_new_tokens=6, temperature=0.0)
+    assert cut.completion_ids[0] == [stop] and cut.truncated[0] is False
+    assert cut.truncated == [stop not in c for c in cut.completion_ids]

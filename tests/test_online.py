@@ -187,3 +187,16 @@ def test_grpo_log_probs_are_those_of_the_tempered_sampling_distribution(tokenize
         expected = torch.log_softmax(logits / temperature, -1).gather(-1, torch.tensor(c)[:, None]).squeeze(-1)
         torch.testing.assert_close(logps[i, :len(c)], expected, rtol=1e-5, atol=1e-5)
         assert mask[i].sum().item() == len(c)
+
+
+def test_grpo_trains_on_the_sampled_ids_and_adds_no_eos_to_cut_samples(tmp_path, tiny_model_dir, prompts_file,
+                                                                       monkeypatch):
+    drawn, scored = [], []
+    original_sample, original_logps = online.sample, online.token_logps
+    monkeypatch.setattr(online, "sample", lambda *a, **k: drawn.append(original_sample(*a, **k)) or drawn[-1])
+    monkeypatch.setattr(online, "token_logps", lambda model, rows, *a: scored.append(rows) or original_logps(
+        model, rows, *a))
+    train(**_common(tiny_model_dir, prompts_file, tmp_path / "run", loss="grpo", max_steps=1, num_generations=2))
+    s = drawn[0]
+    assert scored[0] == list(zip(s.prompt_ids, s.completion_ids))
+    assert any(s.truncated) and all(len(c) == 6 for c, cut in zip(s.completion_ids, s.truncated) if cut)

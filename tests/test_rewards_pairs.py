@@ -195,3 +195,35 @@ def test_generation_metrics_of_a_model_against_itself(tokenizer):
     warm, _ = generation_metrics(model, model, tokenizer, ["Hi"], load_reward("conftest:letter_reward"), k=2,
                                  max_new_tokens=5, temperature=0.7)
     assert "kl_note" in warm
+
+
+def test_cut_samples_are_marked_and_train_without_eos(tmp_path, tokenizer):
+    """A sample stopped by max_new_tokens did not end: its row says `*_truncated: true` and its tokens get no
+    EOS; a sample that ended by itself gets EOS (plain text) or the template's end of turn (chat)."""
+    from dpokit.batches.tokenize import tokenize_completions, tokenize_pairs
+    from dpokit.data import load_completions, load_pairs
+    from dpokit.tasks.pairs import write_jsonl
+    eos, chat = tokenizer.eos_token_id, [{"role": "user", "content": "Hi"}]
+    # prompt "p0": row 0 ended (EOS sampled), row 1 cut at max_new_tokens
+    s = Samples(["How do I boil an egg?", chat], 2, [[1]] * 4, [[40, 41, eos], [42, 43, 44], [45, eos], [46, 47]],
+                [" Boil it", " Simmer it gently", " Fine", " Hello there"], [0.0] * 4,
+                truncated=[False, True, False, True])
+    rows, stats = pair_up(s, [1.0, 0.0, 0.0, 1.0])
+    assert stats.truncated == 2 and "2 of 4 samples cut at max_new_tokens" in stats.summary()
+    assert [(r["chosen_truncated"], r["rejected_truncated"]) for r in rows] == [(False, True), (True, False)]
+    path = str(write_jsonl(rows[:1], tmp_path / "pairs.jsonl"))
+    (text,), _ = tokenize_pairs(load_pairs(path)[0], tokenizer, 256, None)
+    (conv,), _ = tokenize_pairs(load_pairs(str(write_jsonl(rows[1:], tmp_path / "chat.jsonl")))[0], tokenizer, 256,
+                                None)
+    assert text.chosen_ids[-1] == eos and text.rejected_ids[-1] != eos
+    assert tokenizer.decode(text.rejected_ids) == " Simmer it gently"
+    end_of_turn = tokenizer("<|im_end|>\n", add_special_tokens=False)["input_ids"]
+    assert conv.rejected_ids[-len(end_of_turn):] == end_of_turn  # ended: the template closes the turn
+    assert tokenizer.decode(conv.chosen_ids).endswith("Hello there")  # cut: the turn stays open
+    # KTO reads the same file as desirable / undesirable completions, with the same rule
+    completions, _ = tokenize_completions(load_completions(path)[0], tokenizer, 256, None)
+    assert [c.completion_ids[-1] == eos for c in completions[:2]] == [True, False]
+    # a bad flag is a data error naming the field
+    write_jsonl([{**rows[0], "chosen_truncated": "yes"}], tmp_path / "bad.jsonl")
+    with pytest.raises(DataError, match="chosen_truncated"):
+        load_pairs(str(tmp_path / "bad.jsonl"))

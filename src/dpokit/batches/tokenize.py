@@ -59,17 +59,29 @@ def common_prefix_length(a: list[int], b: list[int]) -> int:
     return n
 
 
-def render(prompt, completions: list, conversational: bool, tokenizer) -> list[list[int]]:
-    """Token ids of the prompt, then of prompt+completion for each completion, before boundary resolution."""
+def render(prompt, completions: list, conversational: bool, tokenizer, ends: list[bool] | None = None
+           ) -> list[list[int]]:
+    """Token ids of the prompt, then of prompt+completion for each completion, before boundary resolution.
+    ends[i] False: completion i was cut (a sample stopped at max_new_tokens), so nothing closes it."""
+    ends = ends or [True] * len(completions)
     if conversational:
         def chat(messages, gen):
             return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
-        texts = [chat(prompt, True)] + [chat(prompt + c, False) for c in completions]
+
+        def open_turn(messages):  # the rendering up to the end of the last message's content
+            text, content = chat(messages, False), messages[-1]["content"]
+            if content not in text:
+                raise ValueError(f"the chat template rewrites the content of a truncated completion; cannot "
+                                 f"leave its turn open: {content[:60]!r}")
+            return text[:text.rfind(content) + len(content)]
+        texts = [chat(prompt, True)] + [chat(prompt + c, False) if end else open_turn(prompt + c)
+                                        for c, end in zip(completions, ends)]
         add_special = False  # the template already wrote BOS and the turn tokens
     else:
         eos = tokenizer.eos_token
-        # EOS ends each completion, so the model learns where a good answer stops.
-        texts = [prompt] + [prompt + (c if c.endswith(eos) else c + eos) for c in completions]
+        # EOS ends each completion, so the model learns where a good answer stops — not a cut one: it did not.
+        texts = [prompt] + [prompt + (c if c.endswith(eos) or not end else c + eos)
+                            for c, end in zip(completions, ends)]
         add_special = True
     return tokenizer(texts, add_special_tokens=add_special)["input_ids"]
 
@@ -79,7 +91,7 @@ def tokenize_pair(pair: Pair, tokenizer, max_length: int, max_prompt_length: int
     """Tokenize and truncate one pair; None (and a count in `report`) if a completion would vanish."""
     report = report if report is not None else TokenizeReport()
     prompt_ids, full_chosen, full_rejected = render(pair.prompt, [pair.chosen, pair.rejected], pair.conversational,
-                                                    tokenizer)
+                                                    tokenizer, [pair.chosen_ends, pair.rejected_ends])
     n = min(common_prefix_length(prompt_ids, full_chosen), common_prefix_length(prompt_ids, full_rejected))
     prompt, chosen, rejected = prompt_ids[:n], full_chosen[n:], full_rejected[n:]
 
@@ -129,7 +141,7 @@ def tokenize_completions(examples: list[Completion], tokenizer, max_length: int,
     """Tokenize KTO examples with the same boundary and truncation rules as pairs."""
     report, out = TokenizeReport(), []
     for ex in examples:
-        prompt_ids, full = render(ex.prompt, [ex.completion], ex.conversational, tokenizer)
+        prompt_ids, full = render(ex.prompt, [ex.completion], ex.conversational, tokenizer, [ex.ends])
         n = common_prefix_length(prompt_ids, full)
         prompt, completion = prompt_ids[:n], full[n:]
         if max_prompt_length is not None and len(prompt) > max_prompt_length:

@@ -33,6 +33,10 @@ class Pair:
     rejected: Text
     source: str  # "file:line", carried along so later stages (tokenization, training) can name the row
     conversational: bool = False
+    # False when the row says `chosen_truncated` / `rejected_truncated`: true (a sample cut at make-pairs'
+    # --max-new-tokens): that completion did not end, so tokenization adds no EOS / end of turn after it
+    chosen_ends: bool = True
+    rejected_ends: bool = True
 
 
 @dataclass
@@ -67,6 +71,7 @@ class Completion:
     label: bool
     source: str
     conversational: bool = False
+    ends: bool = True  # as Pair.chosen_ends
 
 
 def detect_format(row: dict) -> str:
@@ -136,6 +141,11 @@ def parse_row(row: dict, fmt: str, path: str, line: int) -> Pair:
         fail("prompt", "this file is implicit format (no prompt field) but this row has one: mixed formats",
              "mixed_formats")
     source = f"{path}:{line}"
+    ends = {}
+    for key in ("chosen_truncated", "rejected_truncated"):
+        if not isinstance(row.get(key, False), bool):
+            fail(key, f"expected true or false, got {row[key]!r:.40}", "wrong_type")
+        ends[key.replace("truncated", "ends")] = not row.get(key, False)
 
     if fmt == "conversational":
         chosen = _messages(row["chosen"], "chosen", fail)
@@ -157,7 +167,7 @@ def parse_row(row: dict, fmt: str, path: str, line: int) -> Pair:
             if msgs[0]["role"] != "assistant":
                 fail(key, f"completion must start with an assistant message, got role '{msgs[0]['role']}'",
                      "bad_role")
-        return Pair(prompt, chosen, rejected, source, conversational=True)
+        return Pair(prompt, chosen, rejected, source, conversational=True, **ends)
 
     for key in ("chosen", "rejected") + (("prompt",) if fmt == "explicit" else ()):
         if not isinstance(row[key], str):
@@ -174,7 +184,7 @@ def parse_row(row: dict, fmt: str, path: str, line: int) -> Pair:
             fail(key, "empty completion", "empty_completion")
     if chosen == rejected:
         fail("rejected", "identical to chosen: the pair carries no preference", "chosen_equals_rejected")
-    return Pair(prompt, chosen, rejected, source)
+    return Pair(prompt, chosen, rejected, source, **ends)
 
 
 def load_completions(path: str, on_bad_row: str = "error",
@@ -186,8 +196,8 @@ def load_completions(path: str, on_bad_row: str = "error",
         if fmt == "unpaired":
             return [parse_unpaired(row, path, line)]
         p = parse_row(row, fmt, path, line)
-        return [Completion(p.prompt, p.chosen, True, p.source, p.conversational),
-                Completion(p.prompt, p.rejected, False, p.source, p.conversational)]
+        return [Completion(p.prompt, p.chosen, True, p.source, p.conversational, p.chosen_ends),
+                Completion(p.prompt, p.rejected, False, p.source, p.conversational, p.rejected_ends)]
 
     out, report = _load_rows(path, on_bad_row, parse, describe=lambda fmt: fmt if fmt == "unpaired"
                              else f"{fmt} pairs split into desirable/undesirable")

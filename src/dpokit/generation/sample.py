@@ -32,6 +32,7 @@ class Samples:
                                     # whatever the sampling temperature: the generation metrics' KL estimate
     new_tokens: int = 0             # tokens generated in all (for the cost accounting)
     seconds: float = 0.0
+    truncated: list[bool] | None = None  # per row; True: stopped by max_new_tokens, not by EOS (None: unknown)
 
     def prompt_of(self, row: int):
         return self.prompts[row // self.n]
@@ -145,4 +146,4 @@ def sample(model, tokenizer, prompts: list, n: int = 1, max_new_tokens: int = 32
         model.train(was_training)
     texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
     return Samples(list(prompts), n, rows, completions, texts, logps, sum(len(c) for c in completions),
-                   time.perf_counter() - start)
+                   time.perf_counter() - start, [not c or c[-1] != eos_id for c in completions])

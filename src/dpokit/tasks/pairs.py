@@ -1,6 +1,9 @@
 """Preference pairs from a reward function: sample n completions per prompt from a model, score them,
 pair them. This is how the DPO paper built its IMDb pairs (samples from the SFT model, labelled by a
-sentiment classifier), and how online / iterative DPO regenerates its data from the current policy."""
+sentiment classifier), and how online / iterative DPO regenerates its data from the current policy.
+
+A sample stopped by max_new_tokens did not end: its row says so (`chosen_truncated` / `rejected_truncated`:
+true), and training then adds no EOS (or chat end of turn) after it; one that ended by itself gets it."""
 
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ class PairStats:
     pairs: int = 0
     ties: int = 0                 # candidate pairs left out because their rewards were within min_gap
     identical: int = 0            # candidate pairs left out because the two texts were the same
+    truncated: int = 0            # samples stopped by max_new_tokens (kept; their rows mark them *_truncated)
     seconds: float = 0.0
     reward_gaps: list[float] = field(default_factory=list)
 
@@ -27,7 +31,8 @@ class PairStats:
         gap = sum(self.reward_gaps) / len(self.reward_gaps) if self.reward_gaps else float("nan")
         return (f"{self.pairs} pairs from {self.prompts} prompts × {self.samples // max(self.prompts, 1)} samples "
                 f"({self.seconds:.0f} s sampling); mean reward gap {gap:.3f}; left out: {self.ties} ties, "
-                f"{self.identical} identical texts")
+                f"{self.identical} identical texts; {self.truncated} of {self.samples} samples cut at "
+                "max_new_tokens (marked *_truncated: trained without EOS)")
 
 
 def _as_reply(prompt, text: str):
@@ -60,11 +65,15 @@ def select_pairs(samples: Samples, rewards: list[float], pairing: str = "best-wo
 
 def pair_up(samples: Samples, rewards: list[float], pairing: str = "best-worst",
             min_gap: float = 0.0) -> tuple[list[dict], PairStats]:
-    """Rows {prompt, chosen, rejected, chosen_reward, rejected_reward} of the pairs `select_pairs` picks."""
+    """Rows {prompt, chosen, rejected, chosen_reward, rejected_reward, chosen_truncated, rejected_truncated} of
+    the pairs `select_pairs` picks (module docstring for *_truncated)."""
     selected, stats = select_pairs(samples, rewards, pairing, min_gap)
+    cut = samples.truncated or [False] * len(samples.texts)
+    stats.truncated = sum(cut)
     rows = [{"prompt": samples.prompts[p], "chosen": _as_reply(samples.prompts[p], samples.texts[hi]),
              "rejected": _as_reply(samples.prompts[p], samples.texts[lo]),
-             "chosen_reward": rewards[hi], "rejected_reward": rewards[lo]} for p, hi, lo in selected]
+             "chosen_reward": rewards[hi], "rejected_reward": rewards[lo],
+             "chosen_truncated": cut[hi], "rejected_truncated": cut[lo]} for p, hi, lo in selected]
     return rows, stats
 
 
