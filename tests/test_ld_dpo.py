@@ -1,7 +1,8 @@
 """LD-DPO (--ld-alpha) down-weights the tokens beyond the shorter completion in the DPO log-ratios only:
-every NLL term (sft, cpo's and orpo's, the `nll` metric) stays the plain NLL of all chosen tokens, as in
-TRL 1.16 (its sft loss is −mean of the per-token chosen log-probs, whatever ld_alpha is). Checked here
-against the formulas written out from the model's full logits; tests/test_trl_parity.py checks TRL."""
+every NLL term (sft, cpo's, the `nll` metric) stays the plain NLL of all chosen tokens, as in TRL 1.16 (its
+sft loss is −mean of the per-token chosen log-probs, whatever ld_alpha is). Checked here against the formulas
+written out from the model's full logits; tests/test_trl_parity.py checks TRL. simpo and orpo (per-token
+averages) are refused with ld_alpha."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 
 from conftest import make_tiny_model
 from dpokit.batches import collate, tokenize_pair
-from dpokit.config import TrainConfig
+from dpokit.config import ConfigError, TrainConfig
 from dpokit.data.formats import Pair
 from dpokit.logprobs import pair_logps
 from dpokit.objectives.registry import combined_loss
@@ -38,9 +39,9 @@ def setup(tokenizer, explicit_rows):
     return pairs, make_tiny_model(len(tokenizer), seed=0), make_tiny_model(len(tokenizer), seed=1)
 
 
-@pytest.mark.parametrize("second", ["sft", "cpo", "orpo"])
+@pytest.mark.parametrize("second", ["sft", "cpo"])
 def test_ld_alpha_leaves_the_nll_terms_plain(tokenizer, setup, second):
-    """sigmoid + {sft (RPO), cpo, orpo} under LD-DPO. Failed before the fix: the NLL summed the LD-weighted
+    """sigmoid + {sft (RPO), cpo} under LD-DPO. Failed before the fix: the NLL summed the LD-weighted
     chosen log-probs (nll 5.48 instead of 6.39 here, every loss off by w · 0.91)."""
     pairs, policy, ref = setup
     options = dict(loss=f"sigmoid,{second}", loss_weights=f"1.0,{W_SFT}", beta=BETA, ld_alpha=ALPHA)
@@ -61,17 +62,21 @@ def test_ld_alpha_leaves_the_nll_terms_plain(tokenizer, setup, second):
     dpo = torch.stack([-F.logsigmoid(BETA * ((t["pw"] - t["rw"]) - (t["pl"] - t["rl"]))) for t in terms]).mean()
     if second == "sft":     # RPO: DPO on LD-weighted log-ratios + w · plain NLL
         extra = nll
-    elif second == "cpo":   # −log σ(β (LD log π(y_w) − LD log π(y_l))) + α · plain NLL
+    else:                   # cpo: −log σ(β (LD log π(y_w) − LD log π(y_l))) + α · plain NLL
         extra = torch.stack([-F.logsigmoid(BETA * (t["pw"] - t["pl"])) for t in terms]).mean() + 0.7 * nll
-    else:                   # ORPO: plain NLL + λ · odds-ratio term of the (LD-weighted) average log-probs
-        def log_odds(avg):
-            return avg - torch.log1p(-torch.exp(avg))
-        extra = nll + cfg.orpo_lambda * torch.stack(
-            [-F.logsigmoid(log_odds(t["pw"] / t["nw"]) - log_odds(t["pl"] / t["nl"])) for t in terms]).mean()
     assert metrics["nll"].item() == pytest.approx(nll.item(), rel=1e-5)
     assert ours.mean().item() == pytest.approx((dpo + W_SFT * extra).item(), rel=1e-5, abs=1e-6)
     # the LD weighting is real here: the weighted chosen sums differ from the plain ones
     assert not torch.allclose(pol.chosen.double(), torch.stack([t["plain_w"] for t in terms]), rtol=1e-3)
+
+
+@pytest.mark.parametrize("second", ["simpo", "orpo"])
+def test_ld_alpha_is_refused_with_simpo_and_orpo(second):
+    """Their per-token averages would divide an LD-weighted sum by the unweighted token count (neither TRL's
+    CPOTrainer nor its ORPOTrainer has ld_alpha): refused, naming both options."""
+    with pytest.raises(ConfigError, match=f"ld_alpha.*{second}"):
+        TrainConfig.from_dict(dict(loss=f"sigmoid,{second}", ld_alpha=0.5))
+    TrainConfig.from_dict(dict(loss=f"sigmoid,{second}"))  # fine without it
 
 
 def test_plain_chosen_is_carried_only_with_ld_alpha(tokenizer, setup):

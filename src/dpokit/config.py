@@ -350,6 +350,11 @@ class TrainConfig:
         if "exo_pair" in names and self.label_smoothing <= 0:
             raise ConfigError("loss exo_pair needs label_smoothing > 0 (EXO's ε; log ε is in the loss), "
                               "e.g. --label-smoothing 0.001")
+        averaged = [n for n in names if n in ("simpo", "orpo")]
+        if self.ld_alpha is not None and averaged:  # TRL's CPOTrainer/ORPOTrainer have no ld_alpha either
+            raise ConfigError(f"ld_alpha = {self.ld_alpha} with loss {', '.join(averaged)}: their per-token averages "
+                              "would divide an LD-weighted sum by the unweighted token count; remove --ld-alpha "
+                              "or use another objective")
         with_ref = any(OBJECTIVES[n].reference for n in names)
         for key, active in (("f_divergence", self.f_divergence != "reverse_kl"),
                             ("ld_alpha", self.ld_alpha is not None), ("sync_ref_every", self.sync_ref_every > 0),
