@@ -79,3 +79,62 @@ def test_collate_pads_right_and_marks_only_completions(tokenizer):
         assert batch["attention_mask"][i].sum() == n
         assert batch["completion_mask"][i].tolist() == [0] * len(p.prompt_ids) + [1] * len(c) + [0] * (
             batch["input_ids"].shape[1] - n)
+
+
+def _cut_pair(prompt, content, source="cut.jsonl:3"):
+    """A conversational pair whose chosen reply was cut at --max-new-tokens (make-pairs' *_truncated)."""
+    return Pair(prompt, [{"role": "assistant", "content": content}], [{"role": "assistant", "content": "Fine."}],
+                source, conversational=True, chosen_ends=False)
+
+
+def test_cut_chat_reply_is_the_sampled_prompt_then_its_text(tokenizer):
+    """A cut reply is tokenized as the sampler saw it: chat(prompt, add_generation_prompt) + text, nothing
+    after. Contents that occur inside the end-of-turn tag ("end" in <|im_end|>, "\\n") used to cut the
+    rendered chat at the wrong place."""
+    from dpokit.generation.sample import prompt_token_ids
+    user = [{"role": "user", "content": "Say something."}]
+    sampled = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+    for content in ("end", "\n", "im_end", " two spaces  ", "Hello there"):
+        t = tokenize_pair(_cut_pair(user, content), tokenizer, 512, None)
+        assert t.prompt_ids == prompt_token_ids(user, tokenizer)  # the prompt ids the sampler fed the model
+        assert tokenizer.decode(t.prompt_ids + t.chosen_ids) == sampled + content, content
+        assert tokenizer.decode(t.rejected_ids) == "Fine.<|im_end|>\n"  # an ended reply still closes its turn
+
+
+LLAMA3_TRIM = ("{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n'"
+               " + m['content'] | trim + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
+               "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
+
+
+def test_cut_reply_under_a_template_that_trims_content(tokenizer):
+    """Llama-3's template trims every content: a cut reply with leading/trailing whitespace used to raise a
+    bare ValueError (its content is not in the rendered chat); it is the sampled prompt + its text."""
+    import copy
+    llama = copy.deepcopy(tokenizer)
+    llama.chat_template = LLAMA3_TRIM
+    user = [{"role": "user", "content": "  Name a fruit. "}]
+    sampled = llama.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+    t = tokenize_pair(_cut_pair(user, " Apple, or maybe  "), llama, 512, None)
+    assert llama.decode(t.prompt_ids + t.chosen_ids) == sampled + " Apple, or maybe  "
+    assert llama.decode(t.rejected_ids).endswith("Fine.<|eot_id|>")
+
+
+def test_what_a_cut_chat_reply_cannot_be_is_a_data_error_naming_the_row(tokenizer):
+    """A cut completion must end with the assistant's message (the one the sampler was writing); a template
+    that refuses the conversation is a DataError at the row too, not a traceback."""
+    import copy
+
+    import pytest
+
+    from dpokit.data import DataError
+    user = [{"role": "user", "content": "Hi"}]
+    pair = Pair(user, [{"role": "assistant", "content": "Hello"}, {"role": "user", "content": "and?"}],
+                [{"role": "assistant", "content": "Fine."}], "cut.jsonl:7", conversational=True, chosen_ends=False)
+    with pytest.raises(DataError, match=r"cut\.jsonl:7: field 'chosen'.*assistant"):
+        tokenize_pair(pair, tokenizer, 512, None)
+    strict = copy.deepcopy(tokenizer)
+    strict.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                            "{{ raise_exception('no system role') }}{% endif %}{{ m['content'] }}{% endfor %}")
+    system = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    with pytest.raises(DataError, match=r"cut\.jsonl:3:.*no system role"):
+        tokenize_pair(_cut_pair(system, "Hel"), strict, 512, None)

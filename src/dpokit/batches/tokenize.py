@@ -13,6 +13,9 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+from jinja2 import TemplateError
+
+from dpokit.data.errors import DataError
 from dpokit.data.formats import Completion, Pair
 
 
@@ -59,23 +62,30 @@ def common_prefix_length(a: list[int], b: list[int]) -> int:
     return n
 
 
-def render(prompt, completions: list, conversational: bool, tokenizer, ends: list[bool] | None = None
-           ) -> list[list[int]]:
+def render(prompt, completions: list, conversational: bool, tokenizer, ends: list[bool] | None = None,
+           source: str = "?", names: list[str] | None = None) -> list[list[int]]:
     """Token ids of the prompt, then of prompt+completion for each completion, before boundary resolution.
-    ends[i] False: completion i was cut (a sample stopped at max_new_tokens), so nothing closes it."""
+    ends[i] False: completion i was cut (a sample stopped at max_new_tokens), so nothing closes it. A cut
+    chat reply is rendered as the sampler saw it: chat(prompt, add_generation_prompt=True) + its text —
+    never by locating its text in a closed turn (templates trim content; the text may occur in the tags).
+    Failures are DataErrors at `source` ("file:line"), field names[i]."""
     ends = ends or [True] * len(completions)
+    names = names or ["completion"] * len(completions)
     if conversational:
-        def chat(messages, gen):
-            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+        def chat(messages, gen, name):
+            try:
+                return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+            except TemplateError as e:  # e.g. raise_exception('roles must alternate'): the row is at fault
+                _fail(source, name, f"the chat template refuses this conversation: {e}", "template_error")
 
-        def open_turn(messages):  # the rendering up to the end of the last message's content
-            text, content = chat(messages, False), messages[-1]["content"]
-            if content not in text:
-                raise ValueError(f"the chat template rewrites the content of a truncated completion; cannot "
-                                 f"leave its turn open: {content[:60]!r}")
-            return text[:text.rfind(content) + len(content)]
-        texts = [chat(prompt, True)] + [chat(prompt + c, False) if end else open_turn(prompt + c)
-                                        for c, end in zip(completions, ends)]
+        def open_turn(messages, name):  # the sampled prompt (generation.sample.prompt_token_ids) + the text
+            if messages[-1]["role"] != "assistant":
+                _fail(source, name, f"marked truncated (a sample cut at max_new_tokens) but its last "
+                      f"message is role '{messages[-1]['role']}', not the assistant's", "bad_role")
+            return chat(messages[:-1], True, name) + messages[-1]["content"]
+        texts = [chat(prompt, True, "prompt")] + [open_turn(prompt + c, name) if not end else
+                                                  chat(prompt + c, False, name)
+                                                  for c, end, name in zip(completions, ends, names)]
         add_special = False  # the template already wrote BOS and the turn tokens
     else:
         eos = tokenizer.eos_token
@@ -86,12 +96,19 @@ def render(prompt, completions: list, conversational: bool, tokenizer, ends: lis
     return tokenizer(texts, add_special_tokens=add_special)["input_ids"]
 
 
+def _fail(source: str, name: str, message: str, reason: str):
+    path, _, line = source.rpartition(":")
+    raise DataError(path, int(line), name, message, reason=reason) if line.isdigit() else \
+        DataError(source, None, name, message, reason=reason)
+
+
 def tokenize_pair(pair: Pair, tokenizer, max_length: int, max_prompt_length: int | None,
                   report: TokenizeReport | None = None) -> TokenizedPair | None:
     """Tokenize and truncate one pair; None (and a count in `report`) if a completion would vanish."""
     report = report if report is not None else TokenizeReport()
     prompt_ids, full_chosen, full_rejected = render(pair.prompt, [pair.chosen, pair.rejected], pair.conversational,
-                                                    tokenizer, [pair.chosen_ends, pair.rejected_ends])
+                                                    tokenizer, [pair.chosen_ends, pair.rejected_ends],
+                                                    pair.source, ["chosen", "rejected"])
     n = min(common_prefix_length(prompt_ids, full_chosen), common_prefix_length(prompt_ids, full_rejected))
     prompt, chosen, rejected = prompt_ids[:n], full_chosen[n:], full_rejected[n:]
 
@@ -141,7 +158,7 @@ def tokenize_completions(examples: list[Completion], tokenizer, max_length: int,
     """Tokenize KTO examples with the same boundary and truncation rules as pairs."""
     report, out = TokenizeReport(), []
     for ex in examples:
-        prompt_ids, full = render(ex.prompt, [ex.completion], ex.conversational, tokenizer, [ex.ends])
+        prompt_ids, full = render(ex.prompt, [ex.completion], ex.conversational, tokenizer, [ex.ends], ex.source)
         n = common_prefix_length(prompt_ids, full)
         prompt, completion = prompt_ids[:n], full[n:]
         if max_prompt_length is not None and len(prompt) > max_prompt_length:
