@@ -219,3 +219,29 @@ def test_cli_checks_unpaired_files(tmp_path, tokenizer_dir, capsys):
     assert main(["data", "check", all_bad, "--model", tokenizer_dir, "--on-bad-row", "skip"]) == 1
     out, err = capsys.readouterr()
     assert f"{all_bad}: 0 completions, format unpaired" in out and "1 unusable file(s)" in err
+
+
+def test_check_file_decides_the_format_from_the_first_valid_row_as_the_loader_does(tmp_path, tokenizer):
+    """A KTO file whose first row is broken ("lable") is still a KTO file: `train --loss kto --on-bad-row skip`
+    trains on its good rows, so the check must not report it as 0 pairs needing --loss kto."""
+    path = write_jsonl(tmp_path / "k.jsonl", [{"prompt": "Q", "completion": " a", "lable": True}] + UNPAIRED[:3])
+    examples, _ = load_completions(path, on_bad_row="skip")
+    s = check_file(path, tokenizer, max_length=64, max_prompt_length=None)
+    assert (s["format"], s["unit"], s["completions"]) == ("unpaired", "completions", len(examples)) == \
+        ("unpaired", "completions", 3)
+    assert s["invalid"]["count"] == 1 and s["invalid"]["rows"][0].startswith(f"{path}:1:")
+    # and the converse: a pair file whose first row looks unpaired (a stray completion/label) stays a pair file
+    pairs = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Q", "completion": " a", "label": "maybe"}] + GOOD)
+    s = check_file(pairs, tokenizer, max_length=64, max_prompt_length=None)
+    assert (s["format"], s["unit"], s["pairs"], s["invalid"]["count"]) == ("explicit", "pairs", 3, 1)
+
+
+def test_unpaired_repeat_of_a_later_first_occurrence_is_a_duplicate(tmp_path, tokenizer):
+    """Line 3 repeats line 2 (same prompt, completion, label False) after line 1 gave it label True: a
+    duplicate of line 2, not a contradiction (the contradiction is line 2 itself)."""
+    row = {"prompt": "Q?", "completion": " An answer.", "label": True}
+    path = write_jsonl(tmp_path / "k.jsonl", [row, {**row, "label": False}, {**row, "label": False},
+                                             {**row, "label": True}])
+    s = check_file(path, tokenizer, max_length=64, max_prompt_length=None)
+    assert s["contradictions"] == {"count": 1, "lines": [(2, 1)]}
+    assert s["duplicates"] == {"count": 2, "lines": [(3, 2), (4, 1)]}

@@ -66,14 +66,16 @@ def check_unpaired_stats(examples: list[Completion], load_report: LoadReport, to
                          tok_report: TokenizeReport, untruncated: list[TokenizedCompletion]) -> dict:
     """Statistics of one unpaired (KTO) file, as `check_stats` for pairs. A completion repeated with the
     same label is a duplicate; with the other label, a contradiction (KTO would push it both ways)."""
-    first_seen, duplicates, contradictions = {}, [], []
+    first_seen, duplicates, contradictions = {}, [], []  # key → {label: first line with that label}
     for ex in examples:
-        key = json.dumps([ex.prompt, ex.completion])
-        if key in first_seen:
-            line, label = first_seen[key]
-            (duplicates if ex.label == label else contradictions).append((_line(ex.source), line))
+        key, line = json.dumps([ex.prompt, ex.completion]), _line(ex.source)
+        seen = first_seen.setdefault(key, {})
+        if ex.label in seen:
+            duplicates.append((line, seen[ex.label]))
         else:
-            first_seen[key] = (_line(ex.source), ex.label)
+            if seen:  # a label not seen yet for this completion: it contradicts the first occurrence
+                contradictions.append((line, min(seen.values())))
+            seen[ex.label] = line
     full = {(t.source, t.label): t for t in untruncated}  # a split pair's two completions share a source
     cuts = [c for t in tokenized if (c := sum(len(a) - len(b) for a, b in (
         (full[t.source, t.label].prompt_ids, t.prompt_ids),
@@ -194,12 +196,17 @@ def format_totals(all_stats: list[dict]) -> str:
 
 def check_file(path: str, tokenizer, max_length: int, max_prompt_length: int | None) -> dict:
     """Load `path` keeping every bad row's error, tokenize as training would and without limits, and
-    measure. Unpaired files (their first readable row has prompt, completion, label) are loaded as KTO
+    measure. Unpaired files (their first valid row has prompt, completion, label) are loaded as KTO
     training loads them. Raises DataError only for problems with the whole file."""
-    first = next((row for _, row in read_rows(path) if isinstance(row, dict)), None)
-    if first is not None and detect_format(first) == "unpaired":
-        examples, report = load_completions(path, on_bad_row="skip", allow_empty=True)
-        report.format = "unpaired" if report.format == "unknown" else report.format
+    # The format is the first valid row's, as the loaders decide it (a broken first row imposes nothing);
+    # load_completions accepts every format, so its verdict is that row's.
+    examples, report = load_completions(path, on_bad_row="skip", allow_empty=True)
+    unpaired = report.format == "unpaired"
+    if report.format == "unknown":  # no valid row: the first readable one says which rows' errors to list
+        first = next((row for _, row in read_rows(path) if isinstance(row, dict)), None)
+        unpaired = first is not None and detect_format(first) == "unpaired"
+    if unpaired:
+        report.format = "unpaired"
         tokenized, tok_report = tokenize_completions(examples, tokenizer, max_length, max_prompt_length)
         untruncated, _ = tokenize_completions(examples, tokenizer, sys.maxsize, None)
         return check_unpaired_stats(examples, report, tokenized, tok_report, untruncated)
