@@ -185,14 +185,20 @@ def test_deterministic_turns_on_deterministic_kernels_for_the_run(tmp_path, tiny
     real = steps.combined_loss
 
     def spy(*args, **kwargs):
-        seen.append(torch.are_deterministic_algorithms_enabled())
+        seen.append((torch.are_deterministic_algorithms_enabled(), os.environ.get("CUBLAS_WORKSPACE_CONFIG")))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(steps, "combined_loss", spy)
     train(model=tiny_model_dir, data=data, output_dir=str(tmp_path / "d"), max_steps=2, batch_size=2,
           deterministic=True, progress=False, log=lambda *_: None)
-    assert seen == [True, True] and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
-    assert not torch.are_deterministic_algorithms_enabled()  # the process's setting is given back
+    assert seen == [(True, ":4096:8")] * 2
+    # the process's settings are given back: deterministic mode off, the variable unset as it was
+    assert not torch.are_deterministic_algorithms_enabled() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")  # a user's own setting is kept, during and after
+    from dpokit.loop.checkpoint import deterministic_kernels
+    with deterministic_kernels(True):
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
 
 
 def _eval_rows(start: int, count: int) -> list[dict]:
@@ -220,8 +226,10 @@ def test_resume_with_other_eval_data_evaluates_against_its_own_reference(tmp_pat
     assert resumed.eval_after == expected.eval_after
 
 
-def test_lora_dropout_run_resumes_exactly(tmp_path, tiny_model_dir, uninterrupted):
-    """LoRA dropout draws from the RNG every step: the checkpoint's RNG state makes the resumed masks the same."""
+def test_lora_dropout_run_resumes_exactly_on_cpu(tmp_path, tiny_model_dir, uninterrupted):
+    """LoRA dropout draws from the CPU RNG every step: the checkpoint's CPU RNG state makes the resumed masks
+    the same. (Checkpoints held the CPU state before the per-rank states too; the CUDA entry is checked by
+    test_cuda_rng_state_round_trips_through_a_checkpoint.)"""
     data, _, _ = uninterrupted
     common = dict(model=tiny_model_dir, data=data, max_steps=6, batch_size=2, lr=1e-3, lora_r=4, lora_dropout=0.1,
                   save_every=3, progress=False, log=lambda *_: None)
@@ -232,3 +240,64 @@ def test_lora_dropout_run_resumes_exactly(tmp_path, tiny_model_dir, uninterrupte
     assert resumed.resumed_at == 3
     got = load_file(out / "final" / "adapter_model.safetensors")
     assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+def test_checkpoint_written_before_newer_options_resumes_with_its_old_rng_layout(tmp_path, tiny_model_dir,
+                                                                                  uninterrupted):
+    """A checkpoint from before `deterministic` and the per-rank RNG states: its config.yaml lacks the key (the
+    run had the default, False) and its state.pt holds "torch_rng"/"python_rng" instead of "rng". It resumes,
+    and LoRA dropout (which draws from the restored CPU RNG) makes the same weights as the uninterrupted run.
+    Failed before the fix: "deterministic: None → False"."""
+    import yaml
+    from dpokit.loop.checkpoint import MANIFEST, STATE, _sha256
+    data, _, _ = uninterrupted
+    common = dict(model=tiny_model_dir, data=data, max_steps=6, batch_size=2, lr=1e-3, lora_r=4, lora_dropout=0.1,
+                  save_every=3, progress=False, log=lambda *_: None)
+    out = tmp_path / "run"
+    train(output_dir=str(out), **common)
+    expected = load_file(out / "final" / "adapter_model.safetensors")
+    ckpt = complete_checkpoints(str(out))[0]
+    config = yaml.safe_load((ckpt / "config.yaml").read_text(encoding="utf-8"))
+    del config["deterministic"]
+    (ckpt / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    state = torch.load(ckpt / STATE, weights_only=True)
+    rng = state.pop("rng")[0]
+    del state["device_type"]
+    torch.save({**state, "torch_rng": rng["torch"], "python_rng": rng["python"], "eval_ref": None}, ckpt / STATE)
+    manifest = json.loads((ckpt / MANIFEST).read_text(encoding="utf-8"))
+    manifest["files"] = {name: _sha256(ckpt / name) for name in manifest["files"]}
+    (ckpt / MANIFEST).write_text(json.dumps(manifest), encoding="utf-8")
+    resumed = train(output_dir=str(out), resume=str(ckpt), **common)
+    assert resumed.resumed_at == 3
+    got = load_file(out / "final" / "adapter_model.safetensors")
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+def test_cuda_rng_state_round_trips_through_a_checkpoint(tmp_path, tokenizer, monkeypatch):
+    """rng_state/set_rng_state's CUDA branch, with torch.cuda's RNG functions faked (no GPU here): a
+    checkpoint written on "cuda" stores the device's generator state, and loading it on "cuda" gives that
+    state back to the same device, next to the CPU one."""
+    from conftest import make_tiny_model
+    from dpokit.loop.checkpoint import STATE, load_training_state, save_checkpoint
+    generator = {"state": torch.arange(16, dtype=torch.uint8)}  # the fake device's generator
+    restored = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": generator["state"].clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.append((state, device)))
+    model = make_tiny_model(len(tokenizer))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    cpu_before = torch.get_rng_state()
+    path = save_checkpoint(str(tmp_path), 3, model, tokenizer, optimizer.state_dict(), scheduler, "{}",
+                           device_type="cuda")
+    saved = torch.load(path / STATE, weights_only=True)["rng"]
+    assert len(saved) == 1 and torch.equal(saved[0]["cuda"], torch.arange(16, dtype=torch.uint8))
+    generator["state"] = torch.zeros(16, dtype=torch.uint8)  # the run went on drawing
+    torch.rand(5)
+    assert load_training_state(path, lambda s: None, scheduler, device=torch.device("cuda")) == 3
+    assert len(restored) == 1 and restored[0][1] == torch.device("cuda")
+    assert torch.equal(restored[0][0], torch.arange(16, dtype=torch.uint8))
+    assert torch.equal(torch.get_rng_state(), cpu_before)
+    # a CPU run's checkpoint holds no CUDA state and restores none
+    save_checkpoint(str(tmp_path / "cpu"), 1, model, tokenizer, optimizer.state_dict(), scheduler, "{}")
+    load_training_state(complete_checkpoints(str(tmp_path / "cpu"))[0], lambda s: None, scheduler)
+    assert len(restored) == 1

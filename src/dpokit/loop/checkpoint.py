@@ -186,23 +186,28 @@ def load_training_state(path: Path, load_optimizer, scheduler, world: int = 1, s
 
 @contextmanager
 def deterministic_kernels(on: bool):
-    """--deterministic: torch's deterministic kernels for the run, then the previous setting back.
+    """--deterministic: torch's deterministic kernels for the run, then the previous settings back.
 
     On CUDA, index_add (the per-row log-prob sums), scatter_add and index_put(accumulate) otherwise
     add in a varying order, and SDPA's fused attention backward is non-deterministic; in this mode
     they take deterministic paths, and an op without one raises an error naming itself. cuBLAS needs
     CUBLAS_WORKSPACE_CONFIG (":4096:8"), read when CUDA first runs a matmul: set here unless already
-    set. Untested on GPU here; CPU runs are deterministic without it."""
+    set, and unset again after the run if it was not (the workspace size already chosen stays; torch
+    only checks the variable while deterministic mode is on). Untested on GPU here; CPU runs are
+    deterministic without it."""
     if not on:
         yield
         return
     before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    env_before = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True)
     try:
         yield
     finally:
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        if env_before is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 
 
 def keep_metrics_until(path: Path, step: int) -> None:
@@ -225,7 +230,9 @@ MAY_CHANGE = {"resume", "progress", "eval_every", "save_every", "keep_last", "ou
 def check_same_run(path: Path, config: dict) -> None:
     """Refuse to resume a checkpoint with options that change the data order, objective or schedule."""
     import yaml
-    saved = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8")) or {}
+    from dpokit.config import TrainConfig
+    # An option added after the checkpoint was written is missing from its config: that run had its default.
+    saved = {**TrainConfig().to_dict(), **(yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8")) or {})}
     changed = sorted(k for k in set(saved) | set(config) if k not in MAY_CHANGE and saved.get(k) != config.get(k))
     if changed:
         detail = ", ".join(f"{k}: {saved.get(k)!r} → {config.get(k)!r}" for k in changed)
