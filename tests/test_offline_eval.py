@@ -90,6 +90,22 @@ def test_eval_takes_beta_and_loss_from_the_run(tmp_path, tokenizer, tiny_model_d
     assert f"β = 0.25 (from {tmp_path / 'e.yaml'})" in capsys.readouterr().out
 
 
+def test_explicit_loss_keeps_the_run_options_that_loss_reads(tmp_path, tokenizer, tiny_model_dir, explicit_rows,
+                                                             capsys):
+    """An exo_pair run's label_smoothing (EXO's ε) stays with `--loss exo_pair`; eval has no flag for it.
+    Failed before the fix: "loss exo_pair needs label_smoothing > 0". Options the given loss does not read
+    (ipo_normalize for sigmoid) are still dropped."""
+    from dpokit.evaluation.offline import resolve
+    final = _run_folder(tmp_path, tokenizer, tiny_model_dir, loss="exo_pair", label_smoothing=0.01, beta=0.5)
+    data = write_jsonl(tmp_path / "d.jsonl", explicit_rows)
+    assert _eval([final, data], tmp_path, "run") == _eval([final, data, "--loss", "exo_pair"], tmp_path, "flag")
+    settings = resolve(final, {"loss": ("exo_pair,hinge", "--loss")}, None)
+    assert (settings.cfg.label_smoothing, settings.cfg.beta) == (0.01, 0.5)
+    (tmp_path / "run").rename(tmp_path / "exo")
+    final = _run_folder(tmp_path, tokenizer, tiny_model_dir, loss="ipo", ipo_normalize="sum")
+    assert resolve(final, {"loss": ("sigmoid", "--loss")}, None).cfg.ipo_normalize == "token"  # the default
+
+
 def test_eval_of_an_ld_dpo_run_uses_ld_alpha_for_policy_and_reference(tmp_path, tokenizer, tiny_model_dir,
                                                                      explicit_rows):
     """LD-DPO's log-probs (tokens past the shorter completion weighted by ld_alpha), for both models, as the

@@ -19,16 +19,18 @@ import torch
 import yaml
 
 from dpokit.batches import pad_rows, tokenize_completions, tokenize_pairs
-from dpokit.config import ConfigError, TrainConfig
+from dpokit.config import ConfigError, TrainConfig, _as_list
 from dpokit.data import Completion, load_pairs
 from dpokit.evaluation.preference import evaluate_pairs, reference_logps
 from dpokit.logprobs import compute_precision, sequence_logps
 from dpokit.models import load_model, load_tokenizer
 from dpokit.models.load import ModelError
-from dpokit.objectives import needs_reference
+from dpokit.loop.train import pick_device
+from dpokit.objectives import OBJECTIVES, needs_reference
 
 # What defines a run's implicit reward and held-out loss. With an explicit --loss only the first three
-# are kept: the others are options of the run's own objective.
+# are kept, and of the others those the given objectives read (OBJECTIVES[n].options): exo_pair keeps the
+# run's label_smoothing, sigmoid after an ipo run drops ipo_normalize.
 RUN_KEYS = ("beta", "max_length", "max_prompt_length", "loss", "loss_weights", "label_smoothing", "ipo_normalize",
             "f_divergence", "f_alpha", "use_weighting", "ld_alpha", "cpo_alpha", "simpo_gamma", "orpo_lambda",
             "dpop_lambda", "discopop_tau", "kto_desirable_weight", "kto_undesirable_weight")
@@ -73,6 +75,8 @@ def resolve(model: str, given: dict[str, tuple[Any, str]], against: str | None,
     run_loss = str(run.get("loss", ""))
     # GRPO trains no pairwise objective: its run supplies lengths only (β is GRPO's default, unused)
     keys = RUN_KEYS[:3] if "loss" in given or "grpo" in run_loss else RUN_KEYS
+    if "loss" in given:
+        keys += tuple(k for n in _as_list(given["loss"][0]) if n in OBJECTIVES for k in OBJECTIVES[n].options)
     from_run = {k: run[k] for k in keys if k in run and k not in given}
     source = " + ".join(s for s in (path, "command line" if given else None) if s) or "defaults"
     cfg = TrainConfig.from_dict({**from_run, **{k: v for k, (v, _) in given.items()}}, source=source)
@@ -99,16 +103,11 @@ def resolve(model: str, given: dict[str, tuple[Any, str]], against: str | None,
     return Settings(cfg, ref_model, sources)
 
 
-def pick_device(cfg: TrainConfig) -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() and cfg.device == "auto" else
-                        (cfg.device if cfg.device != "auto" else "cpu"))
-
-
 def evaluate_file(model: str, settings: Settings, data: str, log=print) -> dict[str, float]:
     """Held-out preference metrics of `model` against `settings.ref_model` on the pairs in `data`, computed
     as the run's own held-out evaluation does (its β, objective, ld_alpha and lengths)."""
     cfg, ref_model = settings.cfg, settings.ref_model
-    device = pick_device(cfg)
+    device = pick_device(cfg.device)
     tokenizer = load_tokenizer(model)
     pairs, report = load_pairs(data, cfg.on_bad_row)
     tokenized, tok_report = tokenize_pairs(pairs, tokenizer, cfg.max_length, cfg.max_prompt_length)
