@@ -158,6 +158,23 @@ def test_online_dpo_tr_dpo_moves_the_reference_every_n_steps(tmp_path, tiny_mode
         assert any(not torch.equal(reference[k], start[k]) for k in start)
 
 
+def test_online_tr_dpo_refuses_a_reference_of_another_architecture(tmp_path, tokenizer, tiny_model_dir,
+                                                                  prompts_file):
+    """--online-dpo --ref-model X --sync-ref-every N: X must have the policy's parameter names and shapes (the
+    soft update mixes them one by one); refused at start-up, before any sampling."""
+    from conftest import make_tiny_model
+    from dpokit.models.load import ModelError
+    from transformers import LlamaForCausalLM
+    small = make_tiny_model(len(tokenizer))
+    other = LlamaForCausalLM(small.config.__class__(**{**small.config.to_dict(), "num_hidden_layers": 1}))
+    other.save_pretrained(tmp_path / "ref", safe_serialization=True)
+    tokenizer.save_pretrained(tmp_path / "ref")
+    with pytest.raises(ModelError, match=r"--ref-model .*--sync-ref-every"):
+        train(**_common(tiny_model_dir, prompts_file, tmp_path / "run", online_dpo=True, max_steps=1,
+                        num_generations=2, ref_model=str(tmp_path / "ref"), sync_ref_every=1))
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
 def test_iterative_dpo_rounds_train_tr_dpo_offline(tmp_path, tiny_model_dir, prompts_file, monkeypatch):
     """--rounds hands --sync-ref-every to each round's offline run, whose loop moves that round's reference."""
     offline = importlib.import_module("dpokit.loop.train")  # the module (dpokit.loop.train is also a function)

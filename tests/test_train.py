@@ -264,3 +264,41 @@ def test_kto_never_builds_a_micro_batch_of_one(tmp_path, tiny_model_dir, explici
     train(model=tiny_model_dir, data=data, output_dir=str(tmp_path / "k"), loss="kto", batch_size=3, epochs=1,
           progress=False, log=_quiet)
     assert sizes == [3, 3, 4]
+
+
+def _llama(tokenizer, **sizes):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+               pad_token_id=0)
+    return LlamaForCausalLM(LlamaConfig(**{**cfg, **sizes})).eval()
+
+
+@pytest.mark.parametrize("sizes", [dict(hidden_size=64), dict(num_hidden_layers=1), dict(intermediate_size=32),
+                                   dict(tie_word_embeddings=False)])
+def test_tr_dpo_refuses_a_reference_of_another_architecture(tmp_path, tokenizer, tiny_model_dir, explicit_rows,
+                                                            sizes):
+    """TR-DPO mixes the policy into the reference parameter by parameter. Before the check, zip paired them by
+    position: a RuntimeError mid-run, or silently a partial update (an untied reference's lm_head never
+    moved). Now sync_reference refuses, naming the parameter, and train refuses --ref-model at start-up."""
+    from dpokit.loop.reference import sync_reference
+    from dpokit.models.load import ModelError
+    policy, other = _llama(tokenizer), _llama(tokenizer, **sizes)
+    with pytest.raises(ModelError, match=r"parameter (model|lm_head)\.\S+ is .*TR-DPO"):
+        sync_reference(other, policy, 0.5)
+    same = _llama(tokenizer)
+    with torch.no_grad():
+        same.model.norm.weight.fill_(3.0)
+    sync_reference(same, policy, 0.5)  # the same architecture: mixed by name
+    assert torch.equal(same.model.norm.weight, torch.full_like(same.model.norm.weight, 2.0))
+    ref_dir = tmp_path / "ref"
+    other.save_pretrained(ref_dir, safe_serialization=True)
+    tokenizer.save_pretrained(ref_dir)
+    data = write_jsonl(tmp_path / "d.jsonl", explicit_rows)
+    common = dict(model=tiny_model_dir, data=data, ref_model=str(ref_dir), max_steps=2, batch_size=2,
+                  progress=False, log=lambda *_: None)
+    with pytest.raises(ModelError, match=r"--ref-model .*--sync-ref-every"):
+        train(output_dir=str(tmp_path / "tr"), sync_ref_every=1, **common)
+    assert not (tmp_path / "tr" / "final").exists()
+    train(output_dir=str(tmp_path / "fixed"), **common)  # a frozen reference of another size is fine

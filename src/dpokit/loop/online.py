@@ -261,7 +261,7 @@ def load_reference(cfg: TrainConfig, policy, tokenizer, device, needed: bool, lo
                                               "reference-free") + ")")
         return None
     if cfg.ref_model:
-        return load_ref_model(cfg, tokenizer, device)
+        return load_ref_model(cfg, tokenizer, device, policy)
     return copy.deepcopy(policy).requires_grad_(False).eval()
 
 

@@ -37,12 +37,19 @@ def reference_forward(reference):
     return reference, nullcontext()
 
 
-def load_ref_model(cfg, tokenizer, device):
-    """--ref-model, frozen; refused when its tokenizer differs (log-prob ratios need the same token ids)."""
+def load_ref_model(cfg, tokenizer, device, policy):
+    """--ref-model, frozen; refused when its tokenizer differs (log-prob ratios need the same token ids), and
+    under TR-DPO when its parameters are not the policy's names and shapes (`check_syncable`)."""
     if load_tokenizer(cfg.ref_model, cfg.trust_remote_code).get_vocab() != tokenizer.get_vocab():
         raise ModelError(f"--ref-model {cfg.ref_model} has a different tokenizer from --model {cfg.model}; "
                          "log-prob ratios need the same token ids")
-    return load_model(cfg.ref_model, device, cfg.allow_pickle, cfg.trust_remote_code).requires_grad_(False).eval()
+    model = load_model(cfg.ref_model, device, cfg.allow_pickle, cfg.trust_remote_code).requires_grad_(False).eval()
+    if cfg.sync_ref_every:
+        try:
+            check_syncable(model, policy)
+        except ModelError as e:
+            raise ModelError(f"--ref-model {cfg.ref_model} with --sync-ref-every: {e}") from None
+    return model
 
 
 def prepare_reference(cfg, policy, tokenizer, train_set, eval_set, unpaired: bool, device, pad_id: int, log,
@@ -56,7 +63,7 @@ def prepare_reference(cfg, policy, tokenizer, train_set, eval_set, unpaired: boo
     with_ref = needs_reference(cfg.loss_names)
     model = None
     if cfg.ref_model:
-        model = load_ref_model(cfg, tokenizer, device)
+        model = load_ref_model(cfg, tokenizer, device, policy)
     if not with_ref:
         log(f"loss {cfg.loss} is reference-free: no reference model loaded")
     cacheable = with_ref and cfg.ref_cache and not cfg.sync_ref_every and not unpaired
@@ -108,11 +115,24 @@ def prepare_reference(cfg, policy, tokenizer, train_set, eval_set, unpaired: boo
     return model, train_ref, eval_ref
 
 
+def check_syncable(reference, policy) -> None:
+    """A ModelError naming the first parameter whose name or shape differs between the two models."""
+    ref = {n: tuple(p.shape) for n, p in reference.named_parameters()}
+    pol = {n: tuple(p.shape) for n, p in policy.named_parameters()}
+    if ref != pol:
+        name = min(set(ref) ^ set(pol) or {n for n in pol if ref[n] != pol[n]})
+        raise ModelError(f"parameter {name} is {list(ref.get(name, [])) if name in ref else 'missing'} in the "
+                         f"reference, {list(pol[name]) if name in pol else 'missing'} in the policy: TR-DPO mixes "
+                         "them parameter by parameter, so the reference needs the policy's architecture")
+
+
 @torch.no_grad()
 def sync_reference(reference, policy, alpha: float) -> None:
-    """TR-DPO (Gorbatovski 2024) soft update: π_ref ← α·π + (1 − α)·π_ref."""
-    for ref_param, param in zip(reference.parameters(), policy.parameters()):
-        ref_param.mul_(1 - alpha).add_(param, alpha=alpha)
+    """TR-DPO (Gorbatovski 2024) soft update: π_ref ← α·π + (1 − α)·π_ref, parameter by parameter by name."""
+    check_syncable(reference, policy)
+    ref_params = dict(reference.named_parameters())
+    for name, param in policy.named_parameters():
+        ref_params[name].mul_(1 - alpha).add_(param, alpha=alpha)
 
 
 def cache_reference(config: TrainConfig | None = None, log=print, **overrides) -> None:
