@@ -94,6 +94,11 @@ class TrainConfig:
     pack_tokens: int = opt(1024, "with prefix sharing, pack pairs into rows of up to N tokens (block-diagonal "
                            "masks, no padding between pairs); 0: one pair per row; without prefix sharing rows "
                            "are padded and this default is not used")
+    attention: str = opt("auto", "how attention follows the rows: 'segments' runs one fused SDPA call per "
+                         "prompt/chosen/rejected segment (no T×T mask, hidden blocks skipped; refused on a model it "
+                         "cannot run exactly), 'dense' hands the model a [T, T] mask per row, 'auto' takes segments "
+                         "where the model supports them, else dense (docs/PERFORMANCE.md)",
+                         ("auto", "dense", "segments"))
     ref_cache: bool = opt(True, "compute the reference's log-probs of the training pairs once, cache them on disk "
                           "(keyed by reference weights and token ids) and release the reference model")
     on_bad_row: str = opt("error", "bad data rows: 'error' stops naming file:line:field; 'skip' skips and "

@@ -1,11 +1,12 @@
 """Prefix sharing and padding-free packing (Wang & Hegde 2024, arXiv:2410.20305).
 
 Each pair becomes one segment `prompt | chosen | rejected`: the prompt is computed once instead of
-twice. A 4D attention mask lets chosen tokens see the prompt and earlier chosen tokens, and rejected
-tokens see the prompt and earlier rejected tokens — never the chosen ones; position ids restart at
-the prompt length for the rejected part, so every token sees exactly what it would see in its own
-sequence. Segments are packed first-fit-decreasing into rows of at most `capacity` tokens, with
-block-diagonal masks, so almost no pad tokens are computed.
+twice. Chosen tokens see the prompt and earlier chosen tokens, and rejected tokens see the prompt and
+earlier rejected tokens — never the chosen ones; position ids restart at the prompt length for the
+rejected part, so every token sees exactly what it would see in its own sequence. Segments are packed
+first-fit-decreasing into rows of at most `capacity` tokens, so almost no pad tokens are computed.
+Who sees whom is described per row by attention segments (logprobs/attention.py), not by a [T, T] mask:
+the dense path builds that mask from them only when it runs.
 
 The batch carries a score index (row, source position, target position, sequence, position in the
 completion) for every scored token: the first rejected token is predicted from the last prompt
@@ -45,17 +46,17 @@ def pack_rows(pairs: list[TokenizedPair], capacity: int) -> list[list[int]]:
 def collate_packed(pairs: list[TokenizedPair], pad_id: int, capacity: int = 0) -> dict[str, torch.Tensor]:
     """Prefix-shared, packed batch of B pairs.
 
-    Returns input_ids, position_ids [R, T]; attention_mask [R, 1, T, T] bool (True = may attend);
-    score_row, score_src, score_tgt, score_seq, score_pos [K] for the K completion tokens, where
-    score_seq is i for pair i's chosen and B + i for its rejected completion; n_seqs = 2B.
+    Returns input_ids, position_ids [R, T]; segments [S, 5] (row, p0, p1, q0, q1: queries q0…q1−1 see keys
+    p0…p1−1 and, causally, q0…q1−1; per pair prompt+chosen, then rejected over the prompt); score_row,
+    score_src, score_tgt, score_seq, score_pos [K] for the K completion tokens, where score_seq is i for
+    pair i's chosen and B + i for its rejected completion; n_seqs = 2B.
     """
     b = len(pairs)
     layout = pack_rows(pairs, capacity)
     width = max(sum(segment_length(pairs[i]) for i in row) for row in layout)
     input_ids = torch.full((len(layout), width), pad_id, dtype=torch.long)
     position_ids = torch.zeros((len(layout), width), dtype=torch.long)
-    allowed = torch.zeros((len(layout), width, width), dtype=torch.bool)
-    allowed[:, torch.arange(width), torch.arange(width)] = True  # pad positions attend to themselves: no NaN
+    segments: list[tuple[int, int, int, int, int]] = []
     index: list[tuple[int, int, int, int, int]] = []
     for r, row in enumerate(layout):
         o = 0
@@ -65,9 +66,7 @@ def collate_packed(pairs: list[TokenizedPair], pad_id: int, capacity: int = 0) -
             L = P + C + R
             input_ids[r, o:o + L] = torch.tensor(p.prompt_ids + p.chosen_ids + p.rejected_ids)
             position_ids[r, o:o + L] = torch.cat([torch.arange(P + C), torch.arange(P, P + R)])
-            block = torch.ones(L, L, dtype=torch.bool).tril()
-            block[P + C:, P:P + C] = False  # rejected never sees chosen
-            allowed[r, o:o + L, o:o + L] = block
+            segments += [(r, o, o, o, o + P + C), (r, o, o + P, o + P + C, o + L)]  # rejected never sees chosen
             for seq, start, n in ((i, o + P, C), (b + i, o + P + C, R)):
                 for j in range(n):
                     src = (o + P - 1) if j == 0 else start + j - 1
@@ -75,6 +74,7 @@ def collate_packed(pairs: list[TokenizedPair], pad_id: int, capacity: int = 0) -
                         index.append((r, src, start + j, seq, j))
             o += L
     score = torch.tensor(index, dtype=torch.long).reshape(-1, 5).T
-    return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": allowed[:, None],
+    return {"input_ids": input_ids, "position_ids": position_ids,
+            "segments": torch.tensor(segments, dtype=torch.long).reshape(-1, 5),
             "score_row": score[0], "score_src": score[1], "score_tgt": score[2], "score_seq": score[3],
             "score_pos": score[4], "n_seqs": torch.tensor(2 * b)}

@@ -10,11 +10,14 @@ lm_head(hidden) — scaled, soft-capped — are found by a probe (`fast_head`) a
 from __future__ import annotations
 
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from dpokit.logprobs.attention import batch_segments, choose, dense_mask, segments_active
 
 # Above this many logit elements per chunk the head is recomputed in backward instead of storing
 # logits: 2**25 fp32 values is 128 MB, small next to activations yet large enough to keep matmuls fast.
@@ -155,18 +158,24 @@ def batch_token_logps(model, batch: dict[str, torch.Tensor], with_sq: bool = Fal
     """Log-probs of every scored completion token of a batch from `collate` (padded) or
     `collate_packed` (prefix-shared, packed); under softmax(logits / temperature) when it is not 1 (GRPO)."""
     index = batch if "score_seq" in batch else padded_score_index(batch["completion_mask"])
-    mask = batch["attention_mask"]
-    if mask.dim() == 4:
-        mask = additive_mask(mask, model.dtype)
-    kwargs = dict(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch.get("position_ids"),
-                  use_cache=False)
+    ids, segments = batch["input_ids"], batch_segments(batch)
+    kwargs = dict(input_ids=ids, position_ids=batch.get("position_ids"), use_cache=False)
+    structured = choose(model, segments, ids.shape[1])
+    if structured:  # no mask: each segment is one SDPA call (logprobs/attention.py)
+        kwargs.update(attention_mask=None, dpokit_segments=tuple(map(tuple, segments.tolist())))
+    else:
+        mask = batch.get("attention_mask")
+        if mask is None:
+            mask = dense_mask(segments, *ids.shape, ids.device)
+        kwargs["attention_mask"] = additive_mask(mask, model.dtype) if mask.dim() == 4 else mask
     row, src = index["score_row"], index["score_src"]
-    targets = batch["input_ids"][row, index["score_tgt"]]                       # [K]
-    if fast_head(model):
-        states = model.get_decoder()(**kwargs).last_hidden_state[row, src]      # [K, H] only what is scored
-        head = model.get_output_embeddings()
-    else:  # logits post-processed by the model: take them whole, then select
-        states, head = model(**kwargs).logits[row, src], torch.nn.Identity()
+    targets = ids[row, index["score_tgt"]]                                      # [K]
+    with segments_active() if structured else nullcontext():
+        if fast_head(model):
+            states = model.get_decoder()(**kwargs).last_hidden_state[row, src]  # [K, H] only what is scored
+            head = model.get_output_embeddings()
+        else:  # logits post-processed by the model: take them whole, then select
+            states, head = model(**kwargs).logits[row, src], torch.nn.Identity()
     width = head.out_features if hasattr(head, "out_features") else states.shape[-1]
     chunk = max(1, CHUNK_ELEMENTS // width)
     if states.shape[0] <= chunk:

@@ -73,7 +73,7 @@ def prepare_reference(cfg, policy, tokenizer, train_set, eval_set, unpaired: boo
     # pairs: the steps' micro-batches differ (batch_size, shuffling), so a cached sum matches a live
     # reference's to fp32 rounding, or to bf16/fp16 rounding under autocast (README, tests/test_refcache_exact.py).
     low = autocast_dtype(device, cfg.dtype)
-    layout = f"pack{cfg.pack_tokens}" if cfg.prefix_sharing else "padded"
+    layout = (f"pack{cfg.pack_tokens}" if cfg.prefix_sharing else "padded") + f":attention-{cfg.attention}"
     numerics = (f"{device.type}:{ {torch.bfloat16: 'bf16', torch.float16: 'fp16'}.get(low, 'fp32')}:"
                 f"{layout}:batch{cfg.eval_batch_size}")
     digest = weights_digest(model or policy) + numerics if cfg.ref_cache else None

@@ -25,6 +25,7 @@ from dpokit.config import TrainConfig
 from dpokit.evaluation import evaluate_pairs
 from dpokit.evaluation.preference import format_eval
 from dpokit.logprobs import compute_precision
+from dpokit.logprobs.attention import use_attention
 from dpokit.distributed import (Distributed, any_across, check_launch, full_model_state, full_optimizer_state,
                                 gather_cat, gather_objects, gradient_sync, grad_norm_value, load_optimizer_state,
                                 start, sum_across, training_state_bytes, wrap)
@@ -77,6 +78,7 @@ def train(config: TrainConfig | None = None, log=print, **overrides) -> TrainRes
 def _train(cfg: TrainConfig, ctx: Distributed, log) -> TrainResult:
     unpaired = any(OBJECTIVES[n].data == "unpaired" for n in cfg.loss_names)
     device = ctx.device(cfg.device)
+    use_attention(cfg.attention, log)
     torch.manual_seed(cfg.seed)  # the same seed on every rank: LoRA's initial weights must agree
     random.seed(cfg.seed)
     out = Path(cfg.output_dir)

