@@ -31,8 +31,6 @@ from dpokit.config import ConfigError
 
 NAME = "dpokit_segments"
 KINDS = ("auto", "dense", "segments")
-# auto runs segments on rows at least this long, dense masks below (docs/PERFORMANCE.md has the figures)
-AUTO_MIN_TOKENS = 0
 SUPPORT = "_dpokit_segments"   # on the model: '' when segments are exact on it, else the reason they are not
 # arguments some attention layers pass that segment-wise SDPA would ignore: refuse rather than differ
 UNSUPPORTED = ("sliding_window", "softcap", "s_aux", "position_bias", "attention_chunk_size")
@@ -224,8 +222,10 @@ def _probe(model, name: str) -> str:
     return ""
 
 
-def choose(model, segments: torch.Tensor | None, width: int) -> bool:
-    """Whether this batch runs segment-wise: --attention, the model's support and the row width decide."""
+def choose(model, segments: torch.Tensor | None) -> bool:
+    """Whether this batch runs segment-wise: --attention and the model's support decide. auto takes segments
+    wherever they are exact: measured faster than the dense mask at every row length tried, short packed rows
+    included (docs/PERFORMANCE.md)."""
     if _requested == "dense":
         return False
     if segments is None:
@@ -238,9 +238,6 @@ def choose(model, segments: torch.Tensor | None, width: int) -> bool:
             raise ConfigError(f"--attention segments: not exact on this model: {why}; use --attention dense "
                               "or auto")
         _log_once(f"dense 4D masks ({why})")
-        return False
-    if _requested == "auto" and width < AUTO_MIN_TOKENS:
-        _log_once(f"auto: dense masks for rows under {AUTO_MIN_TOKENS} tokens, segment-wise SDPA from there")
         return False
     _log_once(f"segment-wise SDPA ({_requested}): no T×T mask, hidden blocks skipped")
     return True

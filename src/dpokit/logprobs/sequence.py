@@ -160,7 +160,7 @@ def batch_token_logps(model, batch: dict[str, torch.Tensor], with_sq: bool = Fal
     index = batch if "score_seq" in batch else padded_score_index(batch["completion_mask"])
     ids, segments = batch["input_ids"], batch_segments(batch)
     kwargs = dict(input_ids=ids, position_ids=batch.get("position_ids"), use_cache=False)
-    structured = choose(model, segments, ids.shape[1])
+    structured = choose(model, segments)
     if structured:  # no mask: each segment is one SDPA call (logprobs/attention.py)
         kwargs.update(attention_mask=None, dpokit_segments=tuple(map(tuple, segments.tolist())))
     else:
