@@ -33,6 +33,7 @@ from dpokit.batches.tokenize import TokenizedPair  # noqa: E402
 from dpokit.config import TrainConfig  # noqa: E402
 from dpokit.data.formats import Pair  # noqa: E402
 from dpokit.logprobs import pair_logps  # noqa: E402
+from dpokit.logprobs.attention import attention_kind  # noqa: E402
 from dpokit.logprobs.sequence import completion_token_logps  # noqa: E402
 from dpokit.objectives.paired import sft_loss  # noqa: E402
 from dpokit.objectives.reference_free import orpo_loss  # noqa: E402
@@ -156,10 +157,15 @@ def test_token_logps_equal_trl_fused_head(env, tmp_path):
     with torch.no_grad():
         out = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
                             fused_lm_head=True)
-        ours = completion_token_logps(env.policy, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
-                                      with_sq=True)
+        with attention_kind("dense"):  # the same attention call as TRL's: bit for bit
+            ours = completion_token_logps(env.policy, batch["input_ids"], batch["attention_mask"],
+                                          batch["completion_mask"], with_sq=True)
+        with attention_kind("segments"):  # one SDPA call per row instead: the same to fp32 rounding
+            segments = completion_token_logps(env.policy, batch["input_ids"], batch["attention_mask"],
+                                              batch["completion_mask"])
     assert torch.equal(out.log_probs[scored], ours.values)
     torch.testing.assert_close(out.log_sum_sq_probs[scored], ours.log_sum_sq, rtol=0, atol=1e-5)
+    torch.testing.assert_close(segments.values, ours.values, rtol=1e-6, atol=1e-6)
 
 
 def with_bos(env) -> list[TokenizedPair]:

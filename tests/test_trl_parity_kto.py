@@ -37,6 +37,7 @@ from dpokit.batches import collate_kto, tokenize_completions  # noqa: E402
 from dpokit.config import TrainConfig  # noqa: E402
 from dpokit.data import load_completions  # noqa: E402
 from dpokit.logprobs import sequence_logps  # noqa: E402
+from dpokit.logprobs.attention import attention_kind  # noqa: E402
 from dpokit.logprobs.sequence import completion_token_logps  # noqa: E402
 from dpokit.loop.steps import finish_kto_metrics, kto_step  # noqa: E402
 
@@ -127,9 +128,14 @@ def test_token_logps_equal_trl_fused_head(env, tmp_path):
             with torch.no_grad():
                 theirs = model(input_ids=ids, attention_mask=batch[f"{prefix}attention_mask"],
                                labels=ids.masked_fill(mask == 0, -100), fused_lm_head=True).log_probs
-                mine = completion_token_logps(env["models"][seed], ours["input_ids"][rows],
-                                              ours["attention_mask"][rows], ours["completion_mask"][rows])
+                args = (env["models"][seed], ours["input_ids"][rows], ours["attention_mask"][rows],
+                        ours["completion_mask"][rows])
+                with attention_kind("dense"):  # the same attention call as TRL's: bit for bit
+                    mine = completion_token_logps(*args)
+                with attention_kind("segments"):  # one SDPA call per row: the same to fp32 rounding
+                    segments = completion_token_logps(*args)
             assert torch.equal(theirs[mask[:, 1:].bool()], mine.values), (seed, prefix)
+            torch.testing.assert_close(segments.values, mine.values, rtol=1e-6, atol=1e-6)
 
 
 def test_raw_kl_estimate_is_clearly_positive(env):

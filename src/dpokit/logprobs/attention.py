@@ -54,6 +54,17 @@ def use_attention(kind: str, log=print) -> None:
     _logged.clear()
 
 
+@contextmanager
+def attention_kind(kind: str, log=print):
+    """`use_attention(kind, log)` for the duration of a block (a run, a test), then the previous choice back."""
+    before = _requested, _log
+    use_attention(kind, log)
+    try:
+        yield
+    finally:
+        use_attention(*before)
+
+
 def _log_once(message: str) -> None:
     if message not in _logged:
         _logged.add(message)

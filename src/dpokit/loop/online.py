@@ -47,7 +47,6 @@ from dpokit.evaluation.rewards import RewardError, combine
 from dpokit.generation import sample
 from dpokit.generation.sample import prompt_token_ids
 from dpokit.logprobs import compute_precision
-from dpokit.logprobs.attention import use_attention
 from dpokit.logprobs.sequence import batch_token_logps
 from dpokit.loop.checkpoint import check_writable
 from dpokit.loop.optim import build_optimizer, build_scheduler
@@ -66,7 +65,6 @@ def train_online(cfg: TrainConfig, log=print) -> TrainResult:
     if cfg.rounds:
         return iterative_dpo(cfg, log)
     device = pick_device(cfg.device)
-    use_attention(cfg.attention, log)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     out = Path(cfg.output_dir)

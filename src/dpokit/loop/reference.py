@@ -17,6 +17,7 @@ import torch
 from dpokit.config import ConfigError, TrainConfig
 from dpokit.distributed import Distributed, broadcast_object, start
 from dpokit.logprobs import PairLogps, compute_precision
+from dpokit.logprobs.attention import attention_kind
 from dpokit.logprobs.sequence import autocast_dtype
 from dpokit.logprobs.refcache import cache_key, cache_path, compute_reference, load_cached, store, weights_digest
 from dpokit.models import load_model, load_tokenizer
@@ -152,7 +153,8 @@ def cache_reference(config: TrainConfig | None = None, log=print, **overrides) -
         tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
         train_set, eval_set = load_data(cfg, tokenizer, unpaired, log)
         policy = load_model(cfg.model, device, cfg.allow_pickle, cfg.trust_remote_code)
-        prepare_reference(cfg, policy, tokenizer, train_set, eval_set, unpaired, device, tokenizer.pad_token_id, log,
-                          ctx)
+        with attention_kind(cfg.attention, log):  # the cache key names it: compute with the same kind
+            prepare_reference(cfg, policy, tokenizer, train_set, eval_set, unpaired, device, tokenizer.pad_token_id,
+                              log, ctx)
     finally:
         ctx.close()

@@ -25,7 +25,7 @@ from dpokit.config import TrainConfig
 from dpokit.evaluation import evaluate_pairs
 from dpokit.evaluation.preference import format_eval
 from dpokit.logprobs import compute_precision
-from dpokit.logprobs.attention import use_attention
+from dpokit.logprobs.attention import attention_kind
 from dpokit.distributed import (Distributed, any_across, check_launch, full_model_state, full_optimizer_state,
                                 gather_cat, gather_objects, gradient_sync, grad_norm_value, load_optimizer_state,
                                 start, sum_across, training_state_bytes, wrap)
@@ -64,7 +64,7 @@ def train(config: TrainConfig | None = None, log=print, **overrides) -> TrainRes
     process group the caller made) this process trains its share: DDP, or FSDP2 with fsdp=True."""
     cfg = TrainConfig.from_dict({**(config.to_dict() if config else {}), **overrides})
     check_launch(cfg.online, cfg.loss_names)
-    with deterministic_kernels(cfg.deterministic):
+    with deterministic_kernels(cfg.deterministic), attention_kind(cfg.attention, log):
         if cfg.online:  # GRPO / online DPO: trains on its own samples, not on a pairs file
             from dpokit.loop.online import train_online
             return train_online(cfg, log)
@@ -78,7 +78,6 @@ def train(config: TrainConfig | None = None, log=print, **overrides) -> TrainRes
 def _train(cfg: TrainConfig, ctx: Distributed, log) -> TrainResult:
     unpaired = any(OBJECTIVES[n].data == "unpaired" for n in cfg.loss_names)
     device = ctx.device(cfg.device)
-    use_attention(cfg.attention, log)
     torch.manual_seed(cfg.seed)  # the same seed on every rank: LoRA's initial weights must agree
     random.seed(cfg.seed)
     out = Path(cfg.output_dir)
