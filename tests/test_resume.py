@@ -226,16 +226,21 @@ def test_resume_with_other_eval_data_evaluates_against_its_own_reference(tmp_pat
     assert resumed.eval_after == expected.eval_after
 
 
-def test_lora_dropout_run_resumes_exactly_on_cpu(tmp_path, tiny_model_dir, uninterrupted):
-    """LoRA dropout draws from the CPU RNG every step: the checkpoint's CPU RNG state makes the resumed masks
-    the same. (Checkpoints held the CPU state before the per-rank states too; the CUDA entry is checked by
-    test_cuda_rng_state_round_trips_through_a_checkpoint.)"""
+def lora_dropout_run(tmp_path, tiny_model_dir, uninterrupted):
+    """6 LoRA-dropout steps with a checkpoint at 3: (options, output dir, final adapter weights)."""
     data, _, _ = uninterrupted
     common = dict(model=tiny_model_dir, data=data, max_steps=6, batch_size=2, lr=1e-3, lora_r=4, lora_dropout=0.1,
                   save_every=3, progress=False, log=lambda *_: None)
     out = tmp_path / "run"
     train(output_dir=str(out), **common)
-    expected = load_file(out / "final" / "adapter_model.safetensors")
+    return common, out, load_file(out / "final" / "adapter_model.safetensors")
+
+
+def test_lora_dropout_run_resumes_exactly_on_cpu(tmp_path, tiny_model_dir, uninterrupted):
+    """LoRA dropout draws from the CPU RNG every step: the checkpoint's CPU RNG state makes the resumed masks
+    the same. (Checkpoints held the CPU state before the per-rank states too; the CUDA entry is checked by
+    test_cuda_rng_state_round_trips_through_a_checkpoint.)"""
+    common, out, expected = lora_dropout_run(tmp_path, tiny_model_dir, uninterrupted)
     resumed = train(output_dir=str(out), resume=str(complete_checkpoints(str(out))[0]), **common)
     assert resumed.resumed_at == 3
     got = load_file(out / "final" / "adapter_model.safetensors")
@@ -250,12 +255,7 @@ def test_checkpoint_written_before_newer_options_resumes_with_its_old_rng_layout
     Failed before the fix: "deterministic: None → False"."""
     import yaml
     from dpokit.loop.checkpoint import MANIFEST, STATE, _sha256
-    data, _, _ = uninterrupted
-    common = dict(model=tiny_model_dir, data=data, max_steps=6, batch_size=2, lr=1e-3, lora_r=4, lora_dropout=0.1,
-                  save_every=3, progress=False, log=lambda *_: None)
-    out = tmp_path / "run"
-    train(output_dir=str(out), **common)
-    expected = load_file(out / "final" / "adapter_model.safetensors")
+    common, out, expected = lora_dropout_run(tmp_path, tiny_model_dir, uninterrupted)
     ckpt = complete_checkpoints(str(out))[0]
     config = yaml.safe_load((ckpt / "config.yaml").read_text(encoding="utf-8"))
     del config["deterministic"]
