@@ -218,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_eval.add_argument("--output", default=None, help="write the metrics as JSON here (e.g. runs/x/eval.json), "
                         "and report.html with plots beside it")
     add_config_flags(p_eval, only=("beta", "loss", "ld_alpha", "max_length", "max_prompt_length", "eval_batch_size",
-                                   "on_bad_row", "device", "dtype", "prefix_sharing", "pack_tokens"))
+                                   "on_bad_row", "device", "dtype", "model_dtype", "prefix_sharing", "pack_tokens"))
     p_eval.set_defaults(func=cmd_eval)
 
     p_score = sub.add_parser("score", help="rank candidate completions of a prompt by the implicit reward "
@@ -230,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_score.add_argument("--completion", action="append", required=True, help="a candidate (repeat the flag)")
     p_score.add_argument("--against", default=None, help="reference model (default: the run's reference or "
                          "starting model; none for a reference-free --loss such as simpo)")
-    add_config_flags(p_score, only=("beta", "loss", "max_length", "max_prompt_length"))
+    add_config_flags(p_score, only=("beta", "loss", "max_length", "max_prompt_length", "model_dtype"))
     p_score.set_defaults(func=cmd_score)
 
     from dpokit import bench

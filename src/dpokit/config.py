@@ -121,11 +121,22 @@ class TrainConfig:
                             "intact), or 'skip' the step and count it", ("stop", "skip"))
     resume: str | None = opt(None, "resume from a checkpoint folder, or 'auto' for the newest in --output-dir")
     device: str = opt("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', …")
-    dtype: str = opt("auto", "compute precision: weights and optimizer state stay fp32, forward passes autocast to "
-                     "bf16 or fp16; log-probs and losses are always fp32. 'auto': bf16 on GPU, fp32 on CPU (bf16 is "
+    dtype: str = opt("auto", "compute precision: weights stay in --model-dtype, optimizer state fp32, forward passes "
+                     "autocast to bf16 or fp16; log-probs and losses are always fp32. 'auto': bf16 on GPU, fp32 on CPU (bf16 is "
                      "~4× slower than fp32 on CPUs without AMX). fp16 (GPUs without bf16) scales the loss "
                      "(GradScaler): a step whose gradients overflow is skipped, counted and the scale lowered",
                      ("auto", "fp32", "bf16", "fp16"))
+    model_dtype: str = opt("fp32", "dtype weights are stored in (--dtype is the compute precision): frozen weights "
+                           "(a live reference, a LoRA base) stay in it, half the bytes in bf16/fp16; trained weights "
+                           "keep an fp32 master copy and fp32 optimizer state unless --pure-half; log-probs and "
+                           "losses stay fp32; final/ is written in it (docs/TRAINING.md). On a CPU without AMX "
+                           "bf16/fp16 matmuls are several times slower (measured and logged at start)",
+                           ("fp32", "bf16", "fp16"))
+    pure_half: bool = opt(False, "train the --model-dtype weights in place: no fp32 master copy, optimizer state in "
+                          "bf16 (saves 6 of 16 bytes per trained weight). What is lost: an update smaller than about "
+                          "2^-9 of a weight (bf16 keeps 8 significant bits) rounds to zero, so at small learning "
+                          "rates most weights stop moving (logged at start). bf16 only (fp16 gradients need a loss "
+                          "scaler, which cannot unscale fp16 weights' gradients); full fine-tuning only")
     fsdp: bool = opt(False, "under torchrun: shard weights, gradients and optimizer state over the processes "
                      "(FSDP2 fully_shard) instead of replicating them (DDP, the default)")
     progress: bool = opt(True, "show a progress bar on the terminal")
@@ -219,6 +230,7 @@ class TrainConfig:
         elif self.sync_ref_every:
             raise ConfigError("sync_ref_every (TR-DPO) with LoRA is not supported: the reference is the base "
                               "model with adapters disabled and cannot drift toward the policy")
+        self._validate_model_dtype()
         if self.fsdp:
             for key, active, why in (
                     ("lora_r", self.lora_r, "LoRA under FSDP is not supported: adapters are small, so use DDP "
@@ -233,6 +245,32 @@ class TrainConfig:
             choices = f.metadata.get("choices")
             if choices:
                 need(getattr(self, f.name) in choices, f.name, f"must be one of {', '.join(choices)}")
+
+    def _validate_model_dtype(self) -> None:
+        """Combinations of --model-dtype, --pure-half and --dtype that would train wrongly are refused here."""
+        if self.pure_half and self.model_dtype == "fp32":
+            raise ConfigError("pure_half = True needs --model-dtype bf16: with fp32 weights there is no half "
+                              "precision to train in")
+        if self.pure_half and self.model_dtype == "fp16":
+            raise ConfigError("pure_half with model_dtype = 'fp16' is not supported: fp16 gradients underflow "
+                              "without loss scaling, and torch's GradScaler refuses to unscale gradients of fp16 "
+                              "weights; use --model-dtype bf16 --pure-half, or drop --pure-half (fp32 master copy)")
+        if self.pure_half and self.lora_r:
+            raise ConfigError("pure_half with LoRA is not supported: the adapters are the only trained weights, well "
+                              "under 1 % of the model, so their fp32 master copy costs next to nothing while half "
+                              "precision would round away their updates; drop --pure-half (the base already stays "
+                              "in --model-dtype)")
+        if self.pure_half and self.fsdp:
+            raise ConfigError("fsdp with pure_half = True is not supported (untested); use DDP (torchrun without "
+                              "--fsdp) or drop --pure-half")
+        halves = {"bf16", "fp16"}
+        if self.model_dtype in halves and self.dtype in halves and self.model_dtype != self.dtype:
+            raise ConfigError(f"model_dtype = {self.model_dtype!r} with dtype = {self.dtype!r}: two half precisions "
+                              "would round the weights twice; use the same one for both")
+        if self.model_dtype == "fp16" and self.lora_r and self.dtype != "fp16":
+            raise ConfigError("model_dtype = 'fp16' with LoRA needs --dtype fp16: the adapters' gradients flow "
+                              "through the fp16 base and underflow without the loss scaler that --dtype fp16 "
+                              "adds; or use --model-dtype bf16")
 
     @property
     def online(self) -> bool:

@@ -114,9 +114,9 @@ def evaluate_file(model: str, settings: Settings, data: str, log=print) -> dict[
     log(f"{report.summary()}\n  {tok_report.summary()}")
     with compute_precision(device, cfg.dtype):
         # ld_alpha as training computes the held-out reference: the policy's log-probs use it too
-        ref = reference_logps(load_model(ref_model, device), tokenized, cfg.eval_batch_size, tokenizer.pad_token_id,
+        ref = reference_logps(load_model(ref_model, device, dtype=cfg.model_dtype), tokenized, cfg.eval_batch_size, tokenizer.pad_token_id,
                               device, cfg.ld_alpha, prefix_sharing=cfg.prefix_sharing, pack_tokens=cfg.pack_tokens)
-        metrics = evaluate_pairs(load_model(model, device), tokenized, ref, cfg, tokenizer.pad_token_id, device)
+        metrics = evaluate_pairs(load_model(model, device, dtype=cfg.model_dtype), tokenized, ref, cfg, tokenizer.pad_token_id, device)
     return {"model": model, "ref_model": ref_model, "data": data, "pairs": len(tokenized), "beta": cfg.beta,
             "loss": cfg.loss if isinstance(cfg.loss, str) else ",".join(cfg.loss), **metrics}
 
@@ -141,9 +141,9 @@ def score_completions(model: str, settings: Settings, prompt, completions: list)
     if len(tokenized) != len(examples):
         raise ConfigError(f"some candidates do not fit max_length: {report.summary()}")
     batch = pad_rows([(t.prompt_ids, t.completion_ids) for t in tokenized], tokenizer.pad_token_id)
-    logps = sequence_logps(load_model(model), **batch)
+    logps = sequence_logps(load_model(model, dtype=cfg.model_dtype), **batch)
     if settings.ref_model:
-        logps = logps - sequence_logps(load_model(settings.ref_model), **batch)
+        logps = logps - sequence_logps(load_model(settings.ref_model, dtype=cfg.model_dtype), **batch)
     elif {"simpo", "orpo"} & set(cfg.loss_names):
         logps = logps / torch.tensor([len(t.completion_ids) for t in tokenized], dtype=logps.dtype)
     rewards = (cfg.beta * logps).tolist()

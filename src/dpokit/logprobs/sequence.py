@@ -63,8 +63,20 @@ def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+def _head_logits(states: torch.Tensor, head) -> torch.Tensor:
+    """head(states) as fp32 logits. With half-precision weights (--model-dtype bf16/fp16) a plain linear head
+    runs in fp32 on the upcast hidden states and weight (this chunk's only): bf16 logits of magnitude 16–32 are
+    rounded to 1/8, an error no later fp32 log-softmax can undo. Under autocast (--dtype bf16/fp16) the matmul
+    still runs in the compute precision asked for, as before; only its log-softmax is fp32."""
+    weight = getattr(head, "weight", None)
+    if type(head) is torch.nn.Linear and (weight.dtype.itemsize < 4 or states.dtype.itemsize < 4):
+        bias = None if head.bias is None else _at_least_fp32(head.bias)
+        return F.linear(_at_least_fp32(states), _at_least_fp32(weight), bias)
+    return _at_least_fp32(head(states))
+
+
 def _token_stats(states: torch.Tensor, head, targets: torch.Tensor, with_sq: bool, temperature: float = 1.0):
-    logits = _at_least_fp32(head(states))
+    logits = _at_least_fp32(_head_logits(states, head))
     if temperature != 1.0:
         logits = logits / temperature
     lse = torch.logsumexp(logits, dim=-1)

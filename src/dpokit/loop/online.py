@@ -55,6 +55,7 @@ from dpokit.loop.steps import NonFiniteError, paired_step
 from dpokit.loop.train import TrainResult, pick_device, train
 from dpokit.models.lora import disable_dropout
 from dpokit.models import load_model, load_tokenizer
+from dpokit.models.load import keep_master_copy, saved_state, stalled_weights_note, warn_half_on_cpu
 from dpokit.objectives import needs_reference
 from dpokit.objectives.grpo import group_advantages, grpo_loss, normalizer
 from dpokit.tasks.pairs import pair_up, select_pairs, write_jsonl
@@ -76,11 +77,15 @@ def train_online(cfg: TrainConfig, log=print) -> TrainResult:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     prompts = load_online_prompts(cfg, tokenizer, log)
     reward_fn = combine(cfg.reward_specs, cfg.reward_weight_values, str(device))
-    policy = load_model(cfg.model, device, cfg.allow_pickle, cfg.trust_remote_code)
+    warn_half_on_cpu(device, cfg.model_dtype, log)
+    policy = load_model(cfg.model, device, cfg.allow_pickle, cfg.trust_remote_code, cfg.model_dtype)
     policy.eval()  # dropout off: log π_θ − log π_old must compare the same deterministic function
     grpo = not cfg.online_dpo
     reference = load_reference(cfg, policy, tokenizer, device, cfg.kl_coef > 0 if grpo else
                                needs_reference(cfg.loss_names), log)
+    keep_master_copy(policy, cfg)  # as the offline loop: the reference copy stays in --model-dtype
+    if cfg.pure_half:
+        log(stalled_weights_note(policy, cfg))
     if cfg.gradient_checkpointing:  # as the offline loop: checkpoint in train mode, with every dropout zeroed
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         disable_dropout(policy)
@@ -139,7 +144,7 @@ def train_online(cfg: TrainConfig, log=print) -> TrainResult:
     bar.close()
     metrics_file.close()
     final = out / "final"
-    policy.save_pretrained(final, safe_serialization=True)
+    policy.save_pretrained(final, safe_serialization=True, state_dict=saved_state(policy, cfg, None))
     tokenizer.save_pretrained(final)
     log(f"saved {final} (load it with AutoModelForCausalLM.from_pretrained); metrics in {out / 'metrics.jsonl'}")
     return TrainResult(out, total_steps, None, None, final)
@@ -281,7 +286,7 @@ def iterative_dpo(cfg: TrainConfig, log) -> TrainResult:
     model, steps = cfg.model, 0
     metrics_file = open(out / "metrics.jsonl", "w", encoding="utf-8")
     for r in range(1, cfg.rounds + 1):
-        policy = load_model(model, device, cfg.allow_pickle, cfg.trust_remote_code)
+        policy = load_model(model, device, cfg.allow_pickle, cfg.trust_remote_code, cfg.model_dtype)  # samples only
         samples = sample(policy, tokenizer, prompts, cfg.num_generations, cfg.max_new_tokens, cfg.temperature,
                          seed=cfg.seed * 1_000_003 + r)
         del policy

@@ -44,7 +44,8 @@ def load_ref_model(cfg, tokenizer, device, policy):
     if load_tokenizer(cfg.ref_model, cfg.trust_remote_code).get_vocab() != tokenizer.get_vocab():
         raise ModelError(f"--ref-model {cfg.ref_model} has a different tokenizer from --model {cfg.model}; "
                          "log-prob ratios need the same token ids")
-    model = load_model(cfg.ref_model, device, cfg.allow_pickle, cfg.trust_remote_code).requires_grad_(False).eval()
+    model = load_model(cfg.ref_model, device, cfg.allow_pickle, cfg.trust_remote_code,
+                       cfg.model_dtype).requires_grad_(False).eval()  # frozen: stays in --model-dtype
     if cfg.sync_ref_every:
         try:
             check_syncable(model, policy)
@@ -77,6 +78,10 @@ def prepare_reference(cfg, policy, tokenizer, train_set, eval_set, unpaired: boo
     layout = (f"pack{cfg.pack_tokens}" if cfg.prefix_sharing else "padded") + f":attention-{cfg.attention}"
     numerics = (f"{device.type}:{ {torch.bfloat16: 'bf16', torch.float16: 'fp16'}.get(low, 'fp32')}:"
                 f"{layout}:batch{cfg.eval_batch_size}")
+    # The policy is still in --model-dtype here (train.py gives it its fp32 master copy afterwards), so a cache, a
+    # live copy and a --ref-model all compute in that dtype; it is named in the key as well as in the digest's
+    # tensor dtypes, so a bf16 reference never reuses an fp32 cache (fp32 keys are unchanged).
+    numerics += f":weights-{cfg.model_dtype}" if cfg.model_dtype != "fp32" else ""
     digest = weights_digest(model or policy) + numerics if cfg.ref_cache else None
 
     def the_model():
@@ -152,7 +157,7 @@ def cache_reference(config: TrainConfig | None = None, log=print, **overrides) -
         device = ctx.device(cfg.device)
         tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
         train_set, eval_set = load_data(cfg, tokenizer, unpaired, log)
-        policy = load_model(cfg.model, device, cfg.allow_pickle, cfg.trust_remote_code)
+        policy = load_model(cfg.model, device, cfg.allow_pickle, cfg.trust_remote_code, cfg.model_dtype)
         with attention_kind(cfg.attention, log):  # the cache key names it: compute with the same kind
             prepare_reference(cfg, policy, tokenizer, train_set, eval_set, unpaired, device, tokenizer.pad_token_id,
                               log, ctx)

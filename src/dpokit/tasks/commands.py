@@ -42,7 +42,9 @@ def generation_eval(args, model_dir: str, ref_model: str) -> dict:
     from dpokit.models import load_model, load_tokenizer
     prompts, report = load_prompts(args.prompts, getattr(args, "on_bad_row", "error"))  # a config flag: may be unset
     print(report.summary())
-    metrics, _ = generation_metrics(load_model(model_dir), load_model(ref_model), load_tokenizer(model_dir), prompts,
+    dtype = getattr(args, "model_dtype", "fp32")  # eval's --model-dtype: both models sample in it
+    metrics, _ = generation_metrics(load_model(model_dir, dtype=dtype), load_model(ref_model, dtype=dtype),
+                                    load_tokenizer(model_dir), prompts,
                                     load_reward(args.reward), args.samples, args.max_new_tokens, args.temperature,
                                     args.top_p, args.seed, args.gen_batch_size)
     return metrics
