@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -26,6 +27,8 @@ VARIANTS = {
     "dpokit-prefix": {"pack_tokens": 0, "ref_cache": False},
     "dpokit-packed": {"ref_cache": False},
     "dpokit-gc": {"gradient_checkpointing": True},
+    "dpokit-dense": {"attention": "dense"},        # the [rows, 1, T, T] float mask path
+    "dpokit-segments": {"attention": "segments"},  # segment-wise fused SDPA, no T×T tensor (auto's choice on CPU)
 }
 
 
@@ -111,15 +114,16 @@ def worker(args) -> dict:
         trainer.train()
         log = trainer.state.log_history[0]
         first = {k: log[k] for k in ("loss", "logps/chosen", "logps/rejected")}
-        setup = 0.0
+        setup, ref_s = 0.0, None  # TRL runs its reference inside every step
     else:
         from dpokit import train
         overrides = VARIANTS[args.tool]
+        messages: list[str] = []
         t0 = time.perf_counter()
         result = train(model=args.model, data=args.pairs, eval_data=None, output_dir=args.tmp,
                        max_steps=args.steps, batch_size=args.batch_size, max_length=args.max_length,
                        max_prompt_length=None, lr=5e-6, warmup_steps=0, shuffle=False, progress=False,
-                       dtype=args.dtype, log=lambda *_: None,
+                       dtype=args.dtype, log=lambda *a, **_: messages.append(" ".join(map(str, a))),
                        **overrides)
         total = time.perf_counter() - t0
         records = [json.loads(line) for line in open(result.output_dir / "metrics.jsonl")]
@@ -127,41 +131,61 @@ def worker(args) -> dict:
         step_times = [args.batch_size / r["pairs_per_s"] for r in records]
         first = {k: records[0][k] for k in ("loss", "logps/chosen", "logps/rejected")}
         setup = total - sum(step_times)  # model load, tokenization, reference cache build
-    return {"tool": args.tool, "step_times": step_times, "first": first, "setup_s": setup,
+        computed = re.compile(r"reference log-probs: computed for \d+ pairs in ([\d.]+) s")
+        times = [float(m.group(1)) for m in map(computed.search, messages) if m]
+        ref_s = sum(times) if times else None  # None: no reference pass (reference-free, or read from a cache)
+    return {"tool": args.tool, "step_times": step_times, "first": first, "setup_s": setup, "ref_s": ref_s,
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             "peak_gpu_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
 
 
-def run(args) -> None:
-    out = Path(tempfile.mkdtemp(prefix="dpokit-bench-"))
-    pairs, tokens = select_pairs(args.data, args.steps * args.batch_size, args.max_length, args.model, out)
-    n_pairs = args.steps * args.batch_size
+def measure_peak(args) -> tuple[float, str]:
+    """(matmul peak in GFLOP/s, "<dtype> matmul peak … on <device>") for the run's compute dtype."""
     import torch
     cuda = torch.cuda.is_available()
     bf16 = uses_bf16(args.dtype, cuda)
     peak = matmul_peak(bf16, cuda)
     where = torch.cuda.get_device_name() if cuda else f"{os.cpu_count()} CPU cores"
+    return peak, f"{'bf16' if bf16 else 'fp32'} matmul peak {peak:.0f} GFLOP/s on {where}"
+
+
+def check_tools(tools: list[str]) -> list[str]:
+    """The tools to run: unknown names refused, trl dropped (with a line saying so) when it is not installed."""
+    unknown = [t for t in tools if t != "trl" and t not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"bench: --tools {','.join(unknown)}: unknown; choose from trl, {', '.join(VARIANTS)}")
+    if "trl" in tools:
+        try:
+            import trl  # noqa: F401
+        except ImportError:
+            print("trl not installed: skipping the TRL run (pip install trl==1.16.0)")
+            tools = [t for t in tools if t != "trl"]
+    return tools
+
+
+def run(args) -> None:
+    if args.prompt_tokens:
+        from dpokit.bench_long import run_long
+        return run_long(args)
+    if args.data is None:
+        from dpokit.data import builtin_path
+        args.data = builtin_path("helpful_train")
+    args.batch_size = args.batch_size or 4
+    args.max_length = args.max_length or 512
+    args.tools = args.tools or "trl,dpokit"
+    out = Path(tempfile.mkdtemp(prefix="dpokit-bench-"))
+    pairs, tokens = select_pairs(args.data, args.steps * args.batch_size, args.max_length, args.model, out)
+    n_pairs = args.steps * args.batch_size
+    peak, machine = measure_peak(args)
     print(f"data {args.data}: {n_pairs} pairs ≤ {args.max_length} tokens, {tokens / n_pairs:.0f} unique tokens/pair; "
-          f"{'bf16' if bf16 else 'fp32'} matmul peak {peak:.0f} GFLOP/s on {where}", flush=True)
-    tools = [t for t in args.tools.split(",") if t]
+          f"{machine}", flush=True)
     results = []
-    for tool in tools:
-        if tool == "trl":
-            try:
-                import trl  # noqa: F401
-            except ImportError:
-                print("trl not installed: skipping the TRL run (pip install trl==1.16.0)")
-                continue
-        cmd = [sys.executable, "-m", "dpokit.bench", "--worker", tool, "--pairs", pairs, "--model", args.model,
-               "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
-               "--dtype", args.dtype, "--tmp", str(out / tool)]
+    for tool in check_tools([t for t in args.tools.split(",") if t]):
         print(f"running {tool} …", flush=True)
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-        if proc.returncode or not line:
-            print(proc.stdout[-3000:], proc.stderr[-3000:])
-            raise SystemExit(f"bench: {tool} failed")
-        results.append(json.loads(line[-1]))
+        result, failure = spawn(tool, pairs, args, args.batch_size, args.max_length, out / tool)
+        if failure:
+            raise SystemExit(f"bench: {tool} failed: {failure}")
+        results.append(result)
     n_params = _count_params(args.model)
     useful = 8 * n_params * tokens / n_pairs  # FLOPs per pair
     print(f"\n{'tool':<15}{'s/pair':>8}{'pairs/s':>9}{'tokens/s':>10}{'GFLOP/s':>9}{'of peak':>8}{'RSS GB':>8}"
@@ -197,6 +221,28 @@ def run(args) -> None:
                                                "tokens_per_pair": tokens / n_pairs}, indent=1))
 
 
+def spawn(tool: str, pairs: str, args, batch_size: int, max_length: int, tmp: Path) -> tuple[dict | None, str]:
+    """Run one tool's worker in its own process: (its result, "") or (None, why it failed). Each worker gets
+    an empty reference cache (models shared), so dpokit's reference pass is measured on every run, not read
+    back from an earlier one."""
+    from dpokit.models import cache_dir
+    (cache_dir() / "models").mkdir(parents=True, exist_ok=True)
+    (tmp / "cache").mkdir(parents=True, exist_ok=True)
+    if not (tmp / "cache" / "models").exists():
+        (tmp / "cache" / "models").symlink_to(cache_dir() / "models")
+    cmd = [sys.executable, "-m", "dpokit.bench", "--worker", tool, "--pairs", pairs, "--model", args.model,
+           "--steps", str(args.steps), "--batch-size", str(batch_size), "--max-length", str(max_length),
+           "--dtype", args.dtype, "--tmp", str(tmp / "run")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "DPOKIT_CACHE": str(tmp / "cache")})
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode == -9 or "out of memory" in proc.stderr.lower() or "MemoryError" in proc.stderr:
+        return None, f"did not fit (killed or out of memory, exit {proc.returncode})"
+    if proc.returncode or not line:
+        print(proc.stdout[-3000:], proc.stderr[-3000:])
+        return None, f"exit {proc.returncode}"
+    return json.loads(line[-1]), ""
+
+
 def _count_params(model: str) -> int:
     from transformers import AutoConfig, AutoModelForCausalLM
     import torch
@@ -208,13 +254,24 @@ def _count_params(model: str) -> int:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None, help="pairs file (default: the built-in training pairs); for HH use "
-                   "../shared/data/hh_helpful_base_test_1k.jsonl")
+                   "../shared/data/hh_helpful_base_test_1k.jsonl. With --prompt-tokens: where the turns come from "
+                   "(default: that HH file when present, else the built-in pairs)")
     p.add_argument("--model", default="embedded")
-    p.add_argument("--steps", type=int, default=5, help="optimizer steps per tool (the first is not timed)")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--tools", default="trl,dpokit", help=f"comma list of trl and {', '.join(VARIANTS)} (both tools "
-                   "read the pairs in file order, so their first steps see the same batch)")
+    p.add_argument("--steps", type=int, default=5, help="optimizer steps per tool (the first is not timed when "
+                   "there are more than 2)")
+    p.add_argument("--batch-size", type=int, default=None, help="pairs per step (default 4; 1 with --prompt-tokens)")
+    p.add_argument("--max-length", type=int, default=None, help="default 512; with --prompt-tokens it is set per "
+                   "length so no pair is cut")
+    p.add_argument("--tools", default=None, help=f"comma list of trl and {', '.join(VARIANTS)} (both tools "
+                   "read the pairs in file order, so their first steps see the same batch; default trl,dpokit, "
+                   "with --prompt-tokens dpokit-dense,dpokit-segments,trl)")
+    p.add_argument("--prompt-tokens", default=None, help="long rows: comma list of prompt lengths (e.g. "
+                   "256,1024,2048,4096); at each, long multi-turn pairs are built (data/long_pairs.py) and every "
+                   "tool trains on them; prints s/pair, the reference pass, peak RSS and a fit of peak RSS against "
+                   "tokens (a + b·T + c·T²) per tool")
+    p.add_argument("--trl-max-tokens", type=int, default=2048, help="with --prompt-tokens: run TRL only up to this "
+                   "prompt length (and only where its peak RSS, extrapolated from the shorter lengths, fits in the "
+                   "memory available); longer lengths print 'not run' with the reason")
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"),
                    help="compute precision for both tools (auto: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--json", default=None, help="also write the raw results here")
@@ -231,9 +288,6 @@ def main(argv=None) -> None:
         args.tool = args.worker
         print(json.dumps(worker(args)))
         return
-    if args.data is None:
-        from dpokit.data import builtin_path
-        args.data = builtin_path("helpful_train")
     run(args)
 
 

@@ -175,9 +175,6 @@ def cmd_score(args) -> int:
 
 def cmd_bench(args) -> int:
     from dpokit import bench
-    if args.data is None:
-        from dpokit.data import builtin_path
-        args.data = builtin_path("helpful_train")
     bench.run(args)
     return 0
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from dpokit.batches import TokenizedPair, pair_batch
+from dpokit.batches import TokenizedPair, eval_batches, pair_batch
 from dpokit.distributed import Distributed, map_batches
 from dpokit.logprobs import PairLogps, pair_logps
 from dpokit.objectives import OBJECTIVES, combined_loss, needs_reference
@@ -18,12 +18,15 @@ def reference_logps(model, pairs: list[TokenizedPair], batch_size: int, pad_id: 
 
     Used for the frozen reference (computed once, reused by every evaluation) and for the policy. Under
     torchrun the batches are shared out over the ranks (in lockstep: an FSDP model's forward is collective)
-    and every rank gets the whole result."""
+    and every rank gets the whole result. Batches as the reference cache's (`eval_batches`: a pair count and a
+    token budget), so cached held-out sums are computed in the evaluation's very batches."""
+    ranges = eval_batches(pairs, batch_size, prefix_sharing, pack_tokens)
+
     def batch_logps(b: int) -> PairLogps:
-        batch = pair_batch(pairs[b * batch_size:(b + 1) * batch_size], pad_id, prefix_sharing, pack_tokens)
+        batch = pair_batch(pairs[ranges[b][0]:ranges[b][1]], pad_id, prefix_sharing, pack_tokens)
         return pair_logps(model, {k: v.to(device) for k, v in batch.items()}, ld_alpha, with_wpo)
 
-    parts = map_batches(batch_logps, -(-len(pairs) // batch_size), ctx, lockstep=True)
+    parts = map_batches(batch_logps, len(ranges), ctx, lockstep=True)
 
     def cat(name):
         values = [getattr(p, name) for p in parts]

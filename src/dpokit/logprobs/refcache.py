@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from dpokit.batches import TokenizedPair, pair_batch
+from dpokit.batches import TokenizedPair, eval_batches, pair_batch
 from dpokit.logprobs.sequence import PairLogps, pair_logps
 
 FORMAT = "dpokit-refcache-1"
@@ -56,18 +56,20 @@ def load_cached(key: str) -> PairLogps | None:
 @torch.no_grad()
 def compute_reference(model, pairs: list[TokenizedPair], batch_size: int, pad_id: int, device,
                       ld_alpha: float | None, prefix_sharing: bool, pack_tokens: int, ctx=None) -> PairLogps:
-    """Reference log-probs of every pair, in order, on CPU, in the run's layout (`pair_batch`): the held-out
-    evaluation computes the policy's with these very batches, so its margins before training are exactly 0.
-    Under torchrun (`ctx`) each rank computes every world-th batch — the same batches as one process, so the
-    same sums."""
+    """Reference log-probs of every pair, in order, on CPU, in the run's layout (`pair_batch`) and batches
+    (`eval_batches`: at most batch_size pairs and batch_size × 1024 computed tokens, so long rows are not
+    padded to each other): the held-out evaluation computes the policy's with these very batches, so its
+    margins before training are exactly 0. Under torchrun (`ctx`) each rank computes every world-th batch —
+    the same batches as one process, so the same sums."""
     from dpokit.distributed import map_batches
+    ranges = eval_batches(pairs, batch_size, prefix_sharing, pack_tokens)
 
     def batch_logps(b: int) -> PairLogps:
-        rows = pairs[b * batch_size:(b + 1) * batch_size]
+        rows = pairs[ranges[b][0]:ranges[b][1]]
         batch = {k: v.to(device) for k, v in pair_batch(rows, pad_id, prefix_sharing, pack_tokens).items()}
         return pair_logps(model, batch, ld_alpha)
 
-    parts = map_batches(batch_logps, -(-len(pairs) // batch_size), ctx)
+    parts = map_batches(batch_logps, len(ranges), ctx)
     return PairLogps(*(torch.cat([getattr(p, n) for p in parts]).cpu()
                        for n in ("chosen", "rejected", "chosen_tokens", "rejected_tokens")))
 

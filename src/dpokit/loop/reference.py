@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dpokit.batches.budget import TOKENS_PER_PAIR
 from dpokit.config import ConfigError, TrainConfig
 from dpokit.distributed import Distributed, broadcast_object, start
 from dpokit.logprobs import PairLogps, compute_precision
@@ -77,7 +78,7 @@ def prepare_reference(cfg, policy, tokenizer, train_set, eval_set, unpaired: boo
     low = autocast_dtype(device, cfg.dtype)
     layout = (f"pack{cfg.pack_tokens}" if cfg.prefix_sharing else "padded") + f":attention-{cfg.attention}"
     numerics = (f"{device.type}:{ {torch.bfloat16: 'bf16', torch.float16: 'fp16'}.get(low, 'fp32')}:"
-                f"{layout}:batch{cfg.eval_batch_size}")
+                f"{layout}:batch{cfg.eval_batch_size}x{TOKENS_PER_PAIR}tok")  # batches/budget.py: pairs and tokens
     # The policy is still in --model-dtype here (train.py gives it its fp32 master copy afterwards), so a cache, a
     # live copy and a --ref-model all compute in that dtype; it is named in the key as well as in the digest's
     # tensor dtypes, so a bf16 reference never reuses an fp32 cache (fp32 keys are unchanged).
