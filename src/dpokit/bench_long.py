@@ -4,7 +4,8 @@ At each prompt length, long multi-turn pairs are built (data/long_pairs.py) and 
 its own process, one pair per step by default: dpokit with dense attention (a [rows, 1, T, T] mask) and with
 segment-wise attention (no T×T tensor), and TRL's DPOTrainer as far as it fits. Printed per length and tool:
 s/pair of the steps, dpokit's reference pass (computed before training; TRL runs its reference inside every
-step), s/pair with it, peak RSS and the first-step loss; then per tool a least-squares fit of peak RSS
+step), s/pair with it, its share of the floor (useful FLOPs at the measured matmul peak, as bench.py
+counts them), peak RSS and the first-step loss; then per tool a least-squares fit of peak RSS
 against the unique tokens of a pair, a + b·T + c·T² — the T² coefficient is the attention mask's share.
 """
 
@@ -72,7 +73,7 @@ def build_pairs(source: str, tokenizer, prompt: int, n: int, path: Path) -> dict
 
 
 def run_long(args) -> None:
-    from dpokit.bench import check_tools, measure_peak, spawn
+    from dpokit.bench import _count_params, check_tools, measure_peak, spawn
     from dpokit.data.long_pairs import default_source
     from dpokit.models import load_tokenizer
     if args.max_length is not None:
@@ -89,7 +90,8 @@ def run_long(args) -> None:
     tools = check_tools([t for t in (args.tools or DEFAULT_TOOLS).split(",") if t])
     source = args.data or default_source()
     tokenizer = load_tokenizer(args.model)
-    _, machine = measure_peak(args)
+    peak, machine = measure_peak(args)
+    flops_per_token = 8 * _count_params(args.model)  # useful FLOPs as bench.py counts them (6N policy + 2N reference)
     out = Path(tempfile.mkdtemp(prefix="dpokit-bench-long-"))
     print(f"long rows from {source}: {n} pairs per length, {batch} per step, {args.steps} steps; {machine}",
           flush=True)
@@ -111,7 +113,9 @@ def run_long(args) -> None:
             row["result"], row["note"] = spawn(tool, data["path"], args, batch, data["max_length"],
                                                out / str(prompt) / tool)
             summarize(row, batch, n)
-            print(f"  {tool}: " + (f"{row['s_pair']:.3g} s/pair (+ reference {row['ref_pair']:.3g}), "
+            if row["result"]:  # the useful FLOPs of a pair at the measured matmul peak, over the time taken
+                row["of_floor"] = flops_per_token * data["tokens"] / (peak * 1e9) / row["s_pair_ref"]
+            print(f"  {tool}: " + (f"{row['s_pair']:.3g} s/pair ({ref_text(row)}), "
                                    f"{row['result']['peak_rss_gb']:.2f} GB peak RSS" if row["result"]
                                    else row["note"]), flush=True)
     report(rows, tools)
@@ -129,13 +133,17 @@ def summarize(row: dict, batch: int, n: int) -> None:
     if not r:
         return
     row["s_pair"] = statistics.median(r["step_times"]) / batch
-    row["ref_pair"] = (r["ref_s"] or 0.0) / n
-    row["s_pair_ref"] = row["s_pair"] + row["ref_pair"]
+    row["ref_pair"] = None if r["ref_s"] is None else r["ref_s"] / n  # None: TRL's, inside its steps
+    row["s_pair_ref"] = row["s_pair"] + (row["ref_pair"] or 0.0)
+
+
+def ref_text(row: dict) -> str:
+    return "reference inside the steps" if row["ref_pair"] is None else f"+ reference {row['ref_pair']:.3g} s/pair"
 
 
 def report(rows: list[dict], tools: list[str]) -> None:
     print(f"\n{'prompt':>7}{'tok/pair':>9}  {'tool':<17}{'s/pair':>8}{'ref s/pair':>11}{'s/pair+ref':>11}"
-          f"{'RSS GB':>8}{'setup s':>9}{'loss@1':>10}{'vs TRL pairs/s':>16}{'RSS':>7}")
+          f"{'RSS GB':>8}{'setup s':>9}{'of floor':>9}{'loss@1':>10}{'vs TRL pairs/s':>16}{'RSS':>7}")
     for row in rows:
         r = row["result"]
         head = f"{row['prompt']:>7}{row['tokens']:>9.0f}  {row['tool']:<17}"
@@ -145,8 +153,10 @@ def report(rows: list[dict], tools: list[str]) -> None:
         trl = next((t for t in rows if t["tool"] == "trl" and t["prompt"] == row["prompt"] and t["result"]), None)
         vs = (f"{trl['s_pair_ref'] / row['s_pair_ref']:>15.2f}×{r['peak_rss_gb'] / trl['result']['peak_rss_gb']:>6.2f}×"
               if trl and row["tool"] != "trl" else "")
-        print(head + f"{row['s_pair']:>8.3g}{row['ref_pair']:>11.3g}{row['s_pair_ref']:>11.3g}"
-              f"{r['peak_rss_gb']:>8.2f}{r['setup_s']:>9.1f}{r['first']['loss']:>10.6f}{vs}")
+        ref = "in steps" if row["ref_pair"] is None else f"{row['ref_pair']:.3g}"
+        print(head + f"{row['s_pair']:>8.3g}{ref:>11}{row['s_pair_ref']:>11.3g}"
+              f"{r['peak_rss_gb']:>8.2f}{r['setup_s']:>9.1f}{row.get('of_floor', float('nan')):>9.0%}"
+              f"{r['first']['loss']:>10.6f}{vs}")
     print("\npeak RSS fitted against unique tokens per pair, T in thousands (GB ≈ a + b·T + c·T²):")
     for tool in tools:
         points = [(r["tokens"], r["result"]["peak_rss_gb"]) for r in rows if r["tool"] == tool and r["result"]]
