@@ -83,6 +83,15 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_estimate(args) -> int:
+    from dpokit.estimate import report, world_size
+    from dpokit.loop.train import pick_device
+    cfg = config_from_args(args)
+    text, _, _ = report(cfg, args.processes or world_size(), pick_device(cfg.device).type)
+    print(text)
+    return 0
+
+
 def cmd_cache_ref(args) -> int:
     from dpokit.loop.reference import cache_reference
     cache_reference(config_from_args(args))
@@ -193,6 +202,15 @@ def build_parser() -> argparse.ArgumentParser:
                              description="Train with DPO. Every option can also be set in a YAML --config.")
     add_config_flags(p_train)
     p_train.set_defaults(func=cmd_train)
+
+    p_est = sub.add_parser("estimate", help="expected peak memory of `train` with the same options, by part, from "
+                           "the model's config alone (no weights loaded), and what would fit if it does not",
+                           description="Takes the same options as `train`. Lengths are the worst case of "
+                           "--max-length (train itself checks with the data's; docs/PERFORMANCE.md).")
+    add_config_flags(p_est)
+    p_est.add_argument("--processes", type=int, default=None, help="processes to show FSDP's share for (default: "
+                       "the torchrun world size, else 1)")
+    p_est.set_defaults(func=cmd_estimate)
 
     p_cache = sub.add_parser("cache-ref", help="compute the reference log-probs a `train` with the same options "
                              "will reuse (cached on disk), then stop",

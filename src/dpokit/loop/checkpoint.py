@@ -224,7 +224,7 @@ def keep_metrics_until(path: Path, step: int) -> None:
 # differ in the last bits. `device` may be renamed (auto, cuda, cuda:1), but not its kind: see
 # load_training_state. eval_data: the held-out reference log-probs are recomputed for the new pairs.
 MAY_CHANGE = {"resume", "progress", "eval_every", "save_every", "keep_last", "output_dir", "device", "on_nonfinite",
-              "eval_data"}
+              "eval_data", "memory_check"}
 
 
 def check_same_run(path: Path, config: dict) -> None:

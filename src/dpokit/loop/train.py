@@ -91,6 +91,9 @@ def _train(cfg: TrainConfig, ctx: Distributed, log) -> TrainResult:
     step_fn = kto_step if unpaired else paired_step
     train_set, eval_set = load_data(cfg, tokenizer, unpaired, log)
     pad_id = tokenizer.pad_token_id
+    if cfg.memory_check:  # refuse before minutes of loading what cannot fit (config only: milliseconds)
+        from dpokit.estimate import check_memory
+        check_memory(cfg, train_set, device.type, ctx.world)
     warn_half_on_cpu(device, cfg.model_dtype, log)
     policy = load_model(cfg.model, device, cfg.allow_pickle, cfg.trust_remote_code, cfg.model_dtype)
     # Dropout stays off (eval mode): log π − log π_ref must compare the same deterministic function.

@@ -1,0 +1,142 @@
+"""`dpokit estimate` and the pre-load memory check: the arithmetic, the refusal, and the estimate against the
+measured peak RSS of real runs (docs/memory_calibration.py, in one fresh process that forks per configuration)."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dpokit.config import ConfigError, TrainConfig
+from dpokit.estimate import GiB, Shape, batch_tokens, estimate, model_shape
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def llama_config(vocab=600, hidden=64, intermediate=160, layers=3, heads=4, kv_heads=2):
+    from transformers import LlamaConfig
+    return LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                       tie_word_embeddings=True, pad_token_id=0)
+
+
+def test_parameter_counts_match_the_built_model_and_peft():
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+    config = llama_config()
+    cfg = TrainConfig(lora_r=4)
+    shape = model_shape(config, cfg)
+    model = LlamaForCausalLM(config)
+    assert shape.params == sum(p.numel() for p in model.parameters())  # tied embeddings counted once
+    peft = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    assert shape.lora_params == sum(p.numel() for p in peft.parameters() if p.requires_grad)
+    assert (shape.hidden, shape.intermediate, shape.kv_width, shape.layers) == (64, 160, 32, 3)
+
+
+def test_fsdp_divides_the_training_state_and_checkpointing_lowers_activations():
+    shape = model_shape(llama_config(hidden=256, intermediate=640, layers=4))
+    cfg = TrainConfig(max_length=256, max_prompt_length=64)
+    one = estimate(cfg, shape, 1)
+    four = estimate(dataclasses.replace(cfg, fsdp=True), shape, 4)
+    for part in ("weights, trainable", "gradients", "optimizer state"):
+        assert four.parts[part] == pytest.approx(one.parts[part] / 4, rel=1e-6)
+    assert one.parts["optimizer state"] == 2 * one.parts["gradients"] == 2 * 4 * shape.params  # AdamW, fp32
+    rms = estimate(dataclasses.replace(cfg, optimizer="rmsprop"), shape, 1)
+    assert rms.parts["optimizer state"] == 4 * shape.params
+    ckpt = estimate(dataclasses.replace(cfg, gradient_checkpointing=True), shape, 1)
+    assert ckpt.parts["activations"] < one.parts["activations"] / 2  # 4 layers: one recomputed at a time
+    longer = estimate(dataclasses.replace(cfg, max_length=512), shape, 1)
+    assert longer.parts["activations"] == pytest.approx(2 * one.parts["activations"], rel=0.01)
+    live = estimate(dataclasses.replace(cfg, ref_cache=False), shape, 1)
+    assert live.parts["reference"] == 4 * shape.params and one.parts["reference"] == 0
+    lora = estimate(dataclasses.replace(cfg, lora_r=8), dataclasses.replace(shape, lora_params=1000, lora_rank=8), 1)
+    assert lora.parts["weights, trainable"] == 4000 and lora.parts["weights, frozen"] == 4 * shape.params
+
+
+def test_model_dtype_and_pure_half_are_accounted():
+    shape = Shape(params=10**9, layers=24, hidden=2048, intermediate=8192, kv_width=2048, vocab=49152,
+                  lora_params=10**7, lora_rank=16)
+    cfg = TrainConfig(lora_r=16, max_length=128, max_prompt_length=64)
+    cfg.model_dtype = "bf16"  # read with getattr: works before and after the config field exists
+    est = estimate(cfg, shape, 1)
+    assert est.parts["weights, frozen"] == 2 * 10**9 and est.parts["weights, trainable"] == 4 * 10**7
+    full = TrainConfig(max_length=128, max_prompt_length=64, ref_cache=False)
+    full.model_dtype, full.pure_half = "bf16", True
+    half = estimate(full, shape, 1)
+    assert half.parts["weights, trainable"] == half.parts["gradients"] == half.parts["reference"] == 2 * 10**9
+    full.pure_half = False  # an fp32 master and fp32 moments; the live reference stays bf16
+    master = estimate(full, shape, 1)
+    assert master.parts["weights, trainable"] == 4 * 10**9 and master.parts["reference"] == 2 * 10**9
+
+
+def test_batch_tokens_from_the_data_and_the_worst_case():
+    from dpokit.batches import TokenizedPair
+    pairs = [TokenizedPair([1] * p, [2] * c, [3] * r, "x") for p, c, r in ((10, 5, 7), (20, 3, 4), (1, 1, 1))]
+    assert batch_tokens(TrainConfig(batch_size=2), pairs) == (22 + 27, 12 + 7)
+    assert batch_tokens(TrainConfig(batch_size=2, prefix_sharing=False, pack_tokens=0), pairs) == (48 + 34, 12 + 7)
+    assert batch_tokens(TrainConfig(batch_size=3, max_length=100, max_prompt_length=50)) == (600, 600)
+
+
+def test_train_refuses_before_loading_and_the_option_skips(tiny_model_dir, tmp_path, monkeypatch):
+    import dpokit.estimate as est_module
+    train_module = importlib.import_module("dpokit.loop.train")  # (dpokit.loop.train is also the function)
+    from dpokit.loop import train
+    loaded = []
+    monkeypatch.setattr(est_module, "available_bytes", lambda device_type="cpu": 2**20)  # 1 MiB free
+    real_load = train_module.load_model
+    monkeypatch.setattr(train_module, "load_model", lambda *a, **k: loaded.append(1) or real_load(*a, **k))
+    options = dict(model=tiny_model_dir, output_dir=str(tmp_path / "run"), max_steps=1, batch_size=2,
+                   max_length=64, max_prompt_length=32, progress=False, data=None)
+    with pytest.raises(ConfigError, match="--no-memory-check") as refused:
+        train(log=lambda *a, **k: None, **options)
+    message = str(refused.value)
+    assert not loaded and "GiB is available" in message and "optimizer state" in message
+    assert "none of checkpointing, LoRA" in message  # 1 MiB: nothing would fit
+    monkeypatch.setattr(est_module, "available_bytes", lambda device_type="cpu": 64 * GiB)
+    train(log=lambda *a, **k: None, **options, memory_check=True, eval_data=None)  # fits: runs
+    assert loaded
+
+
+def test_cli_estimate_prints_the_parts_and_alternatives(tmp_path, capsys, monkeypatch):
+    import dpokit.estimate as est_module
+    from dpokit.cli import main
+    llama_config(vocab=49152, hidden=2048, intermediate=8192, layers=24, heads=32, kv_heads=32).save_pretrained(tmp_path)
+    monkeypatch.setattr(est_module, "available_bytes", lambda device_type="cpu": 24 * GiB)
+    assert main(["estimate", "--model", str(tmp_path / "config.json"), "--max-length", "128",
+                 "--max-prompt-length", "64", "--batch-size", "2", "--processes", "4", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "1,711,376,384 parameters" in out and "optimizer state" in out and "does NOT fit" in out
+    assert "under FSDP over 4 processes" in out
+    fitting = [line for line in out.splitlines() if line.endswith("fits") and "available" not in line]
+    assert any("--lora-r 16" in line for line in fitting) and any("--fsdp over 4" in line for line in fitting)
+
+
+def test_estimate_within_25_percent_of_measured_peak_rss(tokenizer, tmp_path):
+    """Six configurations of a 20M-parameter random Llama, two steps each, in forked children of one fresh
+    process: measured peak RSS minus the child's RSS at start, against the estimate from the same data."""
+    sys.path.insert(0, str(ROOT / "docs"))
+    try:
+        import memory_calibration as mc
+    finally:
+        sys.path.pop(0)
+    model = mc.make_model(str(tmp_path / "model"), tokenizer, hidden=512, intermediate=1536, layers=6, heads=8,
+                          kv_heads=4)
+    data = mc.make_pairs(str(tmp_path / "pairs.jsonl"), 8, words=150)
+    run = subprocess.run([sys.executable, str(ROOT / "docs" / "memory_calibration.py"), "--model", model,
+                          "--data", data, "--out", str(tmp_path / "run"), "--configs", "0,1,2,3,4,5",
+                          "--base", json.dumps({"batch_size": 2, "max_length": 128, "max_prompt_length": 64})],
+                         capture_output=True, text=True, timeout=600, env={**__import__("os").environ,
+                                                                          "DPOKIT_CACHE": str(tmp_path / "c")})
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 6
+    ratios = {r["label"]: r["estimated"] / r["measured"] for r in rows}
+    print({k: round(q, 2) for k, q in ratios.items()})
+    assert all(0.75 <= q <= 1.25 for q in ratios.values()), ratios
+    assert torch.tensor(list(ratios.values())).std() < 0.15  # one constant off would shift them together
