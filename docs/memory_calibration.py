@@ -98,6 +98,8 @@ CONFIGS = [  # (label, options beyond model/data/output)
     ("pack 2× longer rows (max_length 512)", {"max_length": 512, "max_prompt_length": 256}),
     ("batch 4, no prefix sharing", {"batch_size": 4, "prefix_sharing": False, "pack_tokens": 0}),
     ("LoRA r=16 + checkpointing, batch 4", {"lora_r": 16, "gradient_checkpointing": True, "batch_size": 4}),
+    ("LoRA r=16, --model-dtype bf16 base", {"lora_r": 16, "model_dtype": "bf16"}),
+    ("live reference in bf16 (--model-dtype bf16 --no-ref-cache)", {"model_dtype": "bf16", "ref_cache": False}),
 ]
 
 

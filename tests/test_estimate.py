@@ -118,16 +118,16 @@ def test_cli_estimate_prints_the_parts_and_alternatives(tmp_path, capsys, monkey
 
 
 def test_estimate_within_25_percent_of_measured_peak_rss(tokenizer, tmp_path):
-    """Six configurations of a 20M-parameter random Llama, two steps each, in forked children of one fresh
+    """Six configurations of a 13M-parameter random Llama, two steps each, in forked children of one fresh
     process: measured peak RSS minus the child's RSS at start, against the estimate from the same data."""
     sys.path.insert(0, str(ROOT / "docs"))
     try:
         import memory_calibration as mc
     finally:
         sys.path.pop(0)
-    model = mc.make_model(str(tmp_path / "model"), tokenizer, hidden=512, intermediate=1536, layers=6, heads=8,
+    model = mc.make_model(str(tmp_path / "model"), tokenizer, hidden=512, intermediate=1536, layers=4, heads=8,
                           kv_heads=4)
-    data = mc.make_pairs(str(tmp_path / "pairs.jsonl"), 8, words=150)
+    data = mc.make_pairs(str(tmp_path / "pairs.jsonl"), 4, words=150)
     run = subprocess.run([sys.executable, str(ROOT / "docs" / "memory_calibration.py"), "--model", model,
                           "--data", data, "--out", str(tmp_path / "run"), "--configs", "0,1,2,3,4,5",
                           "--base", json.dumps({"batch_size": 2, "max_length": 128, "max_prompt_length": 64})],

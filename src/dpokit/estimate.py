@@ -275,8 +275,9 @@ def alternatives(cfg, shape: Shape, processes: int, tokens: int | None, device_t
     if cfg.batch_size > 1:
         out.append(variant(f"--batch-size {cfg.batch_size // 2} --grad-accum {cfg.grad_accum * 2}",
                            batch_size=cfg.batch_size // 2, grad_accum=cfg.grad_accum * 2))
-    out.append(variant("--gradient-checkpointing --batch-size 1", gradient_checkpointing=True, batch_size=1,
-                       grad_accum=cfg.grad_accum * cfg.batch_size))
+    if cfg.batch_size > 1:
+        out.append(variant("--gradient-checkpointing --batch-size 1", gradient_checkpointing=True, batch_size=1,
+                           grad_accum=cfg.grad_accum * cfg.batch_size))
     return [v for v in out if v is not None]
 
 
@@ -347,15 +348,22 @@ def _with(cfg, **changes):
     return dataclasses.replace(cfg, **changes)
 
 
-def check_memory(cfg, pairs, device_type: str, processes: int) -> None:
+def check_memory(cfg, pairs, device_type: str, processes: int, log=print) -> None:
     """Refuse a run whose estimated peak exceeds the memory available now by over 10 %, before it loads
-    (a ConfigError with the estimate and what would fit). On a CPU the processes of this machine share it."""
+    (a ConfigError with the estimate and what would fit). On a CPU the processes of this machine share it.
+    A model whose config lacks what the estimate reads is logged and trained unchecked."""
     from dpokit.config import ConfigError
+    from dpokit.models.load import ModelError
     free = available_bytes(device_type)
     if not free:
+        log("memory check skipped: the available memory is unknown here")
         return
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device_type == "cpu" else 1
-    shape, ref = shapes_for(cfg)
+    try:
+        shape, ref = shapes_for(cfg)
+    except (ModelError, AttributeError, TypeError, ValueError) as e:
+        log(f"memory check skipped: cannot estimate this model from its config ({type(e).__name__}: {e})")
+        return
     tokens = batch_tokens(cfg, pairs)
     est = estimate(cfg, shape, processes if cfg.fsdp else 1, tokens, ref, device_type)
     if fits(est, free / local):

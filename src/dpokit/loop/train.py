@@ -93,7 +93,7 @@ def _train(cfg: TrainConfig, ctx: Distributed, log) -> TrainResult:
     pad_id = tokenizer.pad_token_id
     if cfg.memory_check:  # refuse before minutes of loading what cannot fit (config only: milliseconds)
         from dpokit.estimate import check_memory
-        check_memory(cfg, train_set, device.type, ctx.world)
+        check_memory(cfg, train_set, device.type, ctx.world, log)
     warn_half_on_cpu(device, cfg.model_dtype, log)
     policy = load_model(cfg.model, device, cfg.allow_pickle, cfg.trust_remote_code, cfg.model_dtype)
     # Dropout stays off (eval mode): log π − log π_ref must compare the same deterministic function.

@@ -1,0 +1,120 @@
+"""Above 1B on a CPU: a random model of SmolLM2-1.7B's published architecture, estimated, refused, and trained.
+
+1. Builds (once) a randomly initialised LlamaForCausalLM with SmolLM2-1.7B's config (hidden 2048, intermediate
+   8192, 24 layers, 32 heads, 32 kv heads, vocab 49152, tied embeddings, rope_theta 130000, 8192 positions) and
+   the embedded model's tokenizer (SmolLM2's), saved as bf16 safetensors in $DPOKIT_CACHE/models (~3.4 GB;
+   never committed).
+2. Prints `dpokit estimate` for full fine-tuning in fp32, and shows `dpokit train` refusing it before loading.
+3. Runs LoRA DPO (r 16, --model-dtype bf16 base) for a few steps on short synthetic rows, recording the peak
+   RSS of the training process (ru_maxrss of the child, minus an idle process that imported torch,
+   transformers and dpokit) and s/step, against the estimate for the same data.
+
+    .venv/bin/python docs/big_model.py [--steps 2]     # ~10 min on 2 AVX2 cores, bf16 matmuls are slow there
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "docs"))
+PY = sys.executable
+
+
+def build(folder: Path) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from dpokit.models import load_tokenizer
+    if (folder / "config.json").is_file():
+        return folder
+    tokenizer = load_tokenizer("embedded")
+    config = LlamaConfig(vocab_size=49152, hidden_size=2048, intermediate_size=8192, num_hidden_layers=24,
+                         num_attention_heads=32, num_key_value_heads=32, tie_word_embeddings=True,
+                         rope_theta=130000.0, max_position_embeddings=8192, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    torch.set_default_dtype(torch.bfloat16)  # initialised in bf16: 3.4 GB, never an fp32 copy
+    try:
+        model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(folder)
+    print(f"built {sum(p.numel() for p in model.parameters()):,} parameters in {time.perf_counter() - t0:.0f} s "
+          f"→ {folder}", flush=True)
+    return folder
+
+
+def idle_rss() -> int:
+    code = ("import torch, transformers, dpokit.loop.train\n"
+            "print([l for l in open('/proc/self/status') if l.startswith('VmRSS')][0].split()[1])")
+    return int(subprocess.run([PY, "-c", code], capture_output=True, text=True, check=True).stdout) * 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=2)
+    args = parser.parse_args()
+    from memory_calibration import make_pairs
+
+    from dpokit.models import cache_dir
+    folder = cache_dir() / "models" / "random-smollm2-1.7b-arch-bf16"
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    model = str(build(folder))
+    with tempfile.TemporaryDirectory() as tmp:
+        data = make_pairs(f"{tmp}/pairs.jsonl", args.steps, words=28)
+        rows = ["--model", model, "--data", data, "--max-length", "128", "--max-prompt-length", "64",
+                "--batch-size", "1", "--max-steps", str(args.steps), "--warmup-steps", "0", "--no-progress",
+                "--output-dir", f"{tmp}/run"]
+        print("\n$ dpokit estimate (full fine-tuning, fp32)", " ".join(rows[:2] + rows[4:10]), flush=True)
+        subprocess.run([PY, "-m", "dpokit", "estimate", *rows], check=True)
+        t0 = time.perf_counter()
+        refused = subprocess.run([PY, "-m", "dpokit", "train", *rows], capture_output=True, text=True)
+        print(f"\n$ dpokit train (same options): exit {refused.returncode} after {time.perf_counter() - t0:.1f} s",
+              refused.stderr.strip()[-1500:], sep="\n", flush=True)
+
+        lora = rows + ["--lora-r", "16", "--model-dtype", "bf16"]
+        print("\n$ dpokit estimate --lora-r 16 --model-dtype bf16 (worst case of the lengths)", flush=True)
+        subprocess.run([PY, "-m", "dpokit", "estimate", *lora], check=True)
+        expected = estimate_for_data(lora)
+        baseline = idle_rss()
+        t0 = time.perf_counter()
+        run = subprocess.run([PY, "-m", "dpokit", "train", *lora], capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # the largest child: this run
+        print(run.stdout[-1500:], run.stderr[-1500:], sep="\n")
+        steps = [json.loads(line) for line in open(f"{tmp}/run/metrics.jsonl") if '"loss"' in line]
+        s_per_step = [round(1 / s["pairs_per_s"], 1) for s in steps]  # batch 1: one pair per step
+        print(f"\nLoRA DPO, bf16 base: exit {run.returncode}, {wall:.0f} s in all, s/step {s_per_step}; peak RSS "
+              f"{peak / 2**30:.2f} GiB − idle {baseline / 2**30:.2f} GiB = {(peak - baseline) / 2**30:.2f} GiB; "
+              f"estimated {expected.peak / 2**30:.2f} GiB ({expected.peak_phase}; ratio "
+              f"{expected.peak / (peak - baseline):.2f})")
+
+
+def estimate_for_data(argv):
+    """The estimate `train` checks with: the data's own token counts."""
+    from dpokit.cli import build_parser, config_from_args
+    from dpokit.estimate import batch_tokens, estimate, format_estimate, shapes_for
+    from dpokit.loop.inputs import load_data
+    from dpokit.models import load_tokenizer
+    cfg = config_from_args(build_parser().parse_args(["train", *argv]))
+    train_set, _ = load_data(cfg, load_tokenizer(cfg.model), False, lambda *a, **k: None)
+    shape, _ = shapes_for(cfg)
+    est = estimate(cfg, shape, 1, batch_tokens(cfg, train_set))
+    print(format_estimate(est, "with the data's token counts:"), flush=True)
+    return est
+
+
+if __name__ == "__main__":
+    main()
