@@ -140,3 +140,13 @@ def test_estimate_within_25_percent_of_measured_peak_rss(tokenizer, tmp_path):
     print({k: round(q, 2) for k, q in ratios.items()})
     assert all(0.75 <= q <= 1.25 for q in ratios.values()), ratios
     assert torch.tensor(list(ratios.values())).std() < 0.15  # one constant off would shift them together
+
+
+@pytest.mark.parametrize("command", ["train", "estimate"])
+def test_help_shows_the_memory_options(command, capsys):
+    from dpokit.cli import main
+    with pytest.raises(SystemExit) as done:
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    assert done.value.code == 0 and "--no-memory-check" in out
+    assert ("--processes" in out) == (command == "estimate")

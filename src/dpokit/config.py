@@ -142,7 +142,7 @@ class TrainConfig:
                      "(FSDP2 fully_shard) instead of replicating them (DDP, the default)")
     progress: bool = opt(True, "show a progress bar on the terminal")
     memory_check: bool = opt(True, "before loading the model, estimate the run's peak memory (`dpokit estimate`) "
-                             "and refuse if it exceeds the available memory by over 10 %, naming what would fit; "
+                             "and refuse if it exceeds the available memory by over a tenth, naming what would fit; "
                              "--no-memory-check skips it")
     # online (GRPO, online DPO): each step samples completions from the current policy and scores them with
     # --reward; `--loss grpo` or `--online-dpo` turns this on (loop/online.py). batch_size then counts prompts
