@@ -9,7 +9,7 @@
    RSS of the training process (ru_maxrss of the child, minus an idle process that imported torch,
    transformers and dpokit) and s/step, against the estimate for the same data.
 
-    .venv/bin/python docs/big_model.py [--steps 2]     # ~10 min on 2 AVX2 cores, bf16 matmuls are slow there
+    .venv/bin/python docs/big_model.py [--steps 2]     # ~4 min on the 2-core AMD EPYC (AVX512-BF16) of PERFORMANCE.md
 """
 
 from __future__ import annotations

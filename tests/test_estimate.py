@@ -81,6 +81,9 @@ def test_batch_tokens_from_the_data_and_the_worst_case():
     assert batch_tokens(TrainConfig(batch_size=2), pairs) == (22 + 27, 12 + 7)
     assert batch_tokens(TrainConfig(batch_size=2, prefix_sharing=False, pack_tokens=0), pairs) == (48 + 34, 12 + 7)
     assert batch_tokens(TrainConfig(batch_size=3, max_length=100, max_prompt_length=50)) == (600, 600)
+    from dpokit.batches.tokenize import TokenizedCompletion
+    kto = [TokenizedCompletion([1] * p, [2] * c, True, "x") for p, c in ((10, 5), (20, 3), (1, 1))]
+    assert batch_tokens(TrainConfig(batch_size=2, loss="kto"), kto) == (2 * 2 * 23, 2 * (3 + 5))
 
 
 def test_train_refuses_before_loading_and_the_option_skips(tiny_model_dir, tmp_path, monkeypatch):

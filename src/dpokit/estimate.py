@@ -121,6 +121,11 @@ def lora_params(model, r: int, targets: str) -> int:
 def batch_tokens(cfg, pairs=None) -> tuple[int, int]:
     """(tokens a micro-batch computes, completion tokens it scores): from the data when given (its batch_size
     largest pairs), else the worst case of the length limits (prompt + chosen + rejected ≤ 2·max_length)."""
+    if pairs and not hasattr(pairs[0], "chosen_ids"):  # KTO completions: each row and a KL row (another
+        # example's completion on this prompt), padded to the longest: about twice the largest rows
+        sizes = sorted((len(p.prompt_ids) + len(p.completion_ids), len(p.completion_ids)) for p in pairs)[::-1]
+        largest = sizes[:cfg.batch_size]
+        return 2 * len(largest) * largest[0][0], 2 * sum(k for _, k in largest)
     if pairs:
         if cfg.prefix_sharing:
             sizes = [(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids), len(p.chosen_ids)
