@@ -128,11 +128,13 @@ def run_long(args) -> None:
 
 
 def summarize(row: dict, batch: int, n: int) -> None:
-    """s/pair of the steps (median), the reference pass per pair (dpokit; TRL's is inside its steps)."""
+    """s/pair of the steps (median; the first, warm-up, left out when there are 3 or more), the reference pass
+    per pair (dpokit; TRL's is inside its steps)."""
     r = row["result"]
     if not r:
         return
-    row["s_pair"] = statistics.median(r["step_times"]) / batch
+    times = r["step_times"][1:] if len(r["step_times"]) > 2 else r["step_times"]  # as bench.py: warm-up out
+    row["s_pair"] = statistics.median(times) / batch
     row["ref_pair"] = None if r["ref_s"] is None else r["ref_s"] / n  # None: TRL's, inside its steps
     row["s_pair_ref"] = row["s_pair"] + (row["ref_pair"] or 0.0)
 
@@ -151,8 +153,10 @@ def report(rows: list[dict], tools: list[str]) -> None:
             print(head + row["note"])
             continue
         trl = next((t for t in rows if t["tool"] == "trl" and t["prompt"] == row["prompt"] and t["result"]), None)
-        vs = (f"{trl['s_pair_ref'] / row['s_pair_ref']:>15.2f}×{r['peak_rss_gb'] / trl['result']['peak_rss_gb']:>6.2f}×"
-              if trl and row["tool"] != "trl" else "")
+        vs = ""
+        if trl and row["tool"] != "trl":
+            vs = (f"{trl['s_pair_ref'] / row['s_pair_ref']:>15.2f}×"
+                  f"{r['peak_rss_gb'] / trl['result']['peak_rss_gb']:>6.2f}×")
         ref = "in steps" if row["ref_pair"] is None else f"{row['ref_pair']:.3g}"
         print(head + f"{row['s_pair']:>8.3g}{ref:>11}{row['s_pair_ref']:>11.3g}"
               f"{r['peak_rss_gb']:>8.2f}{r['setup_s']:>9.1f}{row.get('of_floor', float('nan')):>9.0%}"
