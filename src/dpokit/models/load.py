@@ -69,11 +69,16 @@ def resolve(spec: str, allow_pickle: bool = False) -> str:
     return spec  # a hub id; from_pretrained reports if it is unknown or offline
 
 
-def gguf_to_safetensors(gguf: Path) -> Path:
-    """Dequantize a GGUF checkpoint once into a cached safetensors folder; return the folder."""
+def gguf_cache_path(gguf: Path) -> Path:
+    """The folder `gguf_to_safetensors` writes for this file (it may not exist yet): keyed by path, size, mtime."""
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
-    target = cache_dir() / "models" / f"{gguf.stem}-{key}"
+    return cache_dir() / "models" / f"{gguf.stem}-{key}"
+
+
+def gguf_to_safetensors(gguf: Path) -> Path:
+    """Dequantize a GGUF checkpoint once into a cached safetensors folder; return the folder."""
+    target = gguf_cache_path(gguf)
     if (target / "config.json").is_file():
         return target
     print(f"dpokit: converting {gguf.name} to safetensors (once; cached in {target})", flush=True)
