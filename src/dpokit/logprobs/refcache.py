@@ -59,7 +59,8 @@ def compute_reference(model, pairs: list[TokenizedPair], batch_size: int, pad_id
     """Reference log-probs of every pair, in order, on CPU, in the run's layout (`pair_batch`) and batches
     (`eval_batches`: at most batch_size pairs and batch_size × 1024 computed tokens, so long rows are not
     padded to each other): the held-out evaluation computes the policy's with these very batches, so its
-    margins before training are exactly 0. Under torchrun (`ctx`) each rank computes every world-th batch —
+    margins before training are exactly 0 when `model` holds the weights the policy evaluates in (the policy
+    itself, or its fp32 master copy under --model-dtype bf16: loop/reference.py), not a bf16 copy of them. Under torchrun (`ctx`) each rank computes every world-th batch —
     the same batches as one process, so the same sums."""
     from dpokit.distributed import map_batches
     ranges = eval_batches(pairs, batch_size, prefix_sharing, pack_tokens)

@@ -55,7 +55,7 @@ from dpokit.loop.steps import NonFiniteError, paired_step
 from dpokit.loop.train import TrainResult, pick_device, train
 from dpokit.models.lora import disable_dropout
 from dpokit.models import load_model, load_tokenizer
-from dpokit.models.load import keep_master_copy, saved_state, stalled_weights_note, warn_half_on_cpu
+from dpokit.models.load import keep_master_copy, save_final, stalled_weights_note, warn_half_on_cpu
 from dpokit.objectives import needs_reference
 from dpokit.objectives.grpo import group_advantages, grpo_loss, normalizer
 from dpokit.tasks.pairs import pair_up, select_pairs, write_jsonl
@@ -144,7 +144,7 @@ def train_online(cfg: TrainConfig, log=print) -> TrainResult:
     bar.close()
     metrics_file.close()
     final = out / "final"
-    policy.save_pretrained(final, safe_serialization=True, state_dict=saved_state(policy, cfg, None))
+    save_final(policy, final, cfg)  # in --model-dtype, config.json saying so
     tokenizer.save_pretrained(final)
     log(f"saved {final} (load it with AutoModelForCausalLM.from_pretrained); metrics in {out / 'metrics.jsonl'}")
     return TrainResult(out, total_steps, None, None, final)

@@ -22,7 +22,7 @@ from dpokit.logprobs.attention import attention_kind
 from dpokit.logprobs.sequence import autocast_dtype
 from dpokit.logprobs.refcache import cache_key, cache_path, compute_reference, load_cached, store, weights_digest
 from dpokit.models import load_model, load_tokenizer
-from dpokit.models.load import ModelError
+from dpokit.models.load import ModelError, keep_master_copy
 from dpokit.objectives import OBJECTIVES, needs_reference
 
 
@@ -61,7 +61,11 @@ def prepare_reference(cfg, policy, tokenizer, train_set, eval_set, unpaired: boo
 
     Held-out reference log-probs always come from the starting reference — the starting policy itself
     for reference-free objectives — so every objective reports comparable eval/rewards. Under torchrun
-    (`ctx`) the ranks compute them in parallel; rank 0 reads and writes the cache file."""
+    (`ctx`) the ranks compute them in parallel; rank 0 reads and writes the cache file.
+
+    The policy arrives in --model-dtype and leaves in the precision it trains in (`keep_master_copy`: an fp32
+    master copy in full fine-tuning): a live reference copy is taken before, in --model-dtype, and the cached and
+    held-out sums are computed after, from the weights the evaluation and the training steps run."""
     ctx = ctx or Distributed()
     with_ref = needs_reference(cfg.loss_names)
     model = None
@@ -70,28 +74,32 @@ def prepare_reference(cfg, policy, tokenizer, train_set, eval_set, unpaired: boo
     if not with_ref:
         log(f"loss {cfg.loss} is reference-free: no reference model loaded")
     cacheable = with_ref and cfg.ref_cache and not cfg.sync_ref_every and not unpaired
-    # The digest covers weights; the precision, device and batch layout the sums are computed in go in the
-    # key too. Held-out pairs: the evaluation runs the policy in these very batches, so step 0's margins are
-    # exactly 0 in every precision, not rounding noise (which would show as a random "accuracy"). Training
-    # pairs: the steps' micro-batches differ (batch_size, shuffling), so a cached sum matches a live
-    # reference's to fp32 rounding, or to bf16/fp16 rounding under autocast (README, tests/test_refcache_exact.py).
+    if with_ref and not cacheable and not cfg.ref_model and not cfg.lora_r:
+        # A live frozen copy of the starting policy, taken while the policy is still in --model-dtype: it stays
+        # half-size (a LoRA run needs no copy: its reference is the base with adapters off, see AdaptersOff).
+        model = copy.deepcopy(policy).requires_grad_(False).eval()
+    keep_master_copy(policy, cfg)  # from here on the policy is in the precision it trains and evaluates in
+    # Reference sums come from a --ref-model, else from the policy itself: the same starting (half-rounded)
+    # values as a live copy, in the very weights the evaluation and the training steps run. So with the cache
+    # (the default) step 0's margins are exactly 0 and its loss ln 2 under any --model-dtype. A live
+    # bf16/fp16 copy (--no-ref-cache, TR-DPO, KTO) gives the training steps reference sums computed in
+    # bf16/fp16 weights instead, so step 0's training margins are that precision's rounding noise, not 0;
+    # held-out ones stay exactly 0 (computed here, from the policy).
+    source = model if cfg.ref_model else policy
+    # The digest covers the weights that compute the sums (names, dtypes, bytes: an fp32 master copy of bf16
+    # values differs from the fp32 checkpoint, a bf16 --ref-model from an fp32 one); the precision, device and
+    # batch layout they are computed in go in the key too. Held-out pairs: the evaluation runs the policy in
+    # these very batches, so step 0's margins are exactly 0 under every --dtype, not rounding noise (which
+    # would show as a random "accuracy"). Training pairs: the steps' micro-batches differ (batch_size,
+    # shuffling), so a cached sum matches a live reference's to fp32 rounding, or to bf16/fp16 rounding under
+    # autocast (README, tests/test_refcache_exact.py).
     low = autocast_dtype(device, cfg.dtype)
     layout = (f"pack{cfg.pack_tokens}" if cfg.prefix_sharing else "padded") + f":attention-{cfg.attention}"
+    # (The token budget, x1024tok, joined the key with reference batching by tokens: it changed every key, fp32
+    # ones included, so caches made before it are recomputed once.)
     numerics = (f"{device.type}:{ {torch.bfloat16: 'bf16', torch.float16: 'fp16'}.get(low, 'fp32')}:"
                 f"{layout}:batch{cfg.eval_batch_size}x{TOKENS_PER_PAIR}tok")  # batches/budget.py: pairs and tokens
-    # The policy is still in --model-dtype here (train.py gives it its fp32 master copy afterwards), so a cache, a
-    # live copy and a --ref-model all compute in that dtype; it is named in the key as well as in the digest's
-    # tensor dtypes, so a bf16 reference never reuses an fp32 cache (fp32 keys are unchanged).
-    numerics += f":weights-{cfg.model_dtype}" if cfg.model_dtype != "fp32" else ""
-    digest = weights_digest(model or policy) + numerics if cfg.ref_cache else None
-
-    def the_model():
-        nonlocal model
-        if model is None:
-            if cfg.lora_r:  # the LoRA base is the starting policy: no copy needed (set up by the caller)
-                return policy
-            model = copy.deepcopy(policy).requires_grad_(False).eval()  # the starting policy, frozen
-        return model
+    digest = weights_digest(source) + numerics if cfg.ref_cache else None
 
     def logps_of(pairs, role: str) -> PairLogps:
         key = cache_key(digest, pairs, cfg.ld_alpha) if cfg.ref_cache else None
@@ -100,8 +108,6 @@ def prepare_reference(cfg, policy, tokenizer, train_set, eval_set, unpaired: boo
             log(f"{role} reference log-probs: read from cache {cache_path(key)}")
             return cached
         start = time.perf_counter()
-        # Before training the policy *is* the default reference: no copy is needed to compute a cache.
-        source = model if model is not None else (policy if cacheable or not with_ref else the_model())
         with compute_precision(device, cfg.dtype):
             logps = compute_reference(source, pairs, cfg.eval_batch_size, pad_id, device, cfg.ld_alpha,
                                       cfg.prefix_sharing, cfg.pack_tokens, ctx)
@@ -113,12 +119,10 @@ def prepare_reference(cfg, policy, tokenizer, train_set, eval_set, unpaired: boo
 
     eval_ref = logps_of(eval_set, "held-out") if eval_set else None
     train_ref = logps_of(train_set, "training") if cacheable else None
-    if cacheable:
+    if cacheable or not with_ref:
         model = None  # never run again: release its memory
-    elif with_ref and not cfg.ref_model and cfg.lora_r:
+    elif not cfg.ref_model and cfg.lora_r:
         model = "adapters-off"  # the caller wraps the policy in adapters after this; see AdaptersOff
-    elif with_ref:
-        model = the_model()
     return model, train_ref, eval_ref
 
 

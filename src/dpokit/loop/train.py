@@ -37,7 +37,7 @@ from dpokit.loop.signals import StopSignals, TrainingInterrupted
 from dpokit.loop.optim import build_optimizer, build_scheduler
 from dpokit.loop.reference import AdaptersOff, prepare_reference, sync_reference
 from dpokit.models import load_model, load_tokenizer
-from dpokit.models.load import keep_master_copy, saved_state, stalled_weights_note, warn_half_on_cpu
+from dpokit.models.load import save_final, stalled_weights_note, warn_half_on_cpu
 from dpokit.models.lora import add_lora, disable_dropout
 from dpokit.loop.steps import NonFiniteError, finish_kto_metrics, kto_step, paired_step
 from dpokit.objectives import OBJECTIVES
@@ -99,8 +99,7 @@ def _train(cfg: TrainConfig, ctx: Distributed, log) -> TrainResult:
     # Dropout stays off (eval mode): log π − log π_ref must compare the same deterministic function.
     policy.eval()
     reference, train_ref, eval_ref = prepare_reference(cfg, policy, tokenizer, train_set, eval_set, unpaired,
-                                                       device, pad_id, log, ctx)
-    keep_master_copy(policy, cfg)  # after the reference: it stays in --model-dtype, the trained weights go fp32
+                                                       device, pad_id, log, ctx)  # (+ the fp32 master copy)
     if cfg.pure_half:
         log(stalled_weights_note(policy, cfg))
     if cfg.lora_r:
@@ -306,7 +305,7 @@ def _train(cfg: TrainConfig, ctx: Distributed, log) -> TrainResult:
     if ctx.is_main:
         if cfg.lora_r and cfg.merge_lora:
             policy = policy.merge_and_unload()  # a plain transformers model again, adapters folded in
-        policy.save_pretrained(final, safe_serialization=True, state_dict=saved_state(policy, cfg, model_state))
+        save_final(policy, final, cfg, model_state)  # in --model-dtype, config.json saying so
         tokenizer.save_pretrained(final)
     ctx.barrier()
     log(f"saved {final} (load it with AutoModelForCausalLM.from_pretrained); metrics in {out / 'metrics.jsonl'}")

@@ -8,6 +8,7 @@ GGUF files are dequantized once through transformers' GGUF support and cached as
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import importlib.util
 import os
@@ -165,7 +166,6 @@ def saved_state(policy, cfg, state: dict | None) -> dict | None:
         return state
     low, cast = torch_dtype(cfg.model_dtype), {}
     state = policy.state_dict() if state is None else state
-    policy.config.dtype = low  # config.json names the dtype the weights are saved in
     out = {}
     for name, t in state.items():
         if t.is_floating_point() and t.dtype == torch.float32:
@@ -175,6 +175,25 @@ def saved_state(policy, cfg, state: dict | None) -> dict | None:
             t = cast[key]
         out[name] = t
     return out
+
+
+def save_final(policy, final: Path, cfg, state: dict | None = None) -> None:
+    """Write the trained model to `final` (safetensors) from `saved_state`, with config.json naming the dtype
+    its weights are in.
+
+    save_pretrained writes the in-memory model's dtype into config.json (fp32 for an fp32 master copy) whatever
+    the state dict holds, so `from_pretrained(dtype="auto")` would load bf16 weights as fp32: "dtype" is rewritten
+    afterwards to the dtype of the saved floating-point weights."""
+    to_save = saved_state(policy, cfg, state)
+    policy.save_pretrained(final, safe_serialization=True, state_dict=to_save)
+    config = Path(final) / "config.json"
+    if to_save is None or not config.is_file():  # nothing cast (the model's own dtype), or LoRA adapters only
+        return
+    dtypes = {t.dtype for t in to_save.values() if t.is_floating_point()}
+    if len(dtypes) == 1:
+        data = json.loads(config.read_text(encoding="utf-8"))
+        data["dtype"] = str(dtypes.pop()).removeprefix("torch.")
+        config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def stalled_weights_note(policy, cfg) -> str:
