@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import write_jsonl
 from dpokit import ConfigError, TrainConfig, train
@@ -19,8 +20,7 @@ from dpokit.logprobs.sequence import batch_token_logps, pair_logps
 from dpokit.models import load_model
 from dpokit.models.load import fast_head
 
-QUIET = dict(progress=False, memory_check=False) if "memory_check" in TrainConfig.__dataclass_fields__ \
-    else dict(progress=False)
+QUIET = dict(progress=False, memory_check=False)
 
 
 def _metrics(out):
@@ -71,9 +71,24 @@ def test_combinations_that_would_train_wrongly_are_refused(options, message):
         TrainConfig.from_dict(options)
 
 
+def test_fp16_weights_with_auto_dtype_are_refused_where_auto_means_bf16(monkeypatch):
+    """--dtype auto is bf16 autocast on a GPU: over fp16 weights that is two half precisions (was accepted)."""
+    for device in ("cuda", "cuda:1"):
+        with pytest.raises(ConfigError, match="pass --dtype fp16"):
+            TrainConfig.from_dict(dict(model_dtype="fp16", device=device))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ConfigError, match="auto is bf16 there"):
+        TrainConfig.from_dict(dict(model_dtype="fp16"))  # --device auto → cuda here
+    for options in (dict(device="cpu"), dict(device="cuda", dtype="fp16"), dict(device="cuda", dtype="fp32")):
+        TrainConfig.from_dict(dict(model_dtype="fp16", **options))  # auto is fp32 on a CPU; explicit choices
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    TrainConfig.from_dict(dict(model_dtype="fp16"))
+
+
 def test_allowed_combinations():
     for options in (dict(model_dtype="bf16"), dict(model_dtype="bf16", pure_half=True), dict(model_dtype="bf16",
-                    lora_r=4, dtype="bf16"), dict(model_dtype="fp16"), dict(model_dtype="fp16", lora_r=4, dtype="fp16"),
+                    lora_r=4, dtype="bf16"), dict(model_dtype="fp16", device="cpu"),
+                    dict(model_dtype="fp16", lora_r=4, dtype="fp16"),
                     dict(model_dtype="bf16", loss="grpo")):
         TrainConfig.from_dict(options)
 
@@ -129,6 +144,53 @@ def test_lm_head_runs_in_fp32_on_bf16_weights(tmp_path, tiny_model_dir, tokenize
     assert (rounded - want).abs().max() > 1e-2  # what a bf16 head would have cost
 
 
+class _HeadWeightCopies(TorchDispatchMode):
+    """Counts fp32 tensors of the LM head weight's shape made by a dtype conversion (an upcast copy of it)."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape, self.count = tuple(shape), 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten._to_copy.default and out.dtype == torch.float32 and tuple(out.shape) == self.shape:
+            self.count += 1
+        return out
+
+
+def test_head_weight_upcast_once_per_call_and_never_under_autocast(tmp_path, tiny_model_dir, tokenizer,
+                                                                   explicit_rows, monkeypatch):
+    """Without autocast the [vocab, hidden] head weight is upcast once per call, not once per chunk; under bf16
+    autocast not at all (autocast would cast it straight back). Before: once per chunk in both cases."""
+    import dpokit.logprobs.sequence as seq
+    monkeypatch.setattr(seq, "choose", lambda *_: False)  # dense masks: segment SDPA's bias subclass and the mode clash
+    model = load_model(tiny_model_dir, dtype="bf16")
+    weight = model.get_output_embeddings().weight
+    batch = _batch(tokenizer, explicit_rows[:4], tmp_path)
+    monkeypatch.setattr(seq, "CHUNK_ELEMENTS", weight.shape[0] * 8)  # 8 tokens per chunk: many chunks
+    with torch.no_grad(), _HeadWeightCopies(weight.shape) as plain:
+        values = batch_token_logps(model, batch).values
+    assert values.numel() > 3 * 8 and plain.count == 1
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), _HeadWeightCopies(weight.shape) as mixed:
+        auto = batch_token_logps(model, batch).values
+    assert mixed.count == 0 and auto.dtype == torch.float32
+    assert (auto - values).abs().max() < 0.05 * values.abs().max()
+
+
+def test_head_probe_catches_a_mild_logit_scale_on_bf16_weights(tokenizer):
+    """The probe compares fp32 logits on bf16 weights: bf16's own tolerance (8 eps ≈ 0.06 × |log p|) let a
+    logits ÷ 1.05 head pass as a plain one, and the fast path would then skip the scale."""
+    from transformers import GraniteConfig, GraniteForCausalLM
+    torch.manual_seed(0)
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0)
+    scaled = GraniteForCausalLM(GraniteConfig(vocab_size=len(tokenizer), logits_scaling=1.05, **small)).eval()
+    plain = GraniteForCausalLM(GraniteConfig(vocab_size=len(tokenizer), logits_scaling=1.0, **small)).eval()
+    with pytest.warns(UserWarning, match="fast log-prob path off"):
+        assert fast_head(scaled.to(torch.bfloat16)) is False
+    assert fast_head(plain.to(torch.bfloat16)) is True
+
+
 # ---- training ------------------------------------------------------------------------------------------------
 
 def test_lora_with_bf16_base(tmp_path, tiny_model_dir, explicit_rows):
@@ -168,6 +230,10 @@ def test_full_finetuning_keeps_an_fp32_master_copy_and_a_bf16_reference(tmp_path
     assert _moments(ckpt) == {torch.float32}
     final = load_file(result.final_dir / "model.safetensors")
     assert {t.dtype for t in final.values()} == {torch.bfloat16}  # final/ in --model-dtype
+    # and config.json says so (save_pretrained wrote the fp32 master's dtype): dtype="auto" loads bf16
+    from transformers import AutoModelForCausalLM
+    assert json.load(open(result.final_dir / "config.json"))["dtype"] == "bfloat16"
+    assert AutoModelForCausalLM.from_pretrained(result.final_dir, dtype="auto").dtype == torch.bfloat16
     start = load_model(tiny_model_dir, dtype="bf16").state_dict()
     assert any(not torch.equal(final[k], start[k]) for k in final)
     # resuming from the fp32 master copy and fp32 moments continues the run exactly
@@ -176,6 +242,21 @@ def test_full_finetuning_keeps_an_fp32_master_copy_and_a_bf16_reference(tmp_path
     again = load_file(resumed / "final" / "model.safetensors")
     assert all(torch.equal(final[k], again[k]) for k in final)
     assert _metrics(resumed)[-1]["loss"] == _metrics(result.output_dir)[-1]["loss"]
+
+
+def test_full_finetuning_with_bf16_weights_starts_at_exactly_zero_margins(tmp_path, tiny_model_dir, explicit_rows,
+                                                                           monkeypatch):
+    """The cached and held-out reference sums come from the fp32 master copy the policy evaluates and trains in
+    (same bf16-rounded values), not from the bf16 weights before the upcast: step 0's held-out margins are exactly
+    0 and its loss ln 2 (before: bf16 rounding noise, a random-looking held-out accuracy)."""
+    monkeypatch.setenv("DPOKIT_CACHE", str(tmp_path / "cache"))
+    data = write_jsonl(tmp_path / "d.jsonl", explicit_rows)
+    result = train(model=tiny_model_dir, data=data, eval_data=data, output_dir=str(tmp_path / "run"),
+                   model_dtype="bf16", max_steps=1, lr=0.0, batch_size=8, shuffle=False, log=lambda *_: None, **QUIET)
+    assert result.eval_before["eval/rewards/margins"] == 0.0
+    assert result.eval_before["eval/rewards/accuracies"] == 0.0
+    first = _metrics(result.output_dir)[0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6) and first["rewards/margins"] == 0.0
 
 
 def test_pure_half_trains_bf16_weights_in_place(tmp_path, tiny_model_dir, explicit_rows):

@@ -123,21 +123,24 @@ class TrainConfig:
     resume: str | None = opt(None, "resume from a checkpoint folder, or 'auto' for the newest in --output-dir")
     device: str = opt("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', …")
     dtype: str = opt("auto", "compute precision: weights stay in --model-dtype, optimizer state fp32, forward passes "
-                     "autocast to bf16 or fp16; log-probs and losses are always fp32. 'auto': bf16 on GPU, fp32 on CPU (bf16 is "
-                     "~4× slower than fp32 on CPUs without AMX). fp16 (GPUs without bf16) scales the loss "
-                     "(GradScaler): a step whose gradients overflow is skipped, counted and the scale lowered",
+                     "autocast to bf16 or fp16; log-probs and losses are always fp32. 'auto': bf16 on GPU, fp32 on "
+                     "CPU (bf16 matmuls are several times slower than fp32 on CPUs without AMX or AVX512-BF16, "
+                     "faster on CPUs with them). fp16 (GPUs without bf16) scales the loss (GradScaler): a step whose "
+                     "gradients overflow is skipped, counted and the scale lowered",
                      ("auto", "fp32", "bf16", "fp16"))
     model_dtype: str = opt("fp32", "dtype weights are stored in (--dtype is the compute precision): frozen weights "
                            "(a live reference, a LoRA base) stay in it, half the bytes in bf16/fp16; trained weights "
                            "keep an fp32 master copy and fp32 optimizer state unless --pure-half; log-probs and "
-                           "losses stay fp32; final/ is written in it (docs/TRAINING.md). On a CPU without AMX "
-                           "bf16/fp16 matmuls are several times slower (measured and logged at start)",
+                           "losses stay fp32; final/ is written in it (docs/TRAINING.md). On a CPU, bf16 matmuls are "
+                           "several times slower than fp32 without AMX or AVX512-BF16 (faster with them), fp16 ones "
+                           "on nearly every CPU: the factor is measured and logged at start",
                            ("fp32", "bf16", "fp16"))
     pure_half: bool = opt(False, "train the --model-dtype weights in place: no fp32 master copy, optimizer state in "
-                          "bf16 (saves 6 of 16 bytes per trained weight). What is lost: an update smaller than about "
-                          "2^-9 of a weight (bf16 keeps 8 significant bits) rounds to zero, so at small learning "
-                          "rates most weights stop moving (logged at start). bf16 only (fp16 gradients need a loss "
-                          "scaler, which cannot unscale fp16 weights' gradients); full fine-tuning only")
+                          "bf16 (8 instead of 16 bytes per trained weight: bf16 weight, gradient and two moments). "
+                          "What is lost: an update smaller than about 2^-9 of a weight (bf16 keeps 8 significant "
+                          "bits) rounds to zero, so at small learning rates most weights stop moving (logged at "
+                          "start). bf16 only (fp16 gradients need a loss scaler, which cannot unscale fp16 weights' "
+                          "gradients); full fine-tuning only")
     fsdp: bool = opt(False, "under torchrun: shard weights, gradients and optimizer state over the processes "
                      "(FSDP2 fully_shard) instead of replicating them (DDP, the default)")
     progress: bool = opt(True, "show a progress bar on the terminal")
@@ -271,10 +274,21 @@ class TrainConfig:
         if self.model_dtype in halves and self.dtype in halves and self.model_dtype != self.dtype:
             raise ConfigError(f"model_dtype = {self.model_dtype!r} with dtype = {self.dtype!r}: two half precisions "
                               "would round the weights twice; use the same one for both")
+        if self.model_dtype == "fp16" and self.dtype == "auto" and self._auto_device_is_gpu():
+            raise ConfigError("model_dtype = 'fp16' with dtype = 'auto' on a GPU: auto is bf16 there, and two half "
+                              "precisions would round the weights twice; pass --dtype fp16 (or fp32) explicitly")
         if self.model_dtype == "fp16" and self.lora_r and self.dtype != "fp16":
             raise ConfigError("model_dtype = 'fp16' with LoRA needs --dtype fp16: the adapters' gradients flow "
                               "through the fp16 base and underflow without the loss scaler that --dtype fp16 "
                               "adds; or use --model-dtype bf16")
+
+    def _auto_device_is_gpu(self) -> bool:
+        """Whether --dtype auto means bf16 autocast for this run's --device (logprobs.sequence.autocast_dtype:
+        bf16 on CUDA, fp32 elsewhere); --device auto is CUDA when one is available."""
+        if self.device == "auto":
+            import torch
+            return torch.cuda.is_available()
+        return self.device.split(":")[0] == "cuda"
 
     @property
     def online(self) -> bool:

@@ -63,20 +63,24 @@ def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def _head_logits(states: torch.Tensor, head) -> torch.Tensor:
-    """head(states) as fp32 logits. With half-precision weights (--model-dtype bf16/fp16) a plain linear head
-    runs in fp32 on the upcast hidden states and weight (this chunk's only): bf16 logits of magnitude 16–32 are
-    rounded to 1/8, an error no later fp32 log-softmax can undo. Under autocast (--dtype bf16/fp16) the matmul
-    still runs in the compute precision asked for, as before; only its log-softmax is fp32."""
+def _head_logits(head, device_type: str):
+    """The function giving a chunk's logits (fp32 or wider) from its hidden states, decided once per call.
+
+    With half-precision weights (--model-dtype bf16/fp16) and no autocast, a plain linear head runs in fp32 on the
+    upcast hidden states and weight: bf16 logits of magnitude 16–32 are rounded to 1/8, an error no later fp32
+    log-softmax can undo. The weight ([vocab, hidden]) is upcast once here, not per chunk. Under autocast
+    (--dtype bf16/fp16, or auto on a GPU) the matmul runs in the compute precision asked for and autocast would
+    cast an fp32 weight straight back, so no copy is made; only the log-softmax is fp32 there."""
     weight = getattr(head, "weight", None)
-    if type(head) is torch.nn.Linear and (weight.dtype.itemsize < 4 or states.dtype.itemsize < 4):
-        bias = None if head.bias is None else _at_least_fp32(head.bias)
-        return F.linear(_at_least_fp32(states), _at_least_fp32(weight), bias)
-    return _at_least_fp32(head(states))
+    if type(head) is not torch.nn.Linear or weight.dtype.itemsize >= 4 or torch.is_autocast_enabled(device_type):
+        return lambda states: _at_least_fp32(head(states))  # (the module's own call: FSDP2's hooks unshard it)
+    weight32 = _at_least_fp32(weight)
+    bias32 = None if head.bias is None else _at_least_fp32(head.bias)
+    return lambda states: F.linear(_at_least_fp32(states), weight32, bias32)
 
 
 def _token_stats(states: torch.Tensor, head, targets: torch.Tensor, with_sq: bool, temperature: float = 1.0):
-    logits = _at_least_fp32(_head_logits(states, head))
+    logits = head(states)  # `_head_logits`: fp32 or wider
     if temperature != 1.0:
         logits = logits / temperature
     lse = torch.logsumexp(logits, dim=-1)
@@ -119,7 +123,9 @@ def _probe_head(model) -> str:
 
     Compares log_softmax of both on PROBE_TOKENS ids spread over the vocabulary, in eval mode, under
     no_grad, without autocast. Tolerance: max |Δ| ≤ max(1e-4, 8 eps) · max(1, max |log p|) — fp32 rounding
-    of the same matmuls passes (Δ ≈ 0), a scaled head fails (Δ ≈ (1 − m)·spread of the logits)."""
+    of the same matmuls passes (Δ ≈ 0), a scaled head fails (Δ ≈ (1 − m)·spread of the logits). A linear head
+    with half-precision weights runs in fp32 on both sides during the probe (a forward hook), so the logits,
+    and the tolerance, are fp32's: bf16's 8·eps (~0.06 × |log p|) would let a mild scale (m ≈ 1.05) through."""
     for key in CAPPING_KEYS:
         if getattr(model.config, key, None) is not None:
             return f"config.{key} = {getattr(model.config, key)}"
@@ -130,6 +136,10 @@ def _probe_head(model) -> str:
     ids = torch.linspace(0, embed.shape[0] - 1, PROBE_TOKENS, device=embed.device).long()[None]   # [1, P]
     was_training = model.training
     model.eval()
+    hook = None
+    if type(head) is torch.nn.Linear and head.weight.dtype.itemsize < 4:  # output replaced by the fp32 head's
+        hook = head.register_forward_hook(lambda m, inputs, _: F.linear(
+            _at_least_fp32(inputs[0]), _at_least_fp32(m.weight), None if m.bias is None else _at_least_fp32(m.bias)))
     try:
         with torch.no_grad(), torch.autocast(embed.device.type, enabled=False):
             full = model(input_ids=ids, use_cache=False).logits
@@ -139,6 +149,8 @@ def _probe_head(model) -> str:
                 return f"calling the decoder and the head separately fails: {type(e).__name__}: {e}"
     finally:
         model.train(was_training)
+        if hook is not None:
+            hook.remove()
     if fast.shape != full.shape:
         return f"decoder → head gives {tuple(fast.shape)}, the model {tuple(full.shape)}"
     full_lp, fast_lp = F.log_softmax(_at_least_fp32(full), -1), F.log_softmax(_at_least_fp32(fast), -1)
@@ -190,6 +202,7 @@ def batch_token_logps(model, batch: dict[str, torch.Tensor], with_sq: bool = Fal
             states, head = model(**kwargs).logits[row, src], torch.nn.Identity()
     width = head.out_features if hasattr(head, "out_features") else states.shape[-1]
     chunk = max(1, CHUNK_ELEMENTS // width)
+    head = _head_logits(head, states.device.type)
     if states.shape[0] <= chunk:
         values, sq = _token_stats(states, head, targets, with_sq, temperature)
     else:
