@@ -69,13 +69,13 @@ def _child(options: dict, queue) -> None:
 def measure(options: dict) -> dict:
     """{'measured', 'estimated', 'tokens', 'parts'} in bytes for one `train` configuration (one step)."""
     from dpokit.config import TrainConfig
-    from dpokit.estimate import batch_tokens, estimate, shapes_for
+    from dpokit.estimate import estimate, micro_batch_tokens, shapes_for
     from dpokit.loop.inputs import load_data
     from dpokit.models import load_tokenizer
     options = {"max_steps": 2, "progress": False, "memory_check": False, "warmup_steps": 0, "lr": 1e-4, **options}
     cfg = TrainConfig.from_dict(options)
     train_set, _ = load_data(cfg, load_tokenizer(cfg.model), False, lambda *a, **k: None)
-    tokens = batch_tokens(cfg, train_set)
+    tokens = micro_batch_tokens(cfg, train_set)
     shape, ref = shapes_for(cfg)
     est = estimate(cfg, shape, 1, tokens, ref)
     ctx = multiprocessing.get_context("fork")

@@ -31,14 +31,11 @@ def fit_memory(points: list[tuple[float, float]]) -> tuple[float, float, float |
 
 
 def available_gb() -> float:
-    """MemAvailable from /proc/meminfo (inf where there is none)."""
-    try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) / 2**20
-    except OSError:
-        pass
-    return float("inf")
+    """The machine's free memory as the pre-load check sees it (estimate.available_bytes: MemAvailable, or a
+    container's cgroup limit where lower), in GiB; inf where unknown."""
+    from dpokit.estimate import available_bytes
+    free = available_bytes("cpu")
+    return free / 2**30 if free else float("inf")
 
 
 def trl_skip(prompt: int, tokens: float, measured: list[tuple[float, float]], limit: int) -> str:

@@ -87,7 +87,7 @@ def cmd_estimate(args) -> int:
     from dpokit.estimate import report, world_size
     from dpokit.loop.train import pick_device
     cfg = config_from_args(args)
-    text, _, _ = report(cfg, args.processes or world_size(), pick_device(cfg.device).type)
+    text, _, _ = report(cfg, args.processes or world_size(), pick_device(cfg.device))
     print(text)
     return 0
 
@@ -205,11 +205,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_est = sub.add_parser("estimate", help="expected peak memory of `train` with the same options, by part, from "
                            "the model's config alone (no weights loaded), and what would fit if it does not",
-                           description="Takes the same options as `train`. Lengths are the worst case of "
-                           "--max-length (train itself checks with the data's; docs/PERFORMANCE.md).")
+                           description="Takes the same options as `train`. Lengths: --data's own (its "
+                           "--batch-size longest examples, as train checks), else the worst case of --max-length. "
+                           "Options that do not change memory (learning rate, beta, schedule, --eval-data, "
+                           "--output-dir, logging) are accepted and ignored. Online runs (GRPO, online DPO) are "
+                           "not modelled (docs/PERFORMANCE.md).")
     add_config_flags(p_est)
-    p_est.add_argument("--processes", type=int, default=None, help="processes to show FSDP's share for (default: "
-                       "the torchrun world size, else 1)")
+    p_est.add_argument("--processes", type=int, default=None, help="processes of the run (default: the torchrun world "
+                       "size, else 1): FSDP's share; on a CPU they share the machine, so each is compared with "
+                       "1/N of its free memory")
     p_est.set_defaults(func=cmd_estimate)
 
     p_cache = sub.add_parser("cache-ref", help="compute the reference log-probs a `train` with the same options "

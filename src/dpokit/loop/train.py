@@ -68,6 +68,8 @@ def train(config: TrainConfig | None = None, log=print, **overrides) -> TrainRes
     with deterministic_kernels(cfg.deterministic), attention_kind(cfg.attention, log):
         if cfg.online:  # GRPO / online DPO: trains on its own samples, not on a pairs file
             from dpokit.loop.online import train_online
+            if cfg.memory_check:
+                log("memory check: not available for online runs (sampling is not modelled; docs/PERFORMANCE.md)")
             return train_online(cfg, log)
         ctx = start(cfg.fsdp, cfg.device)
         try:
@@ -93,7 +95,7 @@ def _train(cfg: TrainConfig, ctx: Distributed, log) -> TrainResult:
     pad_id = tokenizer.pad_token_id
     if cfg.memory_check:  # refuse before minutes of loading what cannot fit (config only: milliseconds)
         from dpokit.estimate import check_memory
-        check_memory(cfg, train_set, device.type, ctx.world, log)
+        check_memory(cfg, train_set, device, ctx, log)  # rank 0 decides, after a barrier
     warn_half_on_cpu(device, cfg.model_dtype, log)
     policy = load_model(cfg.model, device, cfg.allow_pickle, cfg.trust_remote_code, cfg.model_dtype)
     # Dropout stays off (eval mode): log π − log π_ref must compare the same deterministic function.
