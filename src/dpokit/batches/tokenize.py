@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from jinja2 import TemplateError
 
 from dpokit.data.errors import DataError
-from dpokit.data.formats import Completion, Pair
+from dpokit.data.formats import Completion, Pair, SamplerRef
 
 
 @dataclass
@@ -25,6 +25,7 @@ class TokenizedPair:
     chosen_ids: list[int]
     rejected_ids: list[int]
     source: str
+    sampler_ref: SamplerRef | None = None  # the row's stored reference log-probs (used when these ids match)
 
     @property
     def n_tokens(self) -> int:
@@ -134,7 +135,7 @@ def tokenize_pair(pair: Pair, tokenizer, max_length: int, max_prompt_length: int
     report.pairs += 1
     for key, ids in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
         report.lengths[key].append(len(ids))
-    return TokenizedPair(prompt, chosen, rejected, pair.source)
+    return TokenizedPair(prompt, chosen, rejected, pair.source, pair.sampler_ref)
 
 
 def tokenize_pairs(pairs: list[Pair], tokenizer, max_length: int,

@@ -49,8 +49,15 @@ def check_stats(pairs: list[Pair], load_report: LoadReport, tokenized: list[Toke
 
     differences = [len(t.chosen_ids) - len(t.rejected_ids) for t in untruncated]
     n = len(differences)
+    carrying = [t for t in tokenized if t.sampler_ref is not None]
     return {
         **_common(load_report, "pairs", len(pairs), duplicates, cuts, tok_report),
+        # make-pairs rows carry the sampler's reference log-probs; training uses those whose ids it reproduces
+        "sampler_ref": {"pairs": sum(p.sampler_ref is not None for p in pairs),
+                        "digests": sorted({p.sampler_ref.digest for p in pairs if p.sampler_ref is not None}),
+                        "matching": sum((t.prompt_ids, t.chosen_ids, t.rejected_ids) == (
+                            t.sampler_ref.prompt_ids, t.sampler_ref.chosen_ids, t.sampler_ref.rejected_ids)
+                            for t in carrying)},
         "chosen_equals_rejected": load_report.skipped.get("chosen_equals_rejected", 0),
         "tokens": {part: _spread([len(getattr(t, f"{part}_ids")) for t in untruncated])
                    for part in ("prompt", "chosen", "rejected")},
@@ -160,6 +167,12 @@ def format_check(stats: dict) -> str:
         text += ("; dropped " + ", ".join(f"{n} ({why})" for why, n in sorted(tr["dropped"].items())) + ": "
                  + ", ".join(sources[:SHOWN]) + (" …" if len(sources) > SHOWN else ""))
     lines.append(text)
+    if paired and stats["sampler_ref"]["pairs"]:
+        ref = stats["sampler_ref"]
+        digests = ", ".join(d[:12] for d in ref["digests"])
+        lines.append(f"  sampler reference log-probs: {ref['pairs']} of {stats[unit]} pairs (model digest {digests}); "
+                     f"{ref['matching']} tokenize to the stored ids at these limits, so training with that "
+                     "reference uses their stored sums")
     if paired:
         bias = stats["length_bias"]
         lines.append(f"  length bias: chosen longer in {bias['chosen_longer']:.1%} of pairs, rejected longer in "

@@ -6,6 +6,10 @@ Four formats, decided per file from its first valid row and then required of eve
   end of the last assistant turn marker inside it (Anthropic HH's "\\n\\nHuman: … \\n\\nAssistant:");
 - conversational: `chosen`/`rejected` (and optionally `prompt`) are lists of {role, content} messages;
 - unpaired (KTO): `prompt`, `completion` (strings or message lists) and a boolean `label`.
+
+Rows written by `make-pairs` (and the demo) may also carry the reference log-probs the sampler computed
+(`SamplerRef`: `ref_digest`, `ref_prompt_ids`, `chosen_ref_ids`, `rejected_ref_ids`, `chosen_ref_logp`,
+`rejected_ref_logp`), in any of the paired formats: all six or none.
 """
 
 from __future__ import annotations
@@ -26,6 +30,23 @@ TURN_MARKERS = ("\n\nAssistant:", "\nAssistant:", "<|im_start|>assistant\n", "[/
                 "<|start_header_id|>assistant<|end_header_id|>\n\n", "<start_of_turn>model\n")
 
 
+SAMPLER_FIELDS = ("ref_digest", "ref_prompt_ids", "chosen_ref_ids", "rejected_ref_ids", "chosen_ref_logp",
+                  "rejected_ref_logp")
+
+
+@dataclass
+class SamplerRef:
+    """What the model that sampled a pair computed of it: the token ids it scored and their summed log-probs.
+    When that model is training's reference (`digest`: refcache.weights_digest) and training tokenizes the
+    row to exactly these ids, the sums are the pair's reference log-probs (logprobs/sampler_ref.py)."""
+    digest: str
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    chosen_logp: float
+    rejected_logp: float
+
+
 @dataclass
 class Pair:
     prompt: Text
@@ -37,6 +58,7 @@ class Pair:
     # --max-new-tokens): that completion did not end, so tokenization adds no EOS / end of turn after it
     chosen_ends: bool = True
     rejected_ends: bool = True
+    sampler_ref: SamplerRef | None = None  # the sampler's reference log-probs, when the row carries them
 
 
 @dataclass
@@ -141,11 +163,12 @@ def parse_row(row: dict, fmt: str, path: str, line: int) -> Pair:
         fail("prompt", "this file is implicit format (no prompt field) but this row has one: mixed formats",
              "mixed_formats")
     source = f"{path}:{line}"
-    ends = {}
+    extra = {}
     for key in ("chosen_truncated", "rejected_truncated"):
         if not isinstance(row.get(key, False), bool):
             fail(key, f"expected true or false, got {row[key]!r:.40}", "wrong_type")
-        ends[key.replace("truncated", "ends")] = not row.get(key, False)
+        extra[key.replace("truncated", "ends")] = not row.get(key, False)
+    extra["sampler_ref"] = _sampler_ref(row, fail)
 
     if fmt == "conversational":
         chosen = _messages(row["chosen"], "chosen", fail)
@@ -167,7 +190,7 @@ def parse_row(row: dict, fmt: str, path: str, line: int) -> Pair:
             if msgs[0]["role"] != "assistant":
                 fail(key, f"completion must start with an assistant message, got role '{msgs[0]['role']}'",
                      "bad_role")
-        return Pair(prompt, chosen, rejected, source, conversational=True, **ends)
+        return Pair(prompt, chosen, rejected, source, conversational=True, **extra)
 
     for key in ("chosen", "rejected") + (("prompt",) if fmt == "explicit" else ()):
         if not isinstance(row[key], str):
@@ -184,7 +207,7 @@ def parse_row(row: dict, fmt: str, path: str, line: int) -> Pair:
             fail(key, "empty completion", "empty_completion")
     if chosen == rejected:
         fail("rejected", "identical to chosen: the pair carries no preference", "chosen_equals_rejected")
-    return Pair(prompt, chosen, rejected, source, **ends)
+    return Pair(prompt, chosen, rejected, source, **extra)
 
 
 def load_completions(path: str, on_bad_row: str = "error",
@@ -275,6 +298,29 @@ def _messages(value, key: str, fail) -> Messages:
         _check_unicode(m["content"], f"{key}[{i}].content", fail)
         out.append({"role": m["role"], "content": m["content"]})
     return out
+
+
+def _sampler_ref(row: dict, fail) -> SamplerRef | None:
+    """The row's SamplerRef, None when it has none of its fields; half of them is an error, not ignored."""
+    present = [k for k in SAMPLER_FIELDS if row.get(k) is not None]
+    if not present:
+        return None
+    if len(present) < len(SAMPLER_FIELDS):
+        missing = next(k for k in SAMPLER_FIELDS if k not in present)
+        fail(missing, f"missing while the row has {present[0]} (sampler reference log-probs need all of "
+             f"{', '.join(SAMPLER_FIELDS)})", "missing_field")
+    if not isinstance(row["ref_digest"], str):
+        fail("ref_digest", f"expected a string, got {row['ref_digest']!r:.40}", "wrong_type")
+    for key in ("ref_prompt_ids", "chosen_ref_ids", "rejected_ref_ids"):
+        ids = row[key]
+        if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            fail(key, f"expected a list of token ids, got {ids!r:.40}", "wrong_type")
+    for key in ("chosen_ref_logp", "rejected_ref_logp"):
+        v = row[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v <= 0:
+            fail(key, f"expected a log-probability (a number <= 0), got {v!r:.40}", "wrong_type")
+    return SamplerRef(row["ref_digest"], row["ref_prompt_ids"], row["chosen_ref_ids"], row["rejected_ref_ids"],
+                      float(row["chosen_ref_logp"]), float(row["rejected_ref_logp"]))
 
 
 def _has_text(messages: Messages) -> bool:

@@ -17,7 +17,7 @@ import torch
 from dpokit.batches.budget import TOKENS_PER_PAIR
 from dpokit.config import ConfigError, TrainConfig
 from dpokit.distributed import Distributed, broadcast_object, start
-from dpokit.logprobs import PairLogps, compute_precision
+from dpokit.logprobs import PairLogps, compute_precision, sampler_ref
 from dpokit.logprobs.attention import attention_kind
 from dpokit.logprobs.sequence import autocast_dtype
 from dpokit.logprobs.refcache import cache_key, cache_path, compute_reference, load_cached, store, weights_digest
@@ -109,8 +109,12 @@ def prepare_reference(cfg, policy, tokenizer, train_set, eval_set, unpaired: boo
             return cached
         start = time.perf_counter()
         with compute_precision(device, cfg.dtype):
-            logps = compute_reference(source, pairs, cfg.eval_batch_size, pad_id, device, cfg.ld_alpha,
-                                      cfg.prefix_sharing, cfg.pack_tokens, ctx)
+            def compute(rows):
+                return compute_reference(source, rows, cfg.eval_batch_size, pad_id, device, cfg.ld_alpha,
+                                         cfg.prefix_sharing, cfg.pack_tokens, ctx)
+            # rows sampled from this reference carry its sums (logprobs/sampler_ref.py); digest[:64] is the weights'
+            logps = (sampler_ref.with_sampler_logps(pairs, digest[:64], compute, sampler_ref.sums_dtype(source), log)
+                     if role == "training" and sampler_ref.applies(pairs, cfg, low, log) else compute(pairs))
         seconds = time.perf_counter() - start
         where = f", cached at {store(key, logps)}" if key and ctx.is_main else ""
         on = f" on {ctx.world} processes" if ctx.enabled else ""
@@ -119,6 +123,8 @@ def prepare_reference(cfg, policy, tokenizer, train_set, eval_set, unpaired: boo
 
     eval_ref = logps_of(eval_set, "held-out") if eval_set else None
     train_ref = logps_of(train_set, "training") if cacheable else None
+    if with_ref and not cacheable and not unpaired:
+        sampler_ref.note_unused(train_set, cfg, log)
     if cacheable or not with_ref:
         model = None  # never run again: release its memory
     elif not cfg.ref_model and cfg.lora_r:

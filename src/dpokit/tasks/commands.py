@@ -168,7 +168,8 @@ def add_commands(sub) -> None:
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("make-pairs", help="preference pairs from prompts: sample completions, score them with a "
-                       "reward function, pair best vs worst (or all)")
+                       "reward function, pair best vs worst (or all); rows keep the model's log-probs of the "
+                       "sampled ids, which training with it as reference uses instead of recomputing them")
     p.add_argument("--prompts", required=True, help="file with a 'prompt' field per row (string or messages)")
     p.add_argument("--output", required=True, help="pairs file to write (.jsonl)")
     p.add_argument("--model", default="embedded")

@@ -3,7 +3,14 @@ pair them. This is how the DPO paper built its IMDb pairs (samples from the SFT 
 sentiment classifier), and how online / iterative DPO regenerates its data from the current policy.
 
 A sample stopped by max_new_tokens did not end: its row says so (`chosen_truncated` / `rejected_truncated`:
-true), and training then adds no EOS (or chat end of turn) after it; one that ended by itself gets it."""
+true), and training then adds no EOS (or chat end of turn) after it; one that ended by itself gets it.
+
+Each row also stores what the sampling model computed of it (`make_pairs`: the sampler is the reference):
+the token ids it scored (`ref_prompt_ids`, `chosen_ref_ids`, `rejected_ref_ids`: each completion's sampled
+ids, ending with EOS when it ended), their summed log-probs under it (`chosen_ref_logp`,
+`rejected_ref_logp`: from the raw logits, so whatever the temperature or top-p) and its weights digest
+(`ref_digest`). Training reuses the sums for pairs it tokenizes to the same ids with that reference
+(logprobs/sampler_ref.py) instead of running the reference on them."""
 
 from __future__ import annotations
 
@@ -24,6 +31,7 @@ class PairStats:
     ties: int = 0                 # candidate pairs left out because their rewards were within min_gap
     identical: int = 0            # candidate pairs left out because the two texts were the same
     truncated: int = 0            # samples stopped by max_new_tokens (kept; their rows mark them *_truncated)
+    reusable: int | None = None   # pairs whose stored reference log-probs match training's tokenization
     seconds: float = 0.0
     reward_gaps: list[float] = field(default_factory=list)
 
@@ -32,7 +40,9 @@ class PairStats:
         return (f"{self.pairs} pairs from {self.prompts} prompts × {self.samples // max(self.prompts, 1)} samples "
                 f"({self.seconds:.0f} s sampling); mean reward gap {gap:.3f}; left out: {self.ties} ties, "
                 f"{self.identical} identical texts; {self.truncated} of {self.samples} samples cut at "
-                "max_new_tokens (marked *_truncated: trained without EOS)")
+                "max_new_tokens (marked *_truncated: trained without EOS)" +
+                ("" if self.reusable is None else f"; reference log-probs stored, {self.reusable} of "
+                 f"{self.pairs} pairs tokenize to the sampled ids (reusable by training)"))
 
 
 def _as_reply(prompt, text: str):
@@ -64,29 +74,53 @@ def select_pairs(samples: Samples, rewards: list[float], pairing: str = "best-wo
 
 
 def pair_up(samples: Samples, rewards: list[float], pairing: str = "best-worst",
-            min_gap: float = 0.0) -> tuple[list[dict], PairStats]:
+            min_gap: float = 0.0, digest: str | None = None) -> tuple[list[dict], PairStats]:
     """Rows {prompt, chosen, rejected, chosen_reward, rejected_reward, chosen_truncated, rejected_truncated} of
-    the pairs `select_pairs` picks (module docstring for *_truncated)."""
+    the pairs `select_pairs` picks (module docstring for *_truncated); with `digest` (the sampling model's
+    weights digest) also its reference log-probs fields (module docstring)."""
     selected, stats = select_pairs(samples, rewards, pairing, min_gap)
     cut = samples.truncated or [False] * len(samples.texts)
     stats.truncated = sum(cut)
     rows = [{"prompt": samples.prompts[p], "chosen": _as_reply(samples.prompts[p], samples.texts[hi]),
              "rejected": _as_reply(samples.prompts[p], samples.texts[lo]),
              "chosen_reward": rewards[hi], "rejected_reward": rewards[lo],
-             "chosen_truncated": cut[hi], "rejected_truncated": cut[lo]} for p, hi, lo in selected]
+             "chosen_truncated": cut[hi], "rejected_truncated": cut[lo],
+             **({} if digest is None else
+                {"ref_digest": digest, "ref_prompt_ids": samples.prompt_ids[hi],
+                 "chosen_ref_ids": samples.completion_ids[hi], "rejected_ref_ids": samples.completion_ids[lo],
+                 "chosen_ref_logp": samples.logps[hi], "rejected_ref_logp": samples.logps[lo]})}
+            for p, hi, lo in selected]
     return rows, stats
+
+
+def count_reusable(rows: list[dict], tokenizer) -> int:
+    """Rows whose stored ids are what training's tokenization gives them (before any length limits): the
+    pairs whose stored sums training can use. A chat template that writes tokens after the end of turn
+    (ChatML's "\\n") makes every ended chat reply differ; BPE merges across the prompt boundary a few more."""
+    from dpokit.batches.tokenize import tokenize_pair
+    from dpokit.data.formats import Pair
+    n = 0
+    for r in rows:
+        pair = Pair(r["prompt"], r["chosen"], r["rejected"], "make-pairs", isinstance(r["prompt"], list),
+                    not r["chosen_truncated"], not r["rejected_truncated"])
+        t = tokenize_pair(pair, tokenizer, 1 << 30, None)
+        n += t is not None and (t.prompt_ids, t.chosen_ids, t.rejected_ids) == (
+            r["ref_prompt_ids"], r["chosen_ref_ids"], r["rejected_ref_ids"])
+    return n
 
 
 def make_pairs(model, tokenizer, prompts: list, reward_fn, n: int = 4, pairing: str = "best-worst",
                min_gap: float = 0.0, max_new_tokens: int = 32, temperature: float = 1.0, top_p: float = 1.0,
                seed: int = 0, batch_size: int = 128) -> tuple[list[dict], PairStats]:
-    """Sample n completions per prompt from `model`, score with `reward_fn`, pair (see `pair_up`)."""
+    """Sample n completions per prompt from `model`, score with `reward_fn`, pair (see `pair_up`); the rows
+    carry the sampler's reference log-probs (module docstring)."""
+    from dpokit.logprobs.refcache import weights_digest
     if n < 2:
         raise ConfigError(f"making pairs needs at least 2 samples per prompt, got {n}")
     s = sample(model, tokenizer, prompts, n, max_new_tokens, temperature, top_p, batch_size, seed)
     rewards = reward_fn([s.prompt_of(i) for i in range(len(s.texts))], s.texts)
-    rows, stats = pair_up(s, rewards, pairing, min_gap)
-    stats.seconds = s.seconds
+    rows, stats = pair_up(s, rewards, pairing, min_gap, digest=weights_digest(model))
+    stats.seconds, stats.reusable = s.seconds, count_reusable(rows, tokenizer)
     return rows, stats
 
 
