@@ -141,6 +141,7 @@ def test_training_uses_stored_sums_and_starts_like_a_live_reference(tmp_path, to
                                                                      r["rejected_ref_ids"]) for p, r in zip(pairs, rows))
     assert any(f"{matching} of {len(rows)} pairs from the sampler, {len(rows) - matching} recomputed" in m
                for m in logs), logs
+    assert any(m.startswith(f"training reference log-probs: computed for {len(rows) - matching} pairs") for m in logs)
     assert stored["loss"] == pytest.approx(live["loss"], abs=1e-6)
     assert stored["loss"] == pytest.approx(math.log(2), abs=1e-5)
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"):

@@ -107,9 +107,10 @@ def prepare_reference(cfg, policy, tokenizer, train_set, eval_set, unpaired: boo
         if cached is not None:
             log(f"{role} reference log-probs: read from cache {cache_path(key)}")
             return cached
-        start = time.perf_counter()
+        start, computed = time.perf_counter(), []
         with compute_precision(device, cfg.dtype):
             def compute(rows):
+                computed.append(len(rows))
                 return compute_reference(source, rows, cfg.eval_batch_size, pad_id, device, cfg.ld_alpha,
                                          cfg.prefix_sharing, cfg.pack_tokens, ctx)
             # rows sampled from this reference carry its sums (logprobs/sampler_ref.py); digest[:64] is the weights'
@@ -118,7 +119,7 @@ def prepare_reference(cfg, policy, tokenizer, train_set, eval_set, unpaired: boo
         seconds = time.perf_counter() - start
         where = f", cached at {store(key, logps)}" if key and ctx.is_main else ""
         on = f" on {ctx.world} processes" if ctx.enabled else ""
-        log(f"{role} reference log-probs: computed for {len(pairs)} pairs in {seconds:.1f} s{on}{where}")
+        log(f"{role} reference log-probs: computed for {sum(computed)} pairs in {seconds:.1f} s{on}{where}")
         return logps
 
     eval_ref = logps_of(eval_set, "held-out") if eval_set else None
