@@ -42,7 +42,8 @@ allp, t_all = ref(pairs)
 rest = [p for i, p in enumerate(pairs) if i not in set(usable)]
 _, t_rest = ref(rest) if rest else (None, 0.0)
 print(f"reference pass: all {len(pairs)} pairs {t_all:.1f} s; only the {len(rest)} recomputed {t_rest:.1f} s")
-st = torch.tensor([[pairs[i].sampler_ref.chosen_logp, pairs[i].sampler_ref.rejected_logp] for i in usable], dtype=torch.float64)
+st = torch.tensor([[pairs[i].sampler_ref.chosen_logp, pairs[i].sampler_ref.rejected_logp] for i in usable],
+                  dtype=torch.float64)
 rc = torch.stack([allp.chosen[usable], allp.rejected[usable]], 1).double()
 rel = ((st - rc).abs() / rc.abs()).max().item()
 print(f"stored vs recomputed: max |diff| {(st - rc).abs().max().item():.2e} nats, max rel {rel:.2e}")

@@ -30,6 +30,7 @@ class PairStats:
     pairs: int = 0
     ties: int = 0                 # candidate pairs left out because their rewards were within min_gap
     identical: int = 0            # candidate pairs left out because the two texts were the same
+    empty: int = 0                # candidate pairs left out because a text was empty (EOS first): loading refuses it
     truncated: int = 0            # samples stopped by max_new_tokens (kept; their rows mark them *_truncated)
     reusable: int | None = None   # pairs whose stored reference log-probs match training's tokenization
     seconds: float = 0.0
@@ -39,8 +40,8 @@ class PairStats:
         gap = sum(self.reward_gaps) / len(self.reward_gaps) if self.reward_gaps else float("nan")
         return (f"{self.pairs} pairs from {self.prompts} prompts × {self.samples // max(self.prompts, 1)} samples "
                 f"({self.seconds:.0f} s sampling); mean reward gap {gap:.3f}; left out: {self.ties} ties, "
-                f"{self.identical} identical texts; {self.truncated} of {self.samples} samples cut at "
-                "max_new_tokens (marked *_truncated: trained without EOS)" +
+                f"{self.identical} identical texts, {self.empty} with an empty text; {self.truncated} of "
+                f"{self.samples} samples cut at max_new_tokens (marked *_truncated: trained without EOS)" +
                 ("" if self.reusable is None else f"; reference log-probs stored, {self.reusable} of "
                  f"{self.pairs} pairs tokenize to the sampled ids (reusable by training)"))
 
@@ -50,11 +51,13 @@ def _as_reply(prompt, text: str):
     return [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
 
 
-def select_pairs(samples: Samples, rewards: list[float], pairing: str = "best-worst",
-                 min_gap: float = 0.0) -> tuple[list[tuple[int, int, int]], PairStats]:
+def select_pairs(samples: Samples, rewards: list[float], pairing: str = "best-worst", min_gap: float = 0.0,
+                 skip_empty: bool = False) -> tuple[list[tuple[int, int, int]], PairStats]:
     """(prompt index, chosen row, rejected row) from n scored samples per prompt.
     pairing: "best-worst" (one pair per prompt: highest vs lowest reward) or "all" (every two samples
-    whose rewards differ by more than min_gap, the higher one chosen). Equal texts are left out too."""
+    whose rewards differ by more than min_gap, the higher one chosen). Equal texts are left out too, and with
+    skip_empty a sample with no text (EOS first, or only whitespace): loading refuses an empty completion
+    (pairs kept as token ids, as online DPO keeps them, need no text)."""
     if pairing not in ("best-worst", "all"):
         raise ValueError(f"pairing must be 'best-worst' or 'all', got {pairing!r}")
     n, stats, selected = samples.n, PairStats(len(samples.prompts), len(samples.texts)), []
@@ -64,6 +67,8 @@ def select_pairs(samples: Samples, rewards: list[float], pairing: str = "best-wo
         for hi, lo in candidates:
             if samples.texts[hi] == samples.texts[lo]:
                 stats.identical += 1
+            elif skip_empty and not (samples.texts[hi].strip() and samples.texts[lo].strip()):
+                stats.empty += 1
             elif rewards[hi] - rewards[lo] <= min_gap:
                 stats.ties += 1
             else:
@@ -78,7 +83,7 @@ def pair_up(samples: Samples, rewards: list[float], pairing: str = "best-worst",
     """Rows {prompt, chosen, rejected, chosen_reward, rejected_reward, chosen_truncated, rejected_truncated} of
     the pairs `select_pairs` picks (module docstring for *_truncated); with `digest` (the sampling model's
     weights digest) also its reference log-probs fields (module docstring)."""
-    selected, stats = select_pairs(samples, rewards, pairing, min_gap)
+    selected, stats = select_pairs(samples, rewards, pairing, min_gap, skip_empty=True)  # rows are texts
     cut = samples.truncated or [False] * len(samples.texts)
     stats.truncated = sum(cut)
     rows = [{"prompt": samples.prompts[p], "chosen": _as_reply(samples.prompts[p], samples.texts[hi]),
