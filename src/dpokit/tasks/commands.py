@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 
@@ -83,6 +84,11 @@ def add_task_flags(p: argparse.ArgumentParser) -> None:
                        help="training option (default: the demo's, see docs/RESULTS.md)")
 
 
+# the demo's options recorded in demo.json (task flags, training overrides, budget)
+DEMO_OPTIONS = ("model", "train_prompts", "eval_prompts", "limit", "reward", "samples", "pairing", "k",
+                "max_new_tokens", "seed", *(name for name, _ in TRAIN_OVERRIDES), "minutes")
+
+
 def task_from_args(args):
     from dpokit.tasks.demo import SentimentTask
     task = SentimentTask(model=args.model, train_prompts=args.train_prompts, eval_prompts=args.eval_prompts,
@@ -94,8 +100,22 @@ def task_from_args(args):
 
 def cmd_demo(args) -> int:
     from dpokit.tasks.demo import run_demo
+    from dpokit.tasks.demo_state import DemoInterrupted, resume_options
+    if args.resume:  # options left at their defaults take the interrupted demo's values
+        from dpokit.cli import build_parser
+        defaults = vars(build_parser().parse_args(["demo"]))
+        names = [k for k in DEMO_OPTIONS if hasattr(args, k)]
+        merged = resume_options(Path(args.output_dir), {k: getattr(args, k) for k in names},
+                                {k: defaults[k] for k in names})
+        for k, v in merged.items():
+            setattr(args, k, v)
     task, overrides = task_from_args(args)
-    run_demo(args.output_dir, task, progress=args.progress, **overrides)
+    try:
+        run_demo(args.output_dir, task, minutes=args.minutes, resume=args.resume, progress=args.progress,
+                 **overrides)
+    except DemoInterrupted as e:  # one line, no traceback: the user asked it to stop
+        print(f"dpokit demo: {e}", file=sys.stderr)
+        return 128 + e.signum
     return 0
 
 
@@ -141,8 +161,15 @@ def cmd_report(args) -> int:
 
 def add_commands(sub) -> None:
     p = sub.add_parser("demo", help="the DPO paper's sentiment experiment in miniature: sample pairs from the "
-                       "embedded model, train DPO, evaluate win rate and KL, write report.html (~15 min on 2 cores)")
+                       "embedded model, train DPO, evaluate win rate and KL, write report.html; sized to "
+                       "--minutes, resumable")
     p.add_argument("--output-dir", default="runs/demo")
+    p.add_argument("--minutes", type=float, default=15.0, help="time budget: the demo measures the machine "
+                   "(~2 s), then sizes prompts, samples, training steps and evaluation to fit it and prints the "
+                   "plan (default: 15)")
+    p.add_argument("--resume", action="store_true", help="continue the demo recorded in --output-dir "
+                   "(demo.json): reuse its pairs, resume training from the newest checkpoint, redo what is "
+                   "missing; options not given are taken from the record, different ones are refused")
     add_task_flags(p)
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     p.set_defaults(func=cmd_demo)

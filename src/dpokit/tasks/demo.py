@@ -8,13 +8,15 @@ reward is VADER sentiment. Steps, each logged with its time:
   2. DPO on the training pairs (held-out pairs from the eval prompts give implicit-reward accuracy);
   3. generation metrics on the held-out prompts: policy vs reference win rate, rewards, KL, length;
   4. eval.json and report.html with plots.
+Before step 1 the demo measures the machine and sizes the run to `--minutes` (tasks/demo_plan.py); it
+records its options, plan and phases in demo.json, so `--resume` continues an interrupted run
+(tasks/demo_state.py).
 """
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from dpokit.config import TrainConfig
@@ -38,11 +40,15 @@ class SentimentTask:
     k: int = 4                            # samples per held-out prompt for generation metrics
     max_new_tokens: int = 32
     seed: int = 0
+    train_count: int = 0                  # the demo's budget plan: first N training prompts (0: all)
+    eval_count: int = 0                   # the same for held-out prompts
 
     def prompts(self) -> tuple[list, list]:
         train, _ = load_prompts(self.train_prompts or builtin_path("sentiment_train"))
         held, _ = load_prompts(self.eval_prompts or builtin_path("sentiment_eval"))
-        return (train[:self.limit], held[:self.limit]) if self.limit else (train, held)
+        if self.limit:
+            train, held = train[:self.limit], held[:self.limit]
+        return train[:self.train_count or None], held[:self.eval_count or None]
 
 
 def demo_train_config(output_dir: Path, task: SentimentTask, pairs_dir: Path | None = None,
@@ -62,16 +68,23 @@ def demo_train_config(output_dir: Path, task: SentimentTask, pairs_dir: Path | N
     return TrainConfig.from_dict(values, source="demo")
 
 
-def make_task_pairs(task: SentimentTask, output_dir: Path, log=print) -> tuple[Path, Path]:
+def make_task_pairs(task: SentimentTask, output_dir: Path, log=print, reuse: bool = False,
+                    models=None) -> tuple[Path, Path]:
     """Pairs for training (train prompts) and held-out preference metrics (eval prompts), sampled from
-    the reference; written as pairs_train.jsonl / pairs_eval.jsonl in output_dir."""
+    the reference; written as pairs_train.jsonl / pairs_eval.jsonl in output_dir. With `reuse`, a file
+    already there is kept (write_jsonl renames a complete temporary file into place, so one that exists
+    is whole). `models`: (tokenizer, reference) already loaded."""
     train_prompts, eval_prompts = task.prompts()
-    tokenizer, reference = load_tokenizer(task.model), load_model(task.model)
+    tokenizer, reference = models or (load_tokenizer(task.model), load_model(task.model))
     reward = load_reward(task.reward)
     paths = []
     # held-out pairs are always best-vs-worst: one per prompt keeps evaluation cheap and its prompts equal
     for name, prompts, seed, pairing in (("train", train_prompts, task.seed, task.pairing),
                                          ("eval", eval_prompts, task.seed + 100, "best-worst")):
+        if reuse and (output_dir / f"pairs_{name}.jsonl").is_file():
+            paths.append(output_dir / f"pairs_{name}.jsonl")
+            log(f"{name} pairs: reusing {paths[-1]}")
+            continue
         rows, stats = make_pairs(reference, tokenizer, prompts, reward, task.samples, pairing,
                                  max_new_tokens=task.max_new_tokens, seed=seed)
         paths.append(write_jsonl(rows, output_dir / f"pairs_{name}.jsonl"))
@@ -97,36 +110,72 @@ def headline(g: dict) -> str:
 
 
 def run_demo(output_dir: str | Path = "runs/demo", task: SentimentTask | None = None, log=print,
-             **train_overrides) -> dict:
-    """Make pairs, train DPO, evaluate, write eval.json and report.html; returns the eval result."""
+             minutes: float = 15.0, resume: bool = False, **train_overrides) -> dict:
+    """Measure, plan, make pairs, train DPO, evaluate, write eval.json and report.html; returns the eval
+    result. `resume`: continue the demo recorded in output_dir (demo_state). A signal raises DemoInterrupted."""
     from dpokit.loop import train
+    from dpokit.loop.signals import TrainingInterrupted
     from dpokit.report import write_report
-    task, out, start = task or SentimentTask(), Path(output_dir), time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
-    timings = {}
+    from dpokit.tasks import demo_plan
+    from dpokit.tasks.demo_state import DemoInterrupted, DemoState, stop_on_signals
+    task, out = task or SentimentTask(), Path(output_dir)
+    options = {"task": asdict(task), "train": {k: v for k, v in train_overrides.items() if k != "progress"},
+               "minutes": minutes}
+    state = DemoState.open(out, options, resume, log)
+    with stop_on_signals(out) as phase, state.timing():
+        if state.plan is None:
+            phase.name = "measuring"
+            train_prompts, eval_prompts = task.prompts()
+            with state.phase("measure"):
+                models = load_tokenizer(task.model), load_model(task.model)
+                machine = demo_plan.measure(models[1], models[0], train_prompts, log)
+            cfg = demo_train_config(out, task, **train_overrides)
+            plan = demo_plan.make_plan(minutes, machine, len(train_prompts), task.samples, len(eval_prompts), task.k,
+                                       cfg.batch_size, cfg.epochs, task.max_new_tokens, task.pairing)
+            state.record_plan(plan.to_dict(), asdict(machine))
+        else:
+            models = None
+            log(f"resuming {out}: the plan recorded in demo.json (done: {', '.join(state.done) or 'nothing'})")
+        plan = demo_plan.Plan(**state.plan)
+        log(demo_plan.describe(plan))
+        sized = replace(task, train_count=plan.train_prompts, eval_count=plan.eval_prompts, samples=plan.samples,
+                        k=plan.k)
 
-    log("[1/4] sampling preference pairs from the reference")
-    t = time.perf_counter()
-    make_task_pairs(task, out, log)
-    timings["pairs_s"] = time.perf_counter() - t
+        log("[1/4] sampling preference pairs from the reference")
+        phase.name = "sampling pairs"
+        with state.phase("pairs"):
+            make_task_pairs(sized, out, log, reuse=True, models=models)
+        del models
 
-    log("[2/4] training DPO")
-    t = time.perf_counter()
-    result = train(demo_train_config(out, task, **train_overrides), log=log)
-    timings["train_s"] = time.perf_counter() - t
+        log("[2/4] training DPO")
+        phase.name = "training"
+        if "train" in state.done:
+            log(f"training: done before ({out / 'final'})")
+        else:
+            with state.phase("train"):
+                try:
+                    cfg = demo_train_config(out, sized, max_steps=plan.steps, resume="auto" if resume else None,
+                                            **train_overrides)
+                    result = train(cfg, log=log)
+                except TrainingInterrupted as e:
+                    raise DemoInterrupted(e.signum, "training", out, e.checkpoint) from None
+                state.results["eval_after"] = result.eval_after
 
-    log("[3/4] sampling held-out continuations from the policy and the reference")
-    t = time.perf_counter()
-    generation, _ = evaluate_generation(result.final_dir, task, log=log)
-    timings["eval_s"] = time.perf_counter() - t
-
-    eval_result = {"model": str(result.final_dir), "ref_model": task.model, "task": asdict(task),
-                   **(result.eval_after or {}), "generation": generation}
-    log("[4/4] writing the report")
-    timings["total_s"] = time.perf_counter() - start
-    eval_result["timings"] = timings
-    (out / "eval.json").write_text(json.dumps(eval_result, indent=2, ensure_ascii=False), encoding="utf-8")
-    report = write_report(out, eval_result)
+        if (out / "eval.json").is_file():
+            log(f"[3/4] evaluation: done before ({out / 'eval.json'})")
+            return state.read_json("eval.json")
+        log("[3/4] sampling held-out continuations from the policy and the reference")
+        phase.name = "evaluation"
+        with state.phase("eval"):
+            generation, _ = evaluate_generation(out / "final", sized, log=log)
+        phase.name = "writing the report"
+        log("[4/4] writing the report")
+        eval_result = {"model": str(out / "final"), "ref_model": task.model, "task": asdict(sized),
+                       **(state.results.get("eval_after") or {}), "generation": generation,
+                       "plan": state.plan, "timings": state.timings()}
+        state.write_json("eval.json", eval_result)
+        report = write_report(out, eval_result)
     log(f"held-out: {headline(generation)}")
-    log(f"done in {timings['total_s'] / 60:.1f} min; report: {report}")
+    log(f"done in {eval_result['timings']['total_s'] / 60:.1f} min (predicted "
+        f"{plan.predicted_s['total_s'] / 60:.1f}); report: {report}")
     return eval_result

@@ -1,0 +1,131 @@
+"""`dpokit demo` sized to a budget and resumable: the planner's sizing, the plan on record, a stop in each
+kind of phase (a signal in-process during pairs, SIGTERM to a subprocess during training) continued by
+`--resume`, and the refusals that keep one output folder from mixing two demos."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dpokit.cli import main
+from dpokit.tasks import demo_plan
+from dpokit.tasks.demo_plan import FLOORS, Machine, make_plan
+
+TASK = ["--reward", "conftest:letter_reward", "--limit", "4", "--samples", "3", "--k", "2",
+        "--max-new-tokens", "8", "--batch-size", "2", "--no-progress"]
+# the embedded model's scale on a slow 2-core CPU: the full task does not fit a few minutes
+SLOW = Machine(matmul_gflops=45, sample_gflops=20, params=135_000_000, prompt_tokens=20)
+FULL = dict(train_prompts=280, samples=4, eval_prompts=60, k=4, batch_size=16, epochs=1, max_new_tokens=32,
+            pairing="all")
+SIZES = ("train_prompts", "samples", "steps", "eval_prompts", "k")
+
+
+def test_plan_grows_with_the_budget_cuts_in_order_and_stops_at_floors():
+    plans = [make_plan(m, SLOW, **FULL) for m in (1, 3, 5, 8, 12, 15, 20, 30, 45, 60, 120, 600)]
+    for smaller, larger in zip(plans, plans[1:]):
+        assert all(getattr(smaller, s) <= getattr(larger, s) for s in SIZES), (smaller, larger)
+    for p in plans:
+        assert all(getattr(p, s) >= FLOORS[s] for s in SIZES)
+        assert p.predicted_s["total_s"] <= p.minutes * 60 or p.warning
+        if p.steps < plans[-1].steps:  # steps are cut only once training prompts and samples are at floors
+            assert (p.train_prompts, p.samples) == (FLOORS["train_prompts"], FLOORS["samples"])
+        if p.eval_prompts < 60:
+            assert p.steps == FLOORS["steps"]
+    smallest, largest = plans[0], plans[-1]
+    assert smallest.warning and "too small" in smallest.warning
+    assert all(getattr(smallest, s) == FLOORS[s] for s in SIZES)
+    assert not largest.cuts and not largest.warning
+    assert (largest.train_prompts, largest.samples, largest.eval_prompts, largest.k) == (280, 4, 60, 4)
+    assert largest.steps == demo_plan.full_steps(280, 4, "all", 16, 1) == 97
+    # a faster machine gets a bigger plan for the same budget
+    fast = make_plan(15, Machine(263, 120, 135_000_000, 20), **FULL)
+    assert all(getattr(fast, s) >= getattr(plans[5], s) for s in SIZES)
+    assert "plan for 15 min" in demo_plan.describe(fast) and "total" in demo_plan.describe(fast)
+
+
+def _demo(model, out, *extra):
+    return ["demo", "--model", model, "--output-dir", str(out), *TASK, *extra]
+
+
+def test_stop_during_pairs_then_resume_skips_what_is_done(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    out = tmp_path / "demo"
+    import dpokit.loop
+
+    def stop(*args, **kwargs):  # Ctrl-C just as training starts: pairs are done, nothing trained
+        signal.raise_signal(signal.SIGINT)
+        raise AssertionError("the signal should have stopped the demo")
+
+    monkeypatch.setattr(dpokit.loop, "train", stop)
+    assert main(_demo(tiny_model_dir, out, "--minutes", "3")) == 128 + signal.SIGINT
+    err = capsys.readouterr().err.strip()
+    assert err == f"dpokit demo: stopped during training; continue with: dpokit demo --resume --output-dir {out}"
+    record = json.loads((out / "demo.json").read_text())
+    assert record["done"] == ["measure", "pairs"] and record["options"]["minutes"] == 3
+    plan = record["plan"]
+    assert plan["train_prompts"] == 4 and plan["samples"] == 3 and plan["predicted_s"]["total_s"] > 0
+    assert record["machine"]["matmul_gflops"] > 0 and record["actual_s"]["pairs_s"] > 0
+    pairs_written = (out / "pairs_train.jsonl").stat().st_mtime_ns
+    monkeypatch.undo()
+
+    # the same folder without --resume, or with other options, is refused naming what to do
+    assert main(_demo(tiny_model_dir, out)) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main(_demo(tiny_model_dir, out, "--resume", "--samples", "2")) == 2
+    err = capsys.readouterr().err
+    assert "--samples 2 differs from the 3" in err and "Traceback" not in err
+    assert main(["demo", "--output-dir", str(out), "--resume", "--max-new-tokens", "9"]) == 2
+    assert "--max-new-tokens 9" in capsys.readouterr().err
+
+    # options not given come from the record (--minutes 3, the tiny model, the reward …)
+    assert main(["demo", "--output-dir", str(out), "--resume", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "train pairs: reusing" in printed and "eval pairs: reusing" in printed and "machine:" not in printed
+    assert (out / "pairs_train.jsonl").stat().st_mtime_ns == pairs_written
+    result = json.loads((out / "eval.json").read_text())
+    assert result["plan"] == plan and result["timings"]["train_s"] > 0 and result["timings"]["total_s"] > 0
+    assert sum(1 for _ in open(out / "metrics.jsonl")) >= plan["steps"]
+    record = json.loads((out / "demo.json").read_text())
+    assert record["done"] == ["measure", "pairs", "train", "eval"] and record["invocations"] == 2
+
+    # all done: --resume again only says so
+    assert main(["demo", "--output-dir", str(out), "--resume"]) == 0
+    assert "evaluation: done before" in capsys.readouterr().out
+
+
+def test_output_folder_of_something_else_is_refused(tmp_path, tiny_model_dir, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    for extra in ((), ("--resume",)):
+        assert main(_demo(tiny_model_dir, tmp_path, *extra)) == 2
+        assert "choose another --output-dir" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "mine" and not (tmp_path / "demo.json").exists()
+
+
+def test_sigterm_during_training_is_one_line_and_resume_finishes(tmp_path, tiny_model_dir, capsys):
+    out = tmp_path / "demo"
+    tests, src = Path(__file__).resolve().parent, Path(__file__).resolve().parents[1] / "src"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src), str(tests)])}
+    args = _demo(tiny_model_dir, out, "--epochs", "3")
+    proc = subprocess.Popen([sys.executable, "-m", "dpokit", *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().count("\n") >= 2):
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() else "timeout"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    lines = [line for line in proc.stderr.read().splitlines() if line.strip()]
+    assert lines[-1].startswith("dpokit demo: stopped during training (checkpoint at ")
+    assert lines[-1].endswith(f"; continue with: dpokit demo --resume --output-dir {out}")
+    assert not any("Traceback" in line for line in lines) and "--resume auto" not in lines[-1]
+    assert not (out / "final").exists()
+
+    assert main(["demo", "--output-dir", str(out), "--resume", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "resumed from" in printed and (out / "eval.json").is_file()
+    steps = [json.loads(line)["step"] for line in open(out / "metrics.jsonl") if "loss" in json.loads(line)]
+    assert steps == list(range(1, len(steps) + 1))  # continued, not restarted: no step twice
