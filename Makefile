@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(VENV)/bin/dpokit demo --output-dir runs/demo
+	$(VENV)/bin/dpokit demo --resume --output-dir runs/demo
 
 test: install
 	$(PY) -m pytest -q

@@ -19,7 +19,7 @@ from dpokit.tasks.demo_plan import FLOORS, Machine, make_plan
 TASK = ["--reward", "conftest:letter_reward", "--limit", "4", "--samples", "3", "--k", "2",
         "--max-new-tokens", "8", "--batch-size", "2", "--no-progress"]
 # the embedded model's scale on a slow 2-core CPU: the full task does not fit a few minutes
-SLOW = Machine(matmul_gflops=45, sample_gflops=20, params=135_000_000, prompt_tokens=20)
+SLOW = Machine(matmul_gflops=45, step_overhead_s=0.05, params=135_000_000, prompt_tokens=20)
 FULL = dict(train_prompts=280, samples=4, eval_prompts=60, k=4, batch_size=16, epochs=1, max_new_tokens=32,
             pairing="all")
 SIZES = ("train_prompts", "samples", "steps", "eval_prompts", "k")
@@ -30,20 +30,22 @@ def test_plan_grows_with_the_budget_cuts_in_order_and_stops_at_floors():
     for smaller, larger in zip(plans, plans[1:]):
         assert all(getattr(smaller, s) <= getattr(larger, s) for s in SIZES), (smaller, larger)
     for p in plans:
-        assert all(getattr(p, s) >= FLOORS[s] for s in SIZES)
+        assert all(getattr(p, s) >= FLOORS.get(s, 4) for s in SIZES) and p.samples == 4
         assert p.predicted_s["total_s"] <= p.minutes * 60 or p.warning
-        if p.steps < plans[-1].steps:  # steps are cut only once training prompts and samples are at floors
-            assert (p.train_prompts, p.samples) == (FLOORS["train_prompts"], FLOORS["samples"])
-        if p.eval_prompts < 60:
+        # the kept prompts give at least one pass of pairs for the planned steps (or sit at their floor)
+        assert p.train_prompts * demo_plan.pairs_per_prompt(4, "all") >= p.steps * 16 \
+            or p.train_prompts in (FLOORS["train_prompts"], 280)
+        if p.eval_prompts < 60 or p.k < 4:  # held-out evaluation is cut only once steps are at their floor
             assert p.steps == FLOORS["steps"]
     smallest, largest = plans[0], plans[-1]
     assert smallest.warning and "too small" in smallest.warning
-    assert all(getattr(smallest, s) == FLOORS[s] for s in SIZES)
+    assert all(getattr(smallest, s) == FLOORS[s] for s in ("steps", "eval_prompts", "k"))
+    assert smallest.train_prompts == demo_plan.prompts_for(smallest) == 87  # one pass of 30 steps × 16 pairs
     assert not largest.cuts and not largest.warning
     assert (largest.train_prompts, largest.samples, largest.eval_prompts, largest.k) == (280, 4, 60, 4)
     assert largest.steps == demo_plan.full_steps(280, 4, "all", 16, 1) == 97
     # a faster machine gets a bigger plan for the same budget
-    fast = make_plan(15, Machine(263, 120, 135_000_000, 20), **FULL)
+    fast = make_plan(15, Machine(263, 0.01, 135_000_000, 20), **FULL)
     assert all(getattr(fast, s) >= getattr(plans[5], s) for s in SIZES)
     assert "plan for 15 min" in demo_plan.describe(fast) and "total" in demo_plan.describe(fast)
 

@@ -165,7 +165,7 @@ def add_commands(sub) -> None:
                        "--minutes, resumable")
     p.add_argument("--output-dir", default="runs/demo")
     p.add_argument("--minutes", type=float, default=15.0, help="time budget: the demo measures the machine "
-                   "(~2 s), then sizes prompts, samples, training steps and evaluation to fit it and prints the "
+                   "(~2 s), then sizes training steps, training prompts and evaluation to fit it and prints the "
                    "plan (default: 15)")
     p.add_argument("--resume", action="store_true", help="continue the demo recorded in --output-dir "
                    "(demo.json): reuse its pairs, resume training from the newest checkpoint, redo what is "

@@ -3,12 +3,17 @@
 Cost model. Every phase is counted in FLOPs of the model (N parameters, embeddings included: the tied
 output projection is a real matmul per token) and divided by a measured rate:
   * matmul peak: `dpokit.bench.matmul_peak` (2048³ fp32 `a @ b` on CPU, best of a few);
-  * sampling rate: a probe samples SAMPLE_PROBE rows × PROBE_TOKENS tokens from the model itself and
-    gives FLOP/s counted as 2N per prompt and generated token. A probe batch of 8 decodes less
-    efficiently than the demo's batches of 128, so the estimate errs long (safe for a budget).
+  * sampling: 2N per prompt and generated token at SAMPLE_EFFICIENCY of the matmul peak, plus a fixed
+    cost per decode step of a batch (kernel launches, the sampler's per-row work, and threads that wait
+    when other jobs share the cores). SAMPLE_EFFICIENCY 0.6: the sampler's 470 tokens/s at batch 128
+    (docs/PERFORMANCE.md, sampling section; ~10-token prompts, 32 new tokens, 263 GFLOP/s peak) is
+    2N × 42/32 × 470 = 166 GFLOP/s. The fixed cost is what the probe measures: SAMPLE_PROBE rows × 1
+    token, then × (1 + PROBE_STEPS) tokens; the difference is PROBE_STEPS decode steps, less their FLOPs.
+    On a loaded 2-core machine that fixed cost dominated (0.5 s a step at batch 8, 2026-12-02).
   * training: 6N per token (forward + backward of the policy) at TRAIN_EFFICIENCY of the matmul peak.
-    dpokit trains at 70 % of the peak on 512-token HH pairs (docs/PERFORMANCE.md, first table); the
-    demo's pairs are ~85 tokens, padded per batch (pack_tokens 0), hence 0.5.
+    Issue 15's run on the AVX2 EPYC (45 GFLOP/s peak) trained the demo at 34 s a step of 16 pairs of
+    ~74 tokens by this count (10-token prompts, 2 × 32 new): 0.96 TFLOP / 34 s = 0.62 of the peak;
+    dpokit reaches 0.70 on 512-token HH pairs (docs/PERFORMANCE.md, first table). Hence 0.6.
   * reference pass: 2N per token for REF_RECOMPUTED of the training pairs only — the others carry the
     sampler's log-probs (146 of 176 demo pairs, docs/PERFORMANCE.md "Reference log-probs from the
     sampler"); held-out pairs are always recomputed, and evaluated before and after training (3 × 2N).
@@ -19,11 +24,15 @@ output projection is a real matmul per token) and divided by a measured rate:
   * OVERHEAD_S: loading the model a few times, the weights digest, report and plots — an estimate, not
     a measurement; the recorded actual phase times (demo.json, eval.json) are there to check all of it.
 
-Sizing. The plan starts from the task's full sizes and applies cuts in a fixed order until the predicted
-total fits: training prompts, then samples per prompt (cheap to lose: training steps reuse the pairs),
-then training steps, then held-out prompts, then k. The order is fixed and does not depend on the budget,
-so a larger budget never gives a smaller plan. Each size has a floor; a plan at every floor that still
-does not fit runs anyway, with a warning that the budget is too small.
+Sizing. The plan starts from the task's full sizes (one pass over every pair, or --epochs passes) and
+applies cuts in a fixed order until the predicted total fits: training prompts down to those whose pairs
+the planned steps use (more prompts only cost sampling), then training steps — the training prompts
+following them down, so no pair is seen more often than the full plan sees it (docs/RESULTS.md: one pass
+over all pairs generalises better than several, which memorise) — then held-out prompts, then k. Samples
+per prompt are not cut: fewer samples give fewer pairs per prompt, so the same steps would need more
+prompts and more sampling, not less. The order does not depend on the budget, so a larger budget never
+gives a smaller plan. Each size has a floor; a plan at every floor that still does not fit runs anyway,
+with a warning that the budget is too small.
 """
 
 from __future__ import annotations
@@ -32,19 +41,22 @@ import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 
-TRAIN_EFFICIENCY = 0.5
+TRAIN_EFFICIENCY = 0.6
+SAMPLE_EFFICIENCY = 0.6
+SAMPLE_BATCH = 128            # make_pairs' and generation_metrics' batch size
 REF_RECOMPUTED = 0.2
 DISTINCT_REWARDS = 0.92
 OVERHEAD_S = 25.0
-SAMPLE_PROBE, PROBE_TOKENS = 8, 8
-FLOORS = dict(train_prompts=64, samples=3, steps=30, eval_prompts=24, k=2)
+SAMPLE_PROBE, PROBE_STEPS = 4, 4
+FLOORS = dict(train_prompts=64, steps=30, eval_prompts=24, k=2)
 
 
 @dataclass
 class Machine:
-    """What the planner measured: the matmul peak, the sampler's rate, the model's size and prompt length."""
+    """What the planner measured: the matmul peak, the sampler's fixed cost per decode step, the model's
+    size and the mean prompt length in tokens."""
     matmul_gflops: float
-    sample_gflops: float
+    step_overhead_s: float
     params: int
     prompt_tokens: float          # mean over the training prompts
     seconds: float = 0.0          # how long measuring took
@@ -61,6 +73,7 @@ class Plan:
     max_new_tokens: int
     pairing: str
     minutes: float
+    passes: int = 1               # passes over the pairs the full plan makes (--epochs)
     predicted_s: dict = field(default_factory=dict)
     cuts: list = field(default_factory=list)
     warning: str | None = None
@@ -70,21 +83,23 @@ class Plan:
 
 
 def measure(model, tokenizer, prompts: list, log=print) -> Machine:
-    """About two seconds: the fp32 matmul peak (the benchmark's own function) and a sampling probe."""
+    """About two seconds on an idle machine: the fp32 matmul peak (the benchmark's own function) and the
+    sampling probe (module docstring)."""
     from dpokit.bench import matmul_peak
     from dpokit.generation.sample import prompt_token_ids, sample
     start = time.perf_counter()
     peak = matmul_peak(bf16=False, cuda=False, repeats=3)
-    probe = prompts[:max(1, SAMPLE_PROBE // 2)]
+    probe = prompts[:SAMPLE_PROBE]
     sample(model, tokenizer, probe[:1], 1, 1)  # first call: allocator and kernel warm-up, not timed
-    s = sample(model, tokenizer, probe, 2, PROBE_TOKENS, seed=0)
+    one = sample(model, tokenizer, probe, 1, 1, seed=0)
+    more = sample(model, tokenizer, probe, 1, 1 + PROBE_STEPS, seed=0)
     params = sum(p.numel() for p in model.parameters())
-    tokens = sum(len(p) for p in s.prompt_ids) + s.new_tokens
+    step_flops = 2 * params * len(probe) / (peak * 1e9 * SAMPLE_EFFICIENCY)
+    overhead = max(0.0, (more.seconds - one.seconds) / PROBE_STEPS - step_flops)
     lengths = [len(prompt_token_ids(p, tokenizer)) for p in prompts]
-    machine = Machine(peak, 2 * params * tokens / max(s.seconds, 1e-6) / 1e9, params,
-                      sum(lengths) / max(1, len(lengths)), time.perf_counter() - start)
-    log(f"machine: fp32 matmul {machine.matmul_gflops:.0f} GFLOP/s, sampling {machine.sample_gflops:.1f} GFLOP/s "
-        f"({machine.params / 1e6:.1f}M parameters; measured in {machine.seconds:.1f} s)")
+    machine = Machine(peak, overhead, params, sum(lengths) / max(1, len(lengths)), time.perf_counter() - start)
+    log(f"machine: fp32 matmul {peak:.0f} GFLOP/s; sampling {overhead * 1e3:.0f} ms per decode step besides its "
+        f"FLOPs ({params / 1e6:.1f}M parameters; measured in {machine.seconds:.1f} s)")
     return machine
 
 
@@ -95,8 +110,10 @@ def pairs_per_prompt(samples: int, pairing: str) -> float:
 def predict(plan: Plan, m: Machine) -> dict:
     """Seconds per phase for `plan` on machine `m` (module docstring)."""
     n, prompt, new = m.params, m.prompt_tokens, plan.max_new_tokens
-    sampling, compute = m.sample_gflops * 1e9, m.matmul_gflops * 1e9 * TRAIN_EFFICIENCY
-    sample_s = lambda rows: rows * (prompt + new) * 2 * n / sampling  # noqa: E731
+    sampling, compute = m.matmul_gflops * 1e9 * SAMPLE_EFFICIENCY, m.matmul_gflops * 1e9 * TRAIN_EFFICIENCY
+
+    def sample_s(rows):
+        return math.ceil(rows / SAMPLE_BATCH) * new * m.step_overhead_s + rows * (prompt + new) * 2 * n / sampling
     pair_tokens = prompt + 2 * new
     train_pairs = plan.train_prompts * pairs_per_prompt(plan.samples, plan.pairing)
     pairs_s = sample_s((plan.train_prompts + plan.eval_prompts) * plan.samples)
@@ -115,15 +132,31 @@ def full_steps(train_prompts: int, samples: int, pairing: str, batch_size: int, 
     return max(1, math.ceil(train_prompts * pairs_per_prompt(samples, pairing) / batch_size) * epochs)
 
 
-def _cuts(plan: Plan):
+def prompts_for(plan: Plan) -> int:
+    """Training prompts whose expected pairs fill `plan.steps` batches in `plan.passes` passes."""
+    return math.ceil(plan.steps * plan.batch_size / (plan.passes * pairs_per_prompt(plan.samples, plan.pairing)))
+
+
+def _cuts(full: Plan):
     """The fixed sequence of smaller plans (module docstring: sizing)."""
-    order = (("train_prompts", 0.8), ("samples", None), ("steps", 0.85), ("eval_prompts", 0.8), ("k", None))
-    for name, factor in order:
-        floor = min(FLOORS[name], getattr(plan, name))
-        while getattr(plan, name) > floor:
+    def floor(name):
+        return min(FLOORS[name], getattr(full, name))
+
+    def cut(plan, name, value):
+        return replace(plan, **{name: value}, cuts=[*plan.cuts, f"{name} {getattr(plan, name)} → {value}"])
+
+    def prompts_follow(plan):
+        target = max(floor("train_prompts"), min(plan.train_prompts, prompts_for(plan)))
+        return cut(plan, "train_prompts", target) if target < plan.train_prompts else plan
+
+    plan = prompts_follow(full)
+    if plan is not full:
+        yield plan
+    for name, factor in (("steps", 0.85), ("eval_prompts", 0.8), ("k", None)):
+        while getattr(plan, name) > floor(name):
             value = getattr(plan, name)
-            smaller = max(floor, int(value * factor) if factor else value - 1)
-            plan = replace(plan, **{name: smaller}, cuts=[*plan.cuts, f"{name} {value} → {smaller}"])
+            plan = cut(plan, name, max(floor(name), int(value * factor) if factor else value - 1))
+            plan = prompts_follow(plan) if name == "steps" else plan
             yield plan
 
 
@@ -131,7 +164,8 @@ def make_plan(minutes: float, machine: Machine, train_prompts: int, samples: int
               batch_size: int, epochs: int, max_new_tokens: int, pairing: str) -> Plan:
     """The largest plan in the cut sequence whose predicted total fits `minutes`."""
     steps = full_steps(train_prompts, samples, pairing, batch_size, epochs)
-    plan = Plan(train_prompts, samples, steps, eval_prompts, k, batch_size, max_new_tokens, pairing, minutes)
+    plan = Plan(train_prompts, samples, steps, eval_prompts, k, batch_size, max_new_tokens, pairing, minutes,
+                passes=max(1, epochs))
     plan.predicted_s = predict(plan, machine)
     budget = minutes * 60
     for smaller in _cuts(plan):

@@ -148,7 +148,7 @@ class DemoState:
 
     def _add(self, key: str, seconds: float) -> None:
         actual = self.data["actual_s"]
-        actual[key] = round(actual.get(key, 0.0) + seconds, 1)
+        actual[key] = round(actual.get(key, 0.0) + seconds, 3)
 
     @contextmanager
     def timing(self):
@@ -178,7 +178,7 @@ class DemoState:
         """actual_s so far, with the running invocation's time in total_s."""
         actual = dict(self.data["actual_s"])
         if self._started is not None:
-            actual["total_s"] = round(actual.get("total_s", 0.0) + time.perf_counter() - self._started, 1)
+            actual["total_s"] = round(actual.get("total_s", 0.0) + time.perf_counter() - self._started, 3)
         return actual
 
     def read_json(self, name: str) -> dict:
