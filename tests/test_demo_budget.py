@@ -94,9 +94,10 @@ def test_stop_during_pairs_then_resume_skips_what_is_done(tmp_path, tiny_model_d
     record = json.loads((out / "demo.json").read_text())
     assert record["done"] == ["measure", "pairs", "train", "eval"] and record["invocations"] == 2
 
-    # all done: --resume again only says so
+    # all done: --resume again only says so (and rewrites a report that is missing)
+    (out / "report.html").unlink()
     assert main(["demo", "--output-dir", str(out), "--resume"]) == 0
-    assert "evaluation: done before" in capsys.readouterr().out
+    assert "evaluation: done before" in capsys.readouterr().out and (out / "report.html").is_file()
 
 
 def test_output_folder_of_something_else_is_refused(tmp_path, tiny_model_dir, capsys):

@@ -163,7 +163,10 @@ def run_demo(output_dir: str | Path = "runs/demo", task: SentimentTask | None = 
 
         if (out / "eval.json").is_file():
             log(f"[3/4] evaluation: done before ({out / 'eval.json'})")
-            return state.read_json("eval.json")
+            eval_result = state.read_json("eval.json")
+            if not (out / "report.html").is_file():  # stopped between eval.json and the report
+                log(f"[4/4] writing the report: {write_report(out, eval_result)}")
+            return eval_result
         log("[3/4] sampling held-out continuations from the policy and the reference")
         phase.name = "evaluation"
         with state.phase("eval"):
