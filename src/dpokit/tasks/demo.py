@@ -23,6 +23,7 @@ from dpokit.config import TrainConfig
 from dpokit.data import builtin_path, load_prompts
 from dpokit.evaluation.generation import generation_metrics
 from dpokit.evaluation.rewards import load_reward
+from dpokit.logprobs.refcache import weights_digest
 from dpokit.models import load_model, load_tokenizer
 from dpokit.tasks.pairs import make_pairs, write_jsonl
 
@@ -77,7 +78,7 @@ def make_task_pairs(task: SentimentTask, output_dir: Path, log=print, reuse: boo
     train_prompts, eval_prompts = task.prompts()
     tokenizer, reference = models or (load_tokenizer(task.model), load_model(task.model))
     reward = load_reward(task.reward)
-    paths = []
+    paths, digest = [], None
     # held-out pairs are always best-vs-worst: one per prompt keeps evaluation cheap and its prompts equal
     for name, prompts, seed, pairing in (("train", train_prompts, task.seed, task.pairing),
                                          ("eval", eval_prompts, task.seed + 100, "best-worst")):
@@ -85,8 +86,9 @@ def make_task_pairs(task: SentimentTask, output_dir: Path, log=print, reuse: boo
             paths.append(output_dir / f"pairs_{name}.jsonl")
             log(f"{name} pairs: reusing {paths[-1]}")
             continue
+        digest = digest or weights_digest(reference)  # once for both files
         rows, stats = make_pairs(reference, tokenizer, prompts, reward, task.samples, pairing,
-                                 max_new_tokens=task.max_new_tokens, seed=seed)
+                                 max_new_tokens=task.max_new_tokens, seed=seed, digest=digest)
         paths.append(write_jsonl(rows, output_dir / f"pairs_{name}.jsonl"))
         log(f"{name} pairs: {stats.summary()} → {paths[-1]}")
     return paths[0], paths[1]

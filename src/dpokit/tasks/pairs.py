@@ -116,15 +116,16 @@ def count_reusable(rows: list[dict], tokenizer) -> int:
 
 def make_pairs(model, tokenizer, prompts: list, reward_fn, n: int = 4, pairing: str = "best-worst",
                min_gap: float = 0.0, max_new_tokens: int = 32, temperature: float = 1.0, top_p: float = 1.0,
-               seed: int = 0, batch_size: int = 128) -> tuple[list[dict], PairStats]:
+               seed: int = 0, batch_size: int = 128, digest: str | None = None) -> tuple[list[dict], PairStats]:
     """Sample n completions per prompt from `model`, score with `reward_fn`, pair (see `pair_up`); the rows
-    carry the sampler's reference log-probs (module docstring)."""
+    carry the sampler's reference log-probs (module docstring). `digest`: the model's `weights_digest`, when
+    the caller already has it (hashing the weights costs ~1 s per 135M parameters)."""
     from dpokit.logprobs.refcache import weights_digest
     if n < 2:
         raise ConfigError(f"making pairs needs at least 2 samples per prompt, got {n}")
     s = sample(model, tokenizer, prompts, n, max_new_tokens, temperature, top_p, batch_size, seed)
     rewards = reward_fn([s.prompt_of(i) for i in range(len(s.texts))], s.texts)
-    rows, stats = pair_up(s, rewards, pairing, min_gap, digest=weights_digest(model))
+    rows, stats = pair_up(s, rewards, pairing, min_gap, digest=digest or weights_digest(model))
     stats.seconds, stats.reusable = s.seconds, count_reusable(rows, tokenizer)
     return rows, stats
 
