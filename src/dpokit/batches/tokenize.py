@@ -26,6 +26,7 @@ class TokenizedPair:
     rejected_ids: list[int]
     source: str
     sampler_ref: SamplerRef | None = None  # the row's stored reference log-probs (used when these ids match)
+    group: str | None = None  # Pair.group: the ranked row this pair came from, if any
 
     @property
     def n_tokens(self) -> int:
@@ -135,7 +136,7 @@ def tokenize_pair(pair: Pair, tokenizer, max_length: int, max_prompt_length: int
     report.pairs += 1
     for key, ids in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
         report.lengths[key].append(len(ids))
-    return TokenizedPair(prompt, chosen, rejected, pair.source, pair.sampler_ref)
+    return TokenizedPair(prompt, chosen, rejected, pair.source, pair.sampler_ref, pair.group)
 
 
 def tokenize_pairs(pairs: list[Pair], tokenizer, max_length: int,

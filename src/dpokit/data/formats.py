@@ -59,6 +59,9 @@ class Pair:
     chosen_ends: bool = True
     rejected_ends: bool = True
     sampler_ref: SamplerRef | None = None  # the sampler's reference log-probs, when the row carries them
+    # Pairs read from one ranked row (k scored completions of a prompt) share its "file:line" here: training
+    # keeps them next to each other, so each completion is computed once (batches/packing.py).
+    group: str | None = None
 
 
 @dataclass
