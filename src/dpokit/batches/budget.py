@@ -12,7 +12,8 @@ reference cache use this same plan, so their float sums are computed in the very
 
 from __future__ import annotations
 
-from dpokit.batches.packing import pack_rows, segment_length
+from dpokit.batches.collate import padded_rows
+from dpokit.batches.packing import packed_width
 from dpokit.batches.tokenize import TokenizedPair
 
 TOKENS_PER_PAIR = 1024  # the budget per pair of --eval-batch-size; a key part of cached reference sums
@@ -20,10 +21,11 @@ TOKENS_PER_PAIR = 1024  # the budget per pair of --eval-batch-size; a key part o
 
 def batch_tokens(pairs: list[TokenizedPair], prefix_sharing: bool, pack_tokens: int) -> int:
     """Tokens the collated batch computes (rows × width, padding included) in the layout `pair_batch` builds."""
-    if not prefix_sharing:  # collate: 2B right-padded rows prompt+completion
-        return 2 * len(pairs) * max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs)
-    rows = pack_rows(pairs, pack_tokens)
-    return len(rows) * max(sum(segment_length(pairs[i]) for i in row) for row in rows)
+    if not prefix_sharing:  # collate: right-padded rows prompt+completion, each distinct one once
+        rows = padded_rows(pairs)[0]
+        return len(rows) * max(len(p) + len(c) for p, c in rows)
+    rows, width = packed_width(pairs, pack_tokens)
+    return rows * width
 
 
 def eval_batches(pairs: list[TokenizedPair], batch_size: int, prefix_sharing: bool,

@@ -7,14 +7,38 @@ import torch
 from dpokit.batches.tokenize import TokenizedCompletion, TokenizedPair
 
 
-def collate(pairs: list[TokenizedPair], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch of 2B sequences.
+def padded_rows(pairs: list[TokenizedPair]) -> tuple[list[tuple[list[int], list[int]]], list[int], list[int]]:
+    """(distinct (prompt, completion) rows in order [chosen_0 … chosen_{B-1}, rejected_0 …], the pair row
+    each stands for, seq_map [2B]: the pair row whose tokens each pair row takes). A completion several pairs
+    share — the pairs of one ranked row — is one row, computed once."""
+    b, first, rows, seqs = len(pairs), {}, [], []
+    seq_map = list(range(2 * b))
+    for seq in range(2 * b):
+        p = pairs[seq % b]
+        row = (p.prompt_ids, p.chosen_ids if seq < b else p.rejected_ids)
+        key = (tuple(row[0]), tuple(row[1]))
+        if key in first:
+            seq_map[seq] = first[key]
+        else:
+            first[key] = seq
+            rows.append(row)
+            seqs.append(seq)
+    return rows, seqs, seq_map
 
-    Returns input_ids, attention_mask and completion_mask, each [2B, T] (T = longest sequence);
-    completion_mask is 1 exactly at completion tokens (the tokens whose log-probs are summed).
+
+def collate(pairs: list[TokenizedPair], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch of the 2B sequences, each distinct one once.
+
+    Returns input_ids, attention_mask and completion_mask, each [N, T] (N ≤ 2B distinct sequences, T the
+    longest); completion_mask is 1 exactly at completion tokens (the tokens whose log-probs are summed).
+    When some completion repeats (N < 2B), also row_seqs [N] (the pair row each batch row stands for),
+    seq_map [2B] (`packing.share`) and n_seqs = 2B.
     """
-    rows = [(p.prompt_ids, getattr(p, completion)) for completion in ("chosen_ids", "rejected_ids") for p in pairs]
-    return pad_rows(rows, pad_id)
+    rows, seqs, seq_map = padded_rows(pairs)
+    batch = pad_rows(rows, pad_id)
+    if len(rows) < 2 * len(pairs):
+        batch.update(row_seqs=torch.tensor(seqs), seq_map=torch.tensor(seq_map), n_seqs=torch.tensor(2 * len(pairs)))
+    return batch
 
 
 def collate_kto(examples: list[TokenizedCompletion], pad_id: int, max_length: int,

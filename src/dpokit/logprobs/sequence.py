@@ -58,6 +58,21 @@ class TokenLogps:
         ones = torch.ones_like(self.values, dtype=torch.float32).detach()
         return torch.zeros(self.n_rows, device=ones.device).index_add(0, self.rows, ones)
 
+    def shared(self, seq_map: torch.Tensor) -> "TokenLogps":
+        """The tokens as if every row r had been computed itself: row r gets a copy of row seq_map[r]'s tokens
+        (a completion several pairs share was computed once, under its first row). A gather, so the gradient
+        of each copy flows back into the one computed token: the same gradient as the rows written out."""
+        seq_map = seq_map.to(self.rows.device)
+        order = torch.sort(self.rows, stable=True).indices            # tokens grouped by row, in their order
+        counts = torch.bincount(self.rows, minlength=self.n_rows)
+        starts = counts.cumsum(0) - counts                            # where each row's tokens begin in `order`
+        new_counts = counts[seq_map]
+        rows = torch.repeat_interleave(torch.arange(self.n_rows, device=seq_map.device), new_counts)
+        offsets = torch.arange(rows.numel(), device=rows.device) - (new_counts.cumsum(0) - new_counts)[rows]
+        idx = order[starts[seq_map][rows] + offsets]
+        return TokenLogps(self.values[idx], rows, self.positions[idx],
+                          None if self.log_sum_sq is None else self.log_sum_sq[idx], self.n_rows)
+
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
@@ -161,14 +176,17 @@ def _probe_head(model) -> str:
     return ""
 
 
-def padded_score_index(completion_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+def padded_score_index(completion_mask: torch.Tensor, row_seqs: torch.Tensor | None = None,
+                       n_seqs: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Score index of a right-padded batch: token t of row n is predicted from position t − 1
-    (so the first token of a row is never scored); each row is its own sequence."""
+    (so the first token of a row is never scored); each row is its own sequence, or sequence row_seqs[n]
+    of n_seqs when `collate` left out repeated rows."""
     scored = completion_mask[:, 1:].bool()
     rows, src = scored.nonzero(as_tuple=True)
-    return {"score_row": rows, "score_src": src, "score_tgt": src + 1, "score_seq": rows,
+    return {"score_row": rows, "score_src": src, "score_tgt": src + 1,
+            "score_seq": rows if row_seqs is None else row_seqs.to(rows.device)[rows],
             "score_pos": (scored.long().cumsum(1) - 1)[scored],
-            "n_seqs": torch.tensor(completion_mask.shape[0])}
+            "n_seqs": torch.tensor(completion_mask.shape[0]) if n_seqs is None else n_seqs}
 
 
 def additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -181,7 +199,8 @@ def batch_token_logps(model, batch: dict[str, torch.Tensor], with_sq: bool = Fal
                       temperature: float = 1.0) -> TokenLogps:
     """Log-probs of every scored completion token of a batch from `collate` (padded) or
     `collate_packed` (prefix-shared, packed); under softmax(logits / temperature) when it is not 1 (GRPO)."""
-    index = batch if "score_seq" in batch else padded_score_index(batch["completion_mask"])
+    index = batch if "score_seq" in batch else padded_score_index(batch["completion_mask"], batch.get("row_seqs"),
+                                                                  batch.get("n_seqs"))
     ids, segments = batch["input_ids"], batch_segments(batch)
     kwargs = dict(input_ids=ids, position_ids=batch.get("position_ids"), use_cache=False)
     structured = choose(model, segments)
@@ -306,6 +325,8 @@ def pair_logps(model, batch: dict[str, torch.Tensor], ld_alpha: float | None = N
     chosen sum is kept too (`chosen_plain`): NLL terms stay plain NLL, as in TRL.
     """
     tok = token_logps(model, batch, with_sq=with_wpo)
+    if "seq_map" in batch:  # completions shared by several pairs were computed once (batches/packing.py)
+        tok = tok.shared(batch["seq_map"])
     counts = tok.counts()
     b = tok.n_rows // 2
     weights = None

@@ -1,8 +1,12 @@
-"""The run's inputs: read, check and tokenize training and held-out data, reporting every row's fate."""
+"""The run's inputs: read, check and tokenize training and held-out data, reporting every row's fate; the order
+the rows are trained in."""
 
 from __future__ import annotations
 
+import torch
+
 from dpokit.batches import TokenizedPair, tokenize_completions, tokenize_pairs
+from dpokit.batches.packing import layout_tokens
 from dpokit.config import TrainConfig
 from dpokit.data import DataError, builtin_path, load_completions, load_pairs
 
@@ -31,3 +35,47 @@ def load_data(cfg: TrainConfig, tokenizer, unpaired: bool, log) -> tuple[list, l
             raise DataError(path, None, None, f"no pair survived tokenization ({tok_report.summary()})", "empty")
         out.append(tokenized)
     return out[0], out[1]
+
+
+# ---- ranked rows: the pairs of one row stay together, so each completion is computed once ------------------
+
+def pair_groups(rows: list) -> list[list[int]] | None:
+    """Indices of the pairs of each ranked row (`TokenizedPair.group`; a plain pair is a group of its own), in
+    file order; None when no two pairs share a row, so plain pair data keeps today's order exactly."""
+    groups: dict[object, list[int]] = {}
+    for i, r in enumerate(rows):
+        key = getattr(r, "group", None)
+        groups.setdefault(("row", i) if key is None else key, []).append(i)
+    return list(groups.values()) if len(groups) < len(rows) else None
+
+
+def epoch_order(n: int, groups: list[list[int]] | None, seed: int, shuffle: bool) -> list[int]:
+    """The epoch's row order, a pure function of the seed: a permutation of the rows, or with ranked rows a
+    permutation of the rows' groups with each group's pairs kept next to each other (in file order), so a
+    micro-batch computes a shared completion once rather than once per pair."""
+    if not shuffle:
+        return list(range(n))
+    generator = torch.Generator().manual_seed(seed)
+    if groups is None:
+        return torch.randperm(n, generator=generator).tolist()
+    return [i for g in torch.randperm(len(groups), generator=generator).tolist() for i in groups[g]]
+
+
+def rank_share(idx: list[int], rank: int, world: int, grouped: bool) -> list[int]:
+    """This process's rows of a micro-batch: every world-th row, or with ranked rows a contiguous slice (sizes
+    differ by at most one), so a row's pairs mostly stay on one process."""
+    if not grouped or world == 1:
+        return idx[rank::world]
+    return idx[len(idx) * rank // world:len(idx) * (rank + 1) // world]
+
+
+def sharing_summary(rows: list[TokenizedPair], micro_batches: list[list[list[int]]]) -> str:
+    """Tokens an epoch computes with each distinct completion once per micro-batch (`micro_batches`: per
+    micro-batch, each process's row indices), against the pairs written out (two sequences per pair) and
+    against prefix sharing per pair alone."""
+    written = sum(2 * len(r.prompt_ids) + len(r.chosen_ids) + len(r.rejected_ids) for r in rows)
+    per_pair = sum(len(r.prompt_ids) + len(r.chosen_ids) + len(r.rejected_ids) for r in rows)
+    computed = sum(layout_tokens([rows[i] for i in share]) for micro in micro_batches for share in micro if share)
+    return (f"ranked rows: an epoch computes {computed:,} tokens with each completion once per micro-batch "
+            f"(pairs written out: {written:,}, {written / computed:.2f}×; one prompt per pair: {per_pair:,}, "
+            f"{per_pair / computed:.2f}×)")

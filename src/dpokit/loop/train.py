@@ -32,7 +32,7 @@ from dpokit.distributed import (Distributed, any_across, check_launch, full_mode
 from dpokit.loop.checkpoint import (check_same_run, check_writable, complete_checkpoints, deterministic_kernels,
                                     find_checkpoint, keep_metrics_until, load_training_state, load_weights, rng_state,
                                     save_checkpoint)
-from dpokit.loop.inputs import load_data
+from dpokit.loop.inputs import epoch_order, load_data, pair_groups, rank_share, sharing_summary
 from dpokit.loop.signals import StopSignals, TrainingInterrupted
 from dpokit.loop.optim import build_optimizer, build_scheduler
 from dpokit.loop.reference import AdaptersOff, prepare_reference, sync_reference
@@ -124,11 +124,12 @@ def _train(cfg: TrainConfig, ctx: Distributed, log) -> TrainResult:
     steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
 
+    groups = None if unpaired else pair_groups(train_set)  # ranked rows: their pairs stay together
+
     def step_batches(step: int) -> list[list[int]]:
         """Row indices of each micro-batch of optimizer step `step` (all ranks), from (seed, epoch) alone."""
         epoch, k = divmod(step, steps_per_epoch)
-        order = (torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
-                 if cfg.shuffle else list(range(n)))
+        order = epoch_order(n, groups, cfg.seed + epoch, cfg.shuffle)
         micro = [order[i:i + micro_size] for i in range(0, n, micro_size)]
         if unpaired and len(micro) > 1 and len(micro[-1]) == 1:
             tail = micro.pop()  # KTO's KL estimate needs another example's completion in the batch
@@ -184,6 +185,9 @@ def _train(cfg: TrainConfig, ctx: Distributed, log) -> TrainResult:
              if ctx.enabled else str(device))
     log(f"training {cfg.loss} for {total_steps - start_step} steps × {micro_size * cfg.grad_accum} {unit} "
         f"({n} {unit}, {steps_per_epoch} steps/epoch) on {where}")
+    if groups is not None and cfg.prefix_sharing:
+        epoch0 = [m for s in range(steps_per_epoch) for m in step_batches(s)]
+        log(sharing_summary(train_set, [[rank_share(m, r, ctx.world, True) for r in range(ctx.world)] for m in epoch0]))
     metrics_file = open(out / "metrics.jsonl", "a" if start_step else "w", encoding="utf-8") if ctx.is_main else None
     bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps,
                disable=not (cfg.progress and ctx.is_main), desc="dpo", dynamic_ncols=True)
@@ -196,7 +200,7 @@ def _train(cfg: TrainConfig, ctx: Distributed, log) -> TrainResult:
         step_pairs = sum(len(m) for m in micro)
         sums: dict[str, float] = defaultdict(float)
         for k, idx in enumerate(micro):
-            mine = idx[ctx.rank::ctx.world]
+            mine = rank_share(idx, ctx.rank, ctx.world, groups is not None)
             # A rank with no row left in the epoch's last micro-batch repeats one with weight 0: every rank
             # must run each forward and backward, or the gradient reduction would wait forever.
             weight = 1.0 if mine else 0.0
