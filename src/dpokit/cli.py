@@ -108,7 +108,8 @@ def cmd_data_check(args) -> int:
     all_stats, unusable = [], 0
     for path in args.files:
         try:
-            stats = check_file(path, tokenizer, args.max_length, args.max_prompt_length)
+            stats = check_file(path, tokenizer, args.max_length, args.max_prompt_length, args.ranked_pairs,
+                               args.ultrafeedback_score)
         except DataError as e:  # the whole file is unreadable
             print(f"dpokit: error: {e}", file=sys.stderr)
             unusable += 1
@@ -198,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dpokit", description="Align a language model from preference pairs "
                                      "with Direct Preference Optimization.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p_train = sub.add_parser("train", help="train with DPO (no arguments: embedded model and built-in pairs)",
+    p_train = sub.add_parser("train", help="train with DPO on preference pairs or ranked rows (k scored "
+                             "completions per prompt) (no arguments: embedded model and built-in pairs)",
                              description="Train with DPO. Every option can also be set in a YAML --config.")
     add_config_flags(p_train)
     p_train.set_defaults(func=cmd_train)
@@ -237,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_eval.add_argument("--output", default=None, help="write the metrics as JSON here (e.g. runs/x/eval.json), "
                         "and report.html with plots beside it")
     add_config_flags(p_eval, only=("beta", "loss", "ld_alpha", "max_length", "max_prompt_length", "eval_batch_size",
-                                   "on_bad_row", "device", "dtype", "model_dtype", "prefix_sharing", "pack_tokens"))
+                                   "on_bad_row", "ranked_pairs", "ultrafeedback_score", "device", "dtype", "model_dtype",
+                                   "prefix_sharing", "pack_tokens"))
     p_eval.set_defaults(func=cmd_eval)
 
     p_score = sub.add_parser("score", help="rank candidate completions of a prompt by the implicit reward "
@@ -267,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     data_sub = p_data.add_subparsers(dest="data_command", required=True)
     p_check = data_sub.add_parser("check", help="load and tokenize files, reporting formats, every invalid row, "
                                   "duplicates, token lengths, truncation and chosen/rejected length bias; unpaired "
-                                  "(KTO) files: label balance and completions labelled both ways",
+                                  "(KTO) files: label balance and completions labelled both ways; ranked files: "
+                                  "completions per prompt, pairs per pairing, tokens with each completion once",
                                   description="Exits 1 if a file is unusable, or has invalid rows and "
                                   "--on-bad-row is error (the default); with skip, invalid rows are listed only.")
     p_check.add_argument("files", nargs="+")
@@ -275,6 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_check.add_argument("--max-length", type=int, default=TrainConfig.max_length)
     p_check.add_argument("--max-prompt-length", type=_parse_optional(int), default=TrainConfig.max_prompt_length)
     p_check.add_argument("--on-bad-row", choices=("error", "skip"), default="error")
+    for name in ("ranked_pairs", "ultrafeedback_score"):  # ranked files: the pairs loaded, as `train` takes them
+        f = next(f for f in fields(TrainConfig) if f.name == name)
+        p_check.add_argument("--" + name.replace("_", "-"), choices=f.metadata["choices"], default=f.default,
+                             help=f.metadata["help"] + f" (default: {f.default})")
     p_check.set_defaults(func=cmd_data_check)
     return parser
 

@@ -103,6 +103,13 @@ class TrainConfig:
                           "(keyed by reference weights and token ids) and release the reference model")
     on_bad_row: str = opt("error", "bad data rows: 'error' stops naming file:line:field; 'skip' skips and "
                           "counts them by reason", ("error", "skip"))
+    ranked_pairs: str = opt("all", "pairs of a ranked row (k scored completions of a prompt, or UltraFeedback's "
+                            "rows): 'all' pairs every two completions whose scores differ, 'best-worst' the top "
+                            "against the bottom score, 'best-rest' the top against each lower one; ties never pair, "
+                            "the first in row order wins a tie for top or bottom", ("all", "best-worst", "best-rest"))
+    ultrafeedback_score: str = opt("fine-grained_score", "score of UltraFeedback rows: 'fine-grained_score' (the "
+                                   "mean of the four aspect ratings) or 'overall_score' (the critique's 1-10)",
+                                   ("fine-grained_score", "overall_score"))
     # bookkeeping
     seed: int = opt(42, "seed for data order and initialisation; CPU runs are deterministic")
     deterministic: bool = opt(False, "GPU: deterministic kernels (torch.use_deterministic_algorithms, "

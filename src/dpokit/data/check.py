@@ -5,6 +5,9 @@ the chosen/rejected length bias: DPO is known to learn "longer is better" when c
 systematically longer, so a file where they are deserves a look before training. Unpaired (KTO) files
 — prompt, completion, label — are checked as KTO training reads them: label balance, completions
 repeated with the other label, and the desirable/undesirable length difference in place of pair bias.
+Ranked files (k scored completions per prompt, data/ranked.py) are checked as the pairs they imply, plus
+completions per row, the pairs each --ranked-pairs option implies, ties, and the tokens an epoch computes with
+each completion once against the pairs written out.
 
 `check_stats` is a pure function of what loading and tokenizing produced; `format_check` turns its dict
 into text; `check_file` runs both stages on one file.
@@ -38,10 +41,8 @@ def check_stats(pairs: list[Pair], load_report: LoadReport, tokenized: list[Toke
         else:
             first_seen[key] = _line(p.source)
 
-    full = {t.source: t for t in untruncated}
     cuts = []
-    for t in tokenized:
-        f = full[t.source]
+    for t, f in zip(tokenized, _untruncated_of(tokenized, untruncated)):
         cut = sum(len(a) - len(b) for a, b in ((f.prompt_ids, t.prompt_ids), (f.chosen_ids, t.chosen_ids),
                                                 (f.rejected_ids, t.rejected_ids)))
         if cut:
@@ -52,6 +53,7 @@ def check_stats(pairs: list[Pair], load_report: LoadReport, tokenized: list[Toke
     carrying = [t for t in tokenized if t.sampler_ref is not None]
     return {
         **_common(load_report, "pairs", len(pairs), duplicates, cuts, tok_report),
+        "ranked": None if load_report.ranked is None else _ranked(load_report.ranked, tokenized),
         # make-pairs rows carry the sampler's reference log-probs; training uses those whose ids it reproduces
         "sampler_ref": {"pairs": sum(p.sampler_ref is not None for p in pairs),
                         "digests": sorted({p.sampler_ref.digest for p in pairs if p.sampler_ref is not None}),
@@ -67,6 +69,45 @@ def check_stats(pairs: list[Pair], load_report: LoadReport, tokenized: list[Toke
                         "equal": sum(d == 0 for d in differences) / n if n else None,
                         "mean_difference": sum(differences) / n if n else None},
     }
+
+
+def _untruncated_of(tokenized: list[TokenizedPair], untruncated: list[TokenizedPair]) -> list[TokenizedPair]:
+    """Each training pair's untruncated tokenization. The pairs of a ranked row share their source, so pairs are
+    matched in order: `tokenized` is `untruncated` less the dropped pairs, never reordered, and a truncated
+    pair's ids are cut from the full ones (the prompt from its start, completions from their end)."""
+    def cut_from(t: TokenizedPair, f: TokenizedPair) -> bool:
+        return (t.source == f.source and f.prompt_ids[len(f.prompt_ids) - len(t.prompt_ids):] == t.prompt_ids
+                and f.chosen_ids[:len(t.chosen_ids)] == t.chosen_ids
+                and f.rejected_ids[:len(t.rejected_ids)] == t.rejected_ids)
+    out, i = [], 0
+    for t in tokenized:
+        while not cut_from(t, untruncated[i]):
+            i += 1
+        out.append(untruncated[i])
+        i += 1
+    return out
+
+
+def _ranked(stats, tokenized: list[TokenizedPair]) -> dict:
+    """Ranked rows (data/ranked.RankedStats) and the tokens an epoch of `tokenized` computes: the pairs written
+    out (two sequences per pair: prompt twice), one prompt per pair (prefix sharing per pair), and each
+    distinct prompt and completion of a row once (the pairs of a row share `group`)."""
+    rows: dict[str, tuple[set, set]] = {}
+    for t in tokenized:
+        prompts, completions = rows.setdefault(t.group, (set(), set()))
+        prompts.add(tuple(t.prompt_ids))
+        completions.update((tuple(t.prompt_ids), tuple(ids)) for ids in (t.chosen_ids, t.rejected_ids))
+    completion_tokens = sum(len(t.chosen_ids) + len(t.rejected_ids) for t in tokenized)
+    prompt_tokens = sum(len(t.prompt_ids) for t in tokenized)
+    once_completions = sum(len(c) for _, completions in rows.values() for _, c in completions)
+    once_prompts = sum(len(p) for prompts, _ in rows.values() for p in prompts)
+    return {"format": stats.format, "pairing": stats.pairing, "rows": stats.rows, "k": stats.k_text(),
+            "completions_per_row": dict(sorted(stats.completions.items())), "implied": dict(stats.implied),
+            "ties": stats.ties,
+            "tokens": {"written_out": 2 * prompt_tokens + completion_tokens,
+                       "prompt_per_pair": prompt_tokens + completion_tokens,
+                       "once": once_prompts + once_completions,
+                       "completions_written_out": completion_tokens, "completions_once": once_completions}}
 
 
 def check_unpaired_stats(examples: list[Completion], load_report: LoadReport, tokenized: list[TokenizedCompletion],
@@ -139,6 +180,8 @@ def format_check(stats: dict) -> str:
         lines += [f"    {row}" for row in invalid["rows"]]
     else:
         lines.append("  invalid rows: none")
+    if paired and stats.get("ranked"):
+        lines += _ranked_lines(stats["ranked"])
     if paired and stats["chosen_equals_rejected"]:
         lines.append(f"  chosen == rejected: {stats['chosen_equals_rejected']} (among the invalid rows)")
     if not paired:
@@ -185,6 +228,23 @@ def format_check(stats: dict) -> str:
     return "\n".join(lines)
 
 
+def _ranked_lines(ranked: dict) -> list[str]:
+    from dpokit.data.ranked import PAIRINGS
+    implied = ", ".join(f"{p} {ranked['implied'].get(p, 0)}" for p in PAIRINGS)
+    lines = [f"  ranked rows: {ranked['rows']}, {ranked['k']} ("
+             + ", ".join(f"{n} with k={k}" for k, n in ranked["completions_per_row"].items()) + ")",
+             f"  pairs implied: {implied} (loaded: {ranked['pairing']}); ties skipped: {ranked['ties']} (two "
+             "completions with equal scores never pair)"]
+    tok = ranked["tokens"]
+    if tok["once"]:
+        lines.append(f"  tokens per epoch of these pairs: {tok['written_out']:,} written out as pairs, "
+                     f"{tok['prompt_per_pair']:,} with one prompt per pair, {tok['once']:,} with each prompt and "
+                     f"completion once ({tok['written_out'] / tok['once']:.2f}× / "
+                     f"{tok['prompt_per_pair'] / tok['once']:.2f}× fewer); completion tokens "
+                     f"{tok['completions_written_out']:,} → {tok['completions_once']:,}")
+    return lines
+
+
 def _repeats(name: str, found: dict, what: str) -> str:
     if not found["count"]:
         return f"  {name}: none"
@@ -199,7 +259,7 @@ def format_totals(all_stats: list[dict]) -> str:
         by_format = Counter()
         for s in all_stats:
             if s["unit"] == unit:
-                by_format[s["format"]] += s[unit]
+                by_format[s["format"].split(" (")[0]] += s[unit]  # "ranked (4 rows, …)": ranked
         if by_format:
             formats = ", ".join(f"{fmt} {n}" for fmt, n in sorted(by_format.items()))
             parts.append(f"{sum(by_format.values())} {unit} by format: {formats}")
@@ -207,10 +267,12 @@ def format_totals(all_stats: list[dict]) -> str:
     return f"{len(all_stats)} files read: " + "; ".join(parts) + f"; {invalid} invalid rows"
 
 
-def check_file(path: str, tokenizer, max_length: int, max_prompt_length: int | None) -> dict:
+def check_file(path: str, tokenizer, max_length: int, max_prompt_length: int | None, ranked_pairs: str = "all",
+               ultrafeedback_score: str = "fine-grained_score") -> dict:
     """Load `path` keeping every bad row's error, tokenize as training would and without limits, and
     measure. Unpaired files (their first valid row has prompt, completion, label) are loaded as KTO
-    training loads them. Raises DataError only for problems with the whole file."""
+    training loads them; ranked files as the pairs `ranked_pairs` picks. Raises DataError only for problems
+    with the whole file."""
     # The format is the first valid row's, as the loaders decide it (a broken first row imposes nothing);
     # load_completions accepts every format, so its verdict is that row's.
     examples, report = load_completions(path, on_bad_row="skip", allow_empty=True)
@@ -223,7 +285,8 @@ def check_file(path: str, tokenizer, max_length: int, max_prompt_length: int | N
         tokenized, tok_report = tokenize_completions(examples, tokenizer, max_length, max_prompt_length)
         untruncated, _ = tokenize_completions(examples, tokenizer, sys.maxsize, None)
         return check_unpaired_stats(examples, report, tokenized, tok_report, untruncated)
-    pairs, report = load_pairs(path, on_bad_row="skip", allow_empty=True)
+    pairs, report = load_pairs(path, on_bad_row="skip", allow_empty=True, ranked_pairs=ranked_pairs,
+                               ultrafeedback_score=ultrafeedback_score)
     tokenized, tok_report = tokenize_pairs(pairs, tokenizer, max_length, max_prompt_length)
     untruncated, _ = tokenize_pairs(pairs, tokenizer, sys.maxsize, None)
     return check_stats(pairs, report, tokenized, tok_report, untruncated)

@@ -5,7 +5,8 @@ Four formats, decided per file from its first valid row and then required of eve
 - implicit: `chosen`, `rejected` full texts; the prompt is their longest common prefix cut back to the
   end of the last assistant turn marker inside it (Anthropic HH's "\\n\\nHuman: … \\n\\nAssistant:");
 - conversational: `chosen`/`rejected` (and optionally `prompt`) are lists of {role, content} messages;
-- unpaired (KTO): `prompt`, `completion` (strings or message lists) and a boolean `label`.
+- unpaired (KTO): `prompt`, `completion` (strings or message lists) and a boolean `label`;
+- ranked / ultrafeedback: k >= 2 scored completions of a prompt, read as the pairs they imply (data/ranked.py).
 
 Rows written by `make-pairs` (and the demo) may also carry the reference log-probs the sampler computed
 (`SamplerRef`: `ref_digest`, `ref_prompt_ids`, `chosen_ref_ids`, `rejected_ref_ids`, `chosen_ref_logp`,
@@ -73,6 +74,7 @@ class LoadReport:
     skipped_lines: list[str] = field(default_factory=list)  # "line N (reason)", in file order
     errors: list[DataError] = field(default_factory=list)  # every skipped row's error, in file order
     unit: str = "pairs"
+    ranked: object = None  # ranked files: data/ranked.RankedStats (rows, completions per row, pairs implied)
 
     def skip(self, error: DataError) -> None:
         self.skipped[error.reason] += 1
@@ -102,6 +104,9 @@ class Completion:
 def detect_format(row: dict) -> str:
     if "completion" in row and "label" in row and "chosen" not in row:
         return "unpaired"
+    if "completions" in row and "chosen" not in row:  # k scored completions (data/ranked.py)
+        first = row["completions"][0] if isinstance(row["completions"], list) and row["completions"] else None
+        return "ultrafeedback" if "instruction" in row or (isinstance(first, dict) and "response" in first) else "ranked"
     chosen = row.get("chosen")
     if isinstance(chosen, list):
         return "conversational"
@@ -138,17 +143,26 @@ def _load_rows(path: str, on_bad_row: str, parse, describe) -> tuple[list, LoadR
     return out, report
 
 
-def load_pairs(path: str, on_bad_row: str = "error", allow_empty: bool = False) -> tuple[list[Pair], LoadReport]:
+def load_pairs(path: str, on_bad_row: str = "error", allow_empty: bool = False, ranked_pairs: str = "all",
+               ultrafeedback_score: str = "fine-grained_score") -> tuple[list[Pair], LoadReport]:
     """Read every row of `path` as a Pair. Bad rows raise DataError, or with on_bad_row="skip" are
     counted by reason in the report (never dropped silently). A file with no usable pair raises unless
-    `allow_empty` (for `data check`, which lists every bad row)."""
+    `allow_empty` (for `data check`, which lists every bad row). Ranked rows (k scored completions) give the
+    pairs `ranked_pairs` picks ("all", "best-worst", "best-rest"), each row's consecutively (data/ranked.py)."""
+    from dpokit.data.ranked import RANKED_FORMATS, RankedStats, ranked_pairs as expand_ranked
+    ranked = RankedStats(pairing=ranked_pairs)
+
     def parse(row, fmt, line):
         if fmt == "unpaired":
             raise DataError(path, line, "completion", "unpaired rows (prompt, completion, label) need an "
                             "unpaired objective: --loss kto", reason="unpaired_data")
+        if fmt in RANKED_FORMATS:
+            return expand_ranked(row, fmt, path, line, ranked_pairs, ultrafeedback_score, ranked)
         return [parse_row(row, fmt, path, line)]
 
     pairs, report = _load_rows(path, on_bad_row, parse, describe=lambda fmt: fmt)
+    if report.format in RANKED_FORMATS:
+        report.ranked, report.format = ranked, ranked.describe()
     if not pairs and not allow_empty:
         raise DataError(path, None, None, "no usable preference pairs" +
                         (f" ({report.summary()})" if report.skipped else ""), reason="empty")
@@ -221,6 +235,10 @@ def load_completions(path: str, on_bad_row: str = "error",
     def parse(row, fmt, line):
         if fmt == "unpaired":
             return [parse_unpaired(row, path, line)]
+        if fmt in ("ranked", "ultrafeedback"):  # which completions are desirable is not defined by a ranking
+            raise DataError(path, line, "completions", f"{fmt} rows (k scored completions) need a paired "
+                            "objective, e.g. --loss sigmoid: an unpaired one (kto) reads prompt/completion/label "
+                            "rows or pairs", reason="ranked_data")
         p = parse_row(row, fmt, path, line)
         return [Completion(p.prompt, p.chosen, True, p.source, p.conversational, p.chosen_ends),
                 Completion(p.prompt, p.rejected, False, p.source, p.conversational, p.rejected_ends)]

@@ -4,9 +4,9 @@ score: "your language model is secretly a reward model" (the DPO paper's title) 
 candidate completions of a prompt by the implicit reward β·(log π(y|x) − log π_ref(y|x)).
 
 Both read the run's own settings: for a model saved by a dpokit run (DIR/final, or a checkpoint folder),
-β, the objective and its options, LD-DPO's ld_alpha, the length limits (RUN_KEYS) and the reference come
-from the run's config.yaml unless given on the command line, so the implicit reward is the one the run
-trained. `resolve` says where each came from.
+β, the objective and its options, LD-DPO's ld_alpha, the length limits, how ranked rows pair (RUN_KEYS) and
+the reference come from the run's config.yaml unless given on the command line, so the implicit reward is the
+one the run trained. `resolve` says where each came from.
 """
 
 from __future__ import annotations
@@ -28,12 +28,12 @@ from dpokit.models.load import ModelError
 from dpokit.loop.train import pick_device
 from dpokit.objectives import OBJECTIVES, needs_reference
 
-# What defines a run's implicit reward and held-out loss. With an explicit --loss only the first three
-# are kept, and of the others those the given objectives read (OBJECTIVES[n].options): exo_pair keeps the
-# run's label_smoothing, sigmoid after an ipo run drops ipo_normalize.
-RUN_KEYS = ("beta", "max_length", "max_prompt_length", "loss", "loss_weights", "label_smoothing", "ipo_normalize",
-            "f_divergence", "f_alpha", "use_weighting", "ld_alpha", "cpo_alpha", "simpo_gamma", "orpo_lambda",
-            "dpop_lambda", "discopop_tau", "kto_desirable_weight", "kto_undesirable_weight")
+# What defines a run's implicit reward and held-out loss (and which pairs a ranked held-out file gives). With an
+# explicit --loss only the first five are kept, and of the others those the given objectives read
+# (OBJECTIVES[n].options): exo_pair keeps the run's label_smoothing, sigmoid after an ipo run drops ipo_normalize.
+RUN_KEYS = ("beta", "max_length", "max_prompt_length", "ranked_pairs", "ultrafeedback_score", "loss", "loss_weights",
+            "label_smoothing", "ipo_normalize", "f_divergence", "f_alpha", "use_weighting", "ld_alpha", "cpo_alpha",
+            "simpo_gamma", "orpo_lambda", "dpop_lambda", "discopop_tau", "kto_desirable_weight", "kto_undesirable_weight")
 
 
 @dataclass
@@ -73,8 +73,8 @@ def resolve(model: str, given: dict[str, tuple[Any, str]], against: str | None,
     simpo/orpo, with no reference unless `against`)."""
     run, path = run_config(model)
     run_loss = str(run.get("loss", ""))
-    # GRPO trains no pairwise objective: its run supplies lengths only (β is GRPO's default, unused)
-    keys = RUN_KEYS[:3] if "loss" in given or "grpo" in run_loss else RUN_KEYS
+    # GRPO trains no pairwise objective: its run supplies lengths and data options only (β is GRPO's default, unused)
+    keys = RUN_KEYS[:5] if "loss" in given or "grpo" in run_loss else RUN_KEYS
     if "loss" in given:
         keys += tuple(k for n in _as_list(given["loss"][0]) if n in OBJECTIVES for k in OBJECTIVES[n].options)
     from_run = {k: run[k] for k in keys if k in run and k not in given}
@@ -109,7 +109,8 @@ def evaluate_file(model: str, settings: Settings, data: str, log=print) -> dict[
     cfg, ref_model = settings.cfg, settings.ref_model
     device = pick_device(cfg.device)
     tokenizer = load_tokenizer(model)
-    pairs, report = load_pairs(data, cfg.on_bad_row)
+    pairs, report = load_pairs(data, cfg.on_bad_row, ranked_pairs=cfg.ranked_pairs,
+                               ultrafeedback_score=cfg.ultrafeedback_score)
     tokenized, tok_report = tokenize_pairs(pairs, tokenizer, cfg.max_length, cfg.max_prompt_length)
     log(f"{report.summary()}\n  {tok_report.summary()}")
     with compute_precision(device, cfg.dtype):

@@ -27,7 +27,8 @@ def load_data(cfg: TrainConfig, tokenizer, unpaired: bool, log) -> tuple[list, l
             examples, report = load_completions(path, cfg.on_bad_row)
             tokenized, tok_report = tokenize_completions(examples, tokenizer, cfg.max_length, cfg.max_prompt_length)
         else:
-            pairs, report = load_pairs(path, cfg.on_bad_row)
+            pairs, report = load_pairs(path, cfg.on_bad_row, ranked_pairs=cfg.ranked_pairs,
+                                       ultrafeedback_score=cfg.ultrafeedback_score)
             tokenized, tok_report = tokenize_pairs(pairs, tokenizer, cfg.max_length, cfg.max_prompt_length)
         log(f"{role} data: {report.summary()}")
         log(f"  {tok_report.summary()}")
