@@ -23,15 +23,19 @@ def add_sampling_flags(p: argparse.ArgumentParser, samples_default: int, samples
 
 
 def cmd_make_pairs(args) -> int:
+    from dpokit.config import ConfigError
     from dpokit.data import load_prompts
     from dpokit.evaluation.rewards import load_reward
     from dpokit.models import load_model, load_tokenizer
     from dpokit.tasks.pairs import make_pairs, write_jsonl
+    if args.ranked and (args.pairing is not None or args.min_gap is not None):
+        raise ConfigError("--ranked writes every sample with its reward; pairs are chosen when training reads the "
+                          "rows (--ranked-pairs all|best-worst|best-rest): drop --pairing/--min-gap")
     prompts, report = load_prompts(args.prompts, args.on_bad_row)
     print(report.summary())
     rows, stats = make_pairs(load_model(args.model), load_tokenizer(args.model), prompts, load_reward(args.reward),
-                             args.samples, args.pairing, args.min_gap, args.max_new_tokens, args.temperature,
-                             args.top_p, args.seed, args.gen_batch_size)
+                             args.samples, args.pairing or "best-worst", args.min_gap or 0.0, args.max_new_tokens,
+                             args.temperature, args.top_p, args.seed, args.gen_batch_size, ranked=args.ranked)
     print(f"{stats.summary()} → {write_jsonl(rows, args.output)}")
     return 0
 
@@ -195,15 +199,20 @@ def add_commands(sub) -> None:
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("make-pairs", help="preference pairs from prompts: sample completions, score them with a "
-                       "reward function, pair best vs worst (or all); rows keep the model's log-probs of the "
-                       "sampled ids, which training with it as reference uses instead of recomputing them")
+                       "reward function, pair best vs worst (or all; or --ranked: one row of all scored samples "
+                       "per prompt); rows keep the model's log-probs of the sampled ids, which training with it as "
+                       "reference uses instead of recomputing them")
     p.add_argument("--prompts", required=True, help="file with a 'prompt' field per row (string or messages)")
     p.add_argument("--output", required=True, help="pairs file to write (.jsonl)")
     p.add_argument("--model", default="embedded")
     add_sampling_flags(p, 4, "completions sampled per prompt (default: 4)")
-    p.add_argument("--pairing", choices=("best-worst", "all"), default="best-worst")
-    p.add_argument("--min-gap", type=float, default=0.0, help="leave out pairs whose rewards differ by at most this "
+    p.add_argument("--pairing", choices=("best-worst", "all"), default=None, help="pair best vs worst sample, or "
+                   "every two whose rewards differ (default: best-worst)")
+    p.add_argument("--min-gap", type=float, default=None, help="leave out pairs whose rewards differ by at most this "
                    "(counted; default 0: only exact ties)")
+    p.add_argument("--ranked", action="store_true", help="write one ranked row per prompt instead of pairs: its "
+                   "distinct non-empty samples, their rewards as scores, truncated flags and the model's log-probs "
+                   "per sample; training pairs them by --ranked-pairs and computes each completion once")
     p.add_argument("--on-bad-row", choices=("error", "skip"), default="error")
     p.set_defaults(func=cmd_make_pairs)
 
