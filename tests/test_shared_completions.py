@@ -121,3 +121,24 @@ def test_ranked_rows_stay_together_in_the_epoch_order(tokenizer):
     assert [rank_share(list(range(5)), r, 2, grouped=True) for r in range(2)] == [[0, 1], [2, 3, 4]]
     summary = sharing_summary(pairs, [[list(range(n))]])
     assert f"{layout_tokens(pairs):,} tokens" in summary
+
+
+def test_a_ranked_row_has_one_prompt_boundary(tokenizer):
+    """BPE merges "Th" + "e" across the prompt boundary in some completions and not others: pair by pair, the
+    same completion would get different ids in different pairs (and the prompt two lengths); a ranked row is
+    cut once, where its shortest boundary lies, so each completion is one sequence."""
+    from dpokit.batches import tokenize_pair, tokenize_pairs
+    from dpokit.data import Pair
+    prompt, completions = "Human: say something. Assistant: Th", ["e end", "is is it", "anks", "ere"]
+    pairs = [Pair(prompt, completions[i], completions[j], "f:1", group="f:1")
+             for i, j in itertools.combinations(range(4), 2)]
+    alone = {len(tokenize_pair(p, tokenizer, 999, None).prompt_ids) for p in pairs}
+    assert len(alone) > 1  # the case is real: pair by pair the boundary moves
+    tokenized, _ = tokenize_pairs(pairs, tokenizer, 999, None)
+    assert len({tuple(t.prompt_ids) for t in tokenized}) == 1
+    ids = {}
+    for p, t in zip(pairs, tokenized):
+        for text, got in ((p.chosen, t.chosen_ids), (p.rejected, t.rejected_ids)):
+            assert ids.setdefault(text, got) == got
+    batch = pair_batch(tokenized, 0, True, 0)
+    assert batch["segments"].shape[0] == 4  # one prompt, four completions, each once

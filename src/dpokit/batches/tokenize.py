@@ -105,13 +105,14 @@ def _fail(source: str, name: str, message: str, reason: str):
 
 
 def tokenize_pair(pair: Pair, tokenizer, max_length: int, max_prompt_length: int | None,
-                  report: TokenizeReport | None = None) -> TokenizedPair | None:
-    """Tokenize and truncate one pair; None (and a count in `report`) if a completion would vanish."""
+                  report: TokenizeReport | None = None, prompt_end: int | None = None,
+                  rendered: list[list[int]] | None = None) -> TokenizedPair | None:
+    """Tokenize and truncate one pair; None (and a count in `report`) if a completion would vanish.
+    `prompt_end`: where the prompt's ids end, when the caller decided it for a whole ranked row; `rendered`:
+    the pair's `render` ids, when the caller has them."""
     report = report if report is not None else TokenizeReport()
-    prompt_ids, full_chosen, full_rejected = render(pair.prompt, [pair.chosen, pair.rejected], pair.conversational,
-                                                    tokenizer, [pair.chosen_ends, pair.rejected_ends],
-                                                    pair.source, ["chosen", "rejected"])
-    n = min(common_prefix_length(prompt_ids, full_chosen), common_prefix_length(prompt_ids, full_rejected))
+    prompt_ids, full_chosen, full_rejected = rendered or _render_pair(pair, tokenizer)
+    n = _prompt_end(prompt_ids, full_chosen, full_rejected) if prompt_end is None else prompt_end
     prompt, chosen, rejected = prompt_ids[:n], full_chosen[n:], full_rejected[n:]
 
     # Keep the latest turns of a long prompt: the end of a dialogue is what the answer responds to.
@@ -139,11 +140,35 @@ def tokenize_pair(pair: Pair, tokenizer, max_length: int, max_prompt_length: int
     return TokenizedPair(prompt, chosen, rejected, pair.source, pair.sampler_ref, pair.group)
 
 
+def _render_pair(pair: Pair, tokenizer) -> list[list[int]]:
+    return render(pair.prompt, [pair.chosen, pair.rejected], pair.conversational, tokenizer,
+                  [pair.chosen_ends, pair.rejected_ends], pair.source, ["chosen", "rejected"])
+
+
+def _prompt_end(prompt_ids: list[int], *fulls: list[int]) -> int:
+    return min(common_prefix_length(prompt_ids, full) for full in fulls)
+
+
 def tokenize_pairs(pairs: list[Pair], tokenizer, max_length: int,
                    max_prompt_length: int | None) -> tuple[list[TokenizedPair], TokenizeReport]:
+    """Every pair that survives tokenization (`tokenize_each`), and the report."""
     report = TokenizeReport()
-    out = [t for p in pairs if (t := tokenize_pair(p, tokenizer, max_length, max_prompt_length, report))]
-    return out, report
+    return [t for t in tokenize_each(pairs, tokenizer, max_length, max_prompt_length, report) if t], report
+
+
+def tokenize_each(pairs: list[Pair], tokenizer, max_length: int, max_prompt_length: int | None,
+                  report: TokenizeReport | None = None) -> list[TokenizedPair | None]:
+    """`tokenize_pair` of each pair, in order. The pairs of one ranked row (`Pair.group`) share one prompt/
+    completion boundary — the shortest any of them gives — so each completion has the same ids in every pair
+    it is in: one sequence, computed once (batches/packing.py), and one log-prob per completion. (Tokenized pair
+    by pair, a BPE merge across the boundary in one completion would move only its pairs' boundary.)"""
+    ends: dict[str, int] = {}
+    rendered = [_render_pair(p, tokenizer) for p in pairs]
+    for p, ids in zip(pairs, rendered):
+        if p.group is not None:
+            ends[p.group] = min(_prompt_end(*ids), ends.get(p.group, len(ids[0])))
+    return [tokenize_pair(p, tokenizer, max_length, max_prompt_length, report,
+                          ends.get(p.group) if p.group is not None else None, ids) for p, ids in zip(pairs, rendered)]
 
 
 @dataclass

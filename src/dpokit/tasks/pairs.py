@@ -158,10 +158,10 @@ def count_reusable(rows: list[dict], tokenizer) -> int:
     training's tokenization gives them (before any length limits): the pairs whose stored sums training can
     use. A chat template that writes tokens after the end of turn (ChatML's "\\n") makes every ended chat reply
     differ; BPE merges across the prompt boundary a few more."""
-    from dpokit.batches.tokenize import tokenize_pair
-    n = 0
-    for pair in _stored_pairs(rows):
-        t, s = tokenize_pair(pair, tokenizer, 1 << 30, None), pair.sampler_ref
+    from dpokit.batches.tokenize import tokenize_each
+    n, pairs = 0, list(_stored_pairs(rows))
+    for pair, t in zip(pairs, tokenize_each(pairs, tokenizer, 1 << 30, None)):
+        s = pair.sampler_ref
         n += t is not None and (t.prompt_ids, t.chosen_ids, t.rejected_ids) == (s.prompt_ids, s.chosen_ids,
                                                                                  s.rejected_ids)
     return n
@@ -171,9 +171,9 @@ def _stored_pairs(rows: list[dict]):
     """The Pairs, with their SamplerRef, that training reads from make-pairs' rows."""
     from dpokit.data.formats import Pair, SamplerRef
     from dpokit.data.ranked import expand, parse_ranked
-    for r in rows:
+    for line, r in enumerate(rows, 1):  # each row its own source, hence its own group (one prompt boundary)
         if "completions" in r:
-            yield from expand(parse_ranked(r, "ranked", "make-pairs", 0), "make-pairs")
+            yield from expand(parse_ranked(r, "ranked", "make-pairs", line), f"make-pairs:{line}")
         else:
             yield Pair(r["prompt"], r["chosen"], r["rejected"], "make-pairs", isinstance(r["prompt"], list),
                        not r["chosen_truncated"], not r["rejected_truncated"],
