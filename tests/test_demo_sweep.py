@@ -26,8 +26,10 @@ def test_demo_writes_pairs_model_eval_and_report(tmp_path, tiny_model_dir, capsy
     assert "win rate" in html.lower()
     printed = capsys.readouterr().out
     assert "win rate over the reference" in printed and str(out / "report.html") in printed
-    rows = [json.loads(line) for line in open(out / "pairs_train.jsonl")]
-    assert all(r["chosen_reward"] > r["rejected_reward"] for r in rows)
+    rows = [json.loads(line) for line in open(out / "pairs_train.jsonl")]  # ranked: one row per prompt
+    assert rows and all(2 <= len(r["completions"]) == len(r["scores"]) <= 3 and len(set(r["scores"])) > 1
+                        for r in rows)
+    assert "ranked rows: an epoch computes" in printed  # each sample computed once, not once per pair
 
     # eval on the trained model with generation metrics; report regenerated from the run folder
     assert main(["eval", str(out / "final"), str(out / "pairs_eval.jsonl"), "--prompts", str(out / "pairs_eval.jsonl"),

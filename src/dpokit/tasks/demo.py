@@ -4,7 +4,8 @@ The paper (Sec. 6.1) continues IMDb review prefixes with GPT-2 and rewards posit
 the prompts are 280 + 60 movie-review openings written for dpokit (data/builtin/sentiment_*.jsonl), the
 reference is the embedded SmolLM2-135M-Instruct continuing them as plain text, and the ground-truth
 reward is VADER sentiment. Steps, each logged with its time:
-  1. pairs: n samples per prompt from the reference, scored, best vs worst (or all pairs);
+  1. pairs: n samples per prompt from the reference, scored; for training one ranked row per prompt (all
+     pairs with different rewards, each completion computed once), for held-out pairs best vs worst;
   2. DPO on the training pairs (held-out pairs from the eval prompts give implicit-reward accuracy);
   3. generation metrics on the held-out prompts: policy vs reference win rate, rewards, KL, length;
   4. eval.json and report.html with plots.
@@ -72,7 +73,9 @@ def demo_train_config(output_dir: Path, task: SentimentTask, pairs_dir: Path | N
 def make_task_pairs(task: SentimentTask, output_dir: Path, log=print, reuse: bool = False,
                     models=None) -> tuple[Path, Path]:
     """Pairs for training (train prompts) and held-out preference metrics (eval prompts), sampled from
-    the reference; written as pairs_train.jsonl / pairs_eval.jsonl in output_dir. With `reuse`, a file
+    the reference; written as pairs_train.jsonl / pairs_eval.jsonl in output_dir. With pairing "all" the
+    training file holds ranked rows (one per prompt: its samples and rewards), which training reads as every
+    pair with different rewards and computes each sample once (batches/packing.py). With `reuse`, a file
     already there is kept (write_jsonl renames a complete temporary file into place, so one that exists
     is whole). `models`: (tokenizer, reference) already loaded."""
     train_prompts, eval_prompts = task.prompts()
@@ -87,8 +90,9 @@ def make_task_pairs(task: SentimentTask, output_dir: Path, log=print, reuse: boo
             log(f"{name} pairs: reusing {paths[-1]}")
             continue
         digest = digest or weights_digest(reference)  # once for both files
-        rows, stats = make_pairs(reference, tokenizer, prompts, reward, task.samples, pairing,
-                                 max_new_tokens=task.max_new_tokens, seed=seed, digest=digest)
+        ranked = pairing == "all"
+        rows, stats = make_pairs(reference, tokenizer, prompts, reward, task.samples, "best-worst" if ranked else pairing,
+                                 max_new_tokens=task.max_new_tokens, seed=seed, digest=digest, ranked=ranked)
         paths.append(write_jsonl(rows, output_dir / f"pairs_{name}.jsonl"))
         log(f"{name} pairs: {stats.summary()} → {paths[-1]}")
     return paths[0], paths[1]

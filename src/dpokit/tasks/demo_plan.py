@@ -17,8 +17,12 @@ output projection is a real matmul per token) and divided by a measured rate:
   * reference pass: 2N per token for REF_RECOMPUTED of the training pairs only — the others carry the
     sampler's log-probs (146 of 176 demo pairs, docs/PERFORMANCE.md "Reference log-probs from the
     sampler"); held-out pairs are always recomputed, and evaluated before and after training (3 × 2N).
-  * tokens: a pair is its prompt once (prefix shared) plus two completions of `max_new_tokens` (124 of
-    128 demo samples ran to the limit, same section); a sample is its prompt plus `max_new_tokens`.
+  * tokens: a sample is its prompt plus `max_new_tokens` (124 of 128 demo samples ran to the limit, same
+    section). A best-vs-worst pair is its prompt once (prefix shared) plus two completions. With `--pairing
+    all` the training file holds one ranked row per prompt and a micro-batch computes each of a row's
+    completions once (batches/packing.py): a micro-batch of B pairs from rows of g pairs each touches about
+    (B − 1)/g + 1 rows (its two ends cut rows), each computed whole — prompt + samples × max_new_tokens —
+    an upper estimate, since a cut row computes only the completions of its pairs in the batch.
   * pairs per prompt with `--pairing all`: s(s−1)/2 × DISTINCT_REWARDS (1,546 of 280 × 6 pairs had
     different rewards, issue 15); held-out pairs are best-vs-worst, one per prompt.
   * OVERHEAD_S: loading the model a few times, the weights digest, report and plots — an estimate, not
@@ -107,6 +111,15 @@ def pairs_per_prompt(samples: int, pairing: str) -> float:
     return samples * (samples - 1) / 2 * DISTINCT_REWARDS if pairing == "all" else 1.0
 
 
+def tokens_per_pair(prompt: float, new: int, samples: int, pairing: str, batch_size: int) -> float:
+    """Tokens a training micro-batch computes per pair (module docstring: tokens)."""
+    if pairing != "all":
+        return prompt + 2 * new
+    per_row = pairs_per_prompt(samples, pairing)
+    rows_touched = (batch_size - 1) / per_row + 1
+    return rows_touched * (prompt + samples * new) / batch_size
+
+
 def predict(plan: Plan, m: Machine) -> dict:
     """Seconds per phase for `plan` on machine `m` (module docstring)."""
     n, prompt, new = m.params, m.prompt_tokens, plan.max_new_tokens
@@ -114,11 +127,12 @@ def predict(plan: Plan, m: Machine) -> dict:
 
     def sample_s(rows):
         return math.ceil(rows / SAMPLE_BATCH) * new * m.step_overhead_s + rows * (prompt + new) * 2 * n / sampling
-    pair_tokens = prompt + 2 * new
+    pair_tokens = prompt + 2 * new          # a held-out (best-vs-worst) pair
+    train_pair_tokens = tokens_per_pair(prompt, new, plan.samples, plan.pairing, plan.batch_size)
     train_pairs = plan.train_prompts * pairs_per_prompt(plan.samples, plan.pairing)
     pairs_s = sample_s((plan.train_prompts + plan.eval_prompts) * plan.samples)
-    train_s = (plan.steps * plan.batch_size * pair_tokens * 6 * n
-               + train_pairs * REF_RECOMPUTED * pair_tokens * 2 * n
+    train_s = (plan.steps * plan.batch_size * train_pair_tokens * 6 * n
+               + train_pairs * REF_RECOMPUTED * train_pair_tokens * 2 * n
                + plan.eval_prompts * pair_tokens * 3 * 2 * n) / compute
     # policy and reference each sample k per held-out prompt, then score the policy's samples under both
     scored = plan.eval_prompts * plan.k * (prompt + new)

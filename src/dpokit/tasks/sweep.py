@@ -122,7 +122,7 @@ def run_sweep(output_dir: str | Path, axis: str, task: SentimentTask | None = No
             steps = online_steps
         else:
             cfg = demo_train_config(run_dir, task, out, **{**train_overrides, **options})
-            steps = cfg.max_steps or cfg.epochs * -(-count_rows(out / "pairs_train.jsonl") // cfg.batch_size)
+            steps = cfg.max_steps or cfg.epochs * -(-count_pairs(out / "pairs_train.jsonl", cfg) // cfg.batch_size)
             # checkpoints evenly along the run: the frontier's points between the reference and the final
             # model (rounded up, so the last checkpoint is not a near-copy of the final model)
             cfg.save_every = max(1, -(-steps // (checkpoints + 1))) if checkpoints else 0
@@ -151,6 +151,8 @@ def run_sweep(output_dir: str | Path, axis: str, task: SentimentTask | None = No
     return frontier
 
 
-def count_rows(path: Path) -> int:
-    with open(path, encoding="utf-8") as f:
-        return sum(1 for line in f if line.strip())
+def count_pairs(path: Path, cfg) -> int:
+    """Pairs training reads from `path` (a ranked row gives several)."""
+    from dpokit.data import load_pairs
+    return len(load_pairs(str(path), cfg.on_bad_row, ranked_pairs=cfg.ranked_pairs,
+                          ultrafeedback_score=cfg.ultrafeedback_score)[0])
