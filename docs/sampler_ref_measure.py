@@ -9,8 +9,8 @@ import torch
 from dpokit.batches import tokenize_pairs
 from dpokit.data import builtin_path, load_pairs, load_prompts
 from dpokit.evaluation.rewards import load_reward
-from dpokit.logprobs import compute_precision
-from dpokit.logprobs.refcache import compute_reference, weights_digest
+from dpokit.logprobs import compute_precision, pairs_logps
+from dpokit.logprobs.refcache import weights_digest
 from dpokit.logprobs.sampler_ref import sort_pairs
 from dpokit.models import load_model, load_tokenizer
 from dpokit.tasks.pairs import make_pairs, write_jsonl
@@ -35,7 +35,7 @@ cpu = torch.device("cpu")
 def ref(ps):
     t = time.perf_counter()
     with compute_precision(cpu, "fp32"):
-        out = compute_reference(model, ps, 8, tok.pad_token_id, cpu, None, True, 0)
+        out = pairs_logps(model, ps, 8, tok.pad_token_id, cpu, pack_tokens=0)
     return out, time.perf_counter() - t
 ref(pairs[:8])  # warm-up
 allp, t_all = ref(pairs)

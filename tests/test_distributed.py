@@ -120,11 +120,17 @@ def test_two_processes_match_one_process(base, tiny_model_dir, one_process, mode
         assert max((g[k] - start[k]).abs().max().item() for k in start) > 1e-3
 
 
-def test_reference_cache_computed_in_parallel_is_the_one_process_cache(base, one_process):
-    one = sorted((base / "cache-one-full" / "refcache").glob("*.safetensors"))
+def test_reference_cache_computed_in_parallel_is_the_one_process_cache(base, one_process, tiny_model_dir,
+                                                                       monkeypatch):
     two = sorted((base / "cache-ddp" / "refcache").glob("*.safetensors"))
     assert two, "run with test_two_processes_match_one_process[ddp], which writes this cache"
+    # the training pairs' sums are cached in --batch-size batches (the micro-batch): the DDP run's 2 per process
+    _one_process(["cache-ref", *_args(tiny_model_dir, base, base / "one-cache-ref", 2)[1:]], base / "cache-one-2",
+                 monkeypatch)
+    one = sorted((base / "cache-one-2" / "refcache").glob("*.safetensors"))
     assert [p.name for p in one] == [p.name for p in two] and len(one) == 2  # training and held-out pairs
+    four = {p.name for p in (base / "cache-one-full" / "refcache").glob("*.safetensors")}  # --batch-size 4
+    assert len(four & {p.name for p in one}) == 1  # the held-out cache alone: --eval-batch-size 2 in both
     for a, b in zip(one, two):
         ta, tb = load_file(a), load_file(b)
         assert all(torch.equal(ta[k], tb[k]) for k in ta)

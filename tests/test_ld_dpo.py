@@ -90,10 +90,10 @@ def test_plain_chosen_is_carried_only_with_ld_alpha(tokenizer, setup):
 
 
 def test_held_out_log_probs_carry_the_plain_chosen_sum(tokenizer, setup):
-    """eval/loss and eval's nll come from `reference_logps`' concatenation: it must keep `chosen_plain`."""
-    from dpokit.evaluation.preference import reference_logps
+    """eval/loss and eval's nll come from `pairs_logps`' concatenation: it must keep `chosen_plain`."""
+    from dpokit.logprobs import pairs_logps
     pairs, policy, _ = setup
     with torch.no_grad():
         whole = pair_logps(policy, collate(pairs, tokenizer.pad_token_id), ALPHA)
-        batched = reference_logps(policy, pairs, 2, tokenizer.pad_token_id, "cpu", ALPHA, prefix_sharing=False)
+        batched = pairs_logps(policy, pairs, 2, tokenizer.pad_token_id, "cpu", ld_alpha=ALPHA, prefix_sharing=False)
     torch.testing.assert_close(batched.chosen_plain, whole.chosen_plain, rtol=1e-5, atol=1e-5)

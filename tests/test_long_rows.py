@@ -14,7 +14,7 @@ from dpokit import bench, train
 from dpokit.batches import TOKENS_PER_PAIR, batch_tokens, eval_batches, tokenize_pairs
 from dpokit.data import builtin_path, load_pairs
 from dpokit.data.long_pairs import long_pairs
-from dpokit.logprobs.refcache import compute_reference
+from dpokit.logprobs import pairs_logps
 
 BUILTIN = builtin_path("helpful_train")
 
@@ -56,10 +56,12 @@ def test_reference_pass_keeps_to_the_token_budget_and_equals_pair_by_pair(tmp_pa
     model = make_tiny_model(len(tokenizer))
     shapes = []
     batch_size = 4
-    compute_reference(model, pairs[:1], 1, 0, torch.device("cpu"), None, prefix_sharing, 1024)  # head probe first
+    # head probe first
+    pairs_logps(model, pairs[:1], 1, 0, torch.device("cpu"), prefix_sharing=prefix_sharing, pack_tokens=1024)
     model.get_decoder().register_forward_pre_hook(  # the decoder runs every token of a batch, padding included
         lambda _m, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
-    logps = compute_reference(model, pairs, batch_size, 0, torch.device("cpu"), None, prefix_sharing, 1024)
+    logps = pairs_logps(model, pairs, batch_size, 0, torch.device("cpu"), prefix_sharing=prefix_sharing,
+                        pack_tokens=1024)
     rows_per_pair = 1 if prefix_sharing else 2
     assert len(shapes) >= 4
     for rows, width in shapes:  # every forward within the budget, or one pair alone
@@ -68,7 +70,7 @@ def test_reference_pass_keeps_to_the_token_budget_and_equals_pair_by_pair(tmp_pa
     real = sum(len(p.prompt_ids) * (1 if prefix_sharing else 2) + len(p.chosen_ids) + len(p.rejected_ids)
                for p in pairs)
     assert computed <= real + 2 * batch_size * TOKENS_PER_PAIR
-    alone = compute_reference(model, pairs, 1, 0, torch.device("cpu"), None, prefix_sharing, 1024)
+    alone = pairs_logps(model, pairs, 1, 0, torch.device("cpu"), prefix_sharing=prefix_sharing, pack_tokens=1024)
     for name in ("chosen", "rejected"):
         torch.testing.assert_close(getattr(logps, name), getattr(alone, name), rtol=1e-6, atol=0)
 

@@ -112,7 +112,7 @@ def test_eval_of_an_ld_dpo_run_uses_ld_alpha_for_policy_and_reference(tmp_path, 
     run's own held-out evaluation computes them."""
     from dpokit.batches import tokenize_pairs
     from dpokit.data import Pair
-    from dpokit.evaluation.preference import reference_logps
+    from dpokit.logprobs import pairs_logps
     from dpokit.models import load_model
     final = _run_folder(tmp_path, tokenizer, tiny_model_dir, ld_alpha=0.5)
     data = write_jsonl(tmp_path / "d.jsonl", explicit_rows)
@@ -120,8 +120,8 @@ def test_eval_of_an_ld_dpo_run_uses_ld_alpha_for_policy_and_reference(tmp_path, 
     pairs = [Pair(r["prompt"], r["chosen"], r["rejected"], f"d:{i}") for i, r in enumerate(explicit_rows)]
     tokenized, _ = tokenize_pairs(pairs, tokenizer, 512, 256)
     cpu = torch.device("cpu")
-    pol = reference_logps(load_model(final, cpu), tokenized, 8, tokenizer.pad_token_id, cpu, 0.5)
-    ref = reference_logps(load_model(tiny_model_dir, cpu), tokenized, 8, tokenizer.pad_token_id, cpu, 0.5)
+    pol = pairs_logps(load_model(final, cpu), tokenized, 8, tokenizer.pad_token_id, cpu, ld_alpha=0.5)
+    ref = pairs_logps(load_model(tiny_model_dir, cpu), tokenized, 8, tokenizer.pad_token_id, cpu, ld_alpha=0.5)
     assert metrics["eval/logps/chosen"] == pytest.approx(pol.chosen.mean().item(), rel=1e-5)
     assert metrics["eval/logps/chosen_shift"] == pytest.approx((pol.chosen - ref.chosen).mean().item(), rel=1e-4)
 
@@ -152,3 +152,45 @@ def test_eval_and_score_refuse_grpo(tmp_path, tokenizer, tiny_model_dir, capsys)
     final = _run_folder(tmp_path, tokenizer, tiny_model_dir)
     assert main(["score", final, "--prompt", "Hi", "--completion", " yes", "--loss", "grpo"]) == 2
     assert "loss grpo is online" in capsys.readouterr().err
+
+
+def _forwards_autocast(run) -> list:
+    """The autocast dtype (None: off) of every decoder forward while `run()` runs (a global forward pre-hook)."""
+    from transformers.models.llama.modeling_llama import LlamaModel
+    seen = []
+
+    def hook(module, _args):
+        if isinstance(module, LlamaModel):
+            seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
+    try:
+        run()
+    finally:
+        handle.remove()
+    return seen
+
+
+def test_eval_and_score_compute_in_dtype_as_training_does(tmp_path, tokenizer, tiny_model_dir, explicit_rows):
+    """--dtype reaches the forward passes (autocast, as `compute_precision` gives training); the models are loaded
+    and probed outside it, as training loads them. Before, score took no --dtype and ran fp32 on the CPU."""
+    final = _run_folder(tmp_path, tokenizer, tiny_model_dir)
+    data = write_jsonl(tmp_path / "d.jsonl", explicit_rows)  # 8 pairs: one --eval-batch-size batch per model
+    score = ["score", final, "--prompt", "Hi", "--completion", " yes", "--completion", " no"]
+    for args, passes in ((["eval", final, data], 2), (score, 2)):
+        bf16 = _forwards_autocast(lambda: main([*args, "--dtype", "bf16"]))
+        assert [d for d in bf16 if d is not None] == [torch.bfloat16] * passes, args[0]
+        assert bf16[-1] == torch.bfloat16 and None in bf16, args[0]  # the load-time probes run without autocast
+        assert set(_forwards_autocast(lambda: main(args))) == {None}, args[0]  # auto on a CPU: fp32
+
+
+def test_eval_and_score_refuse_a_device_this_machine_lacks(tmp_path, tokenizer, tiny_model_dir, explicit_rows,
+                                                           capsys):
+    final = _run_folder(tmp_path, tokenizer, tiny_model_dir)
+    data = write_jsonl(tmp_path / "d.jsonl", explicit_rows)
+    score = ["score", final, "--prompt", "Hi", "--completion", " yes"]
+    for args in (["eval", final, data], score):
+        assert main([*args, "--device", "cuda:63"]) == 2
+        assert "--device cuda:63: this machine has " in capsys.readouterr().err
+        assert main([*args, "--device", "gpu"]) == 2
+        assert "--device gpu: not a device" in capsys.readouterr().err
+    assert main([*score, "--device", "cpu"]) == 0

@@ -129,3 +129,58 @@ def test_held_out_margins_are_exactly_zero_without_prefix_sharing(tmp_path, tiny
     first = json.loads(open(result.output_dir / "metrics.jsonl").readline())
     assert first["rewards/margins"] == 0.0
     assert any(m.startswith("held-out reference log-probs: computed") for m in logs)  # the layout is in the key
+
+
+@requires_hh
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_training_reference_is_cached_in_training_micro_batches(tmp_path, tiny_model_dir, monkeypatch, dtype):
+    """The training pairs' cached sums are computed in --batch-size batches, the training micro-batch (issue 16):
+    on one process with --no-shuffle every step's micro-batch is a cached batch, so step 0 sees exactly ln 2
+    whatever --eval-batch-size is. (This CPU's sums do not depend on the batch's row count, so it held before
+    too; on a GPU, batches cut by --eval-batch-size gave ~1e-4. The batches themselves: the test below.)"""
+    monkeypatch.setenv("DPOKIT_CACHE", str(tmp_path / "cache"))
+    data = write_jsonl(tmp_path / "d.jsonl", _hh_rows())
+    first, before = _first_step(tmp_path, "run", tiny_model_dir, data, batch_size=3, eval_batch_size=2,
+                                shuffle=False, dtype=dtype)
+    assert first["rewards/margins"] == 0.0 and first["loss"] == pytest.approx(math.log(2), abs=1e-7)
+    assert before["eval/rewards/margins"] == 0.0 and before["eval/rewards/accuracies"] == 0.0
+
+
+def test_eval_batch_size_leaves_the_training_reference_cache_alone(tmp_path, tiny_model_dir, explicit_rows,
+                                                                  monkeypatch):
+    """--eval-batch-size sets the held-out batches only: another value recomputes the held-out reference (its
+    sums must be in the evaluation's batches) and reads the training pairs' from the cache."""
+    monkeypatch.setenv("DPOKIT_CACHE", str(tmp_path / "cache"))
+    data = write_jsonl(tmp_path / "d.jsonl", explicit_rows)
+    common = dict(model=tiny_model_dir, data=data, eval_data=data, max_steps=1, lr=0.0, progress=False)
+    train(output_dir=str(tmp_path / "a"), eval_batch_size=8, log=_quiet, **common)
+    logs: list[str] = []
+    result = train(output_dir=str(tmp_path / "b"), eval_batch_size=2, log=logs.append, **common)
+    assert any(m.startswith("training reference log-probs: read from cache") for m in logs), logs
+    assert any(m.startswith("held-out reference log-probs: computed") for m in logs), logs
+    assert result.eval_before["eval/rewards/margins"] == 0.0
+    logs.clear()
+    train(output_dir=str(tmp_path / "c"), eval_batch_size=2, batch_size=3, log=logs.append, **common)
+    assert any(m.startswith("training reference log-probs: computed") for m in logs), logs  # batch_size is in it
+
+
+def test_reference_passes_batch_training_pairs_by_batch_size_and_held_out_ones_by_eval_batch_size(
+        tmp_path, tokenizer, explicit_rows, monkeypatch):
+    """The rows of every reference forward (pack_tokens 0: one row per pair): held-out pairs in --eval-batch-size
+    batches (the evaluation's), training pairs in --batch-size ones. Before issue 16 both were 8-pair batches."""
+    from dpokit.config import TrainConfig
+    from dpokit.loop.reference import prepare_reference
+    monkeypatch.setenv("DPOKIT_CACHE", str(tmp_path / "cache"))
+    pairs, _ = tokenize_pairs(load_pairs(write_jsonl(tmp_path / "d.jsonl", explicit_rows))[0], tokenizer, 512, 256)
+    assert len(pairs) == 8
+    cfg = TrainConfig(batch_size=3, eval_batch_size=8, pack_tokens=0)
+    policy = make_tiny_model(len(tokenizer))
+    with torch.no_grad():
+        pair_logps(policy, pair_batch(pairs[:1], 0, True, 0))  # the head probe's own forwards first
+    rows: list[int] = []
+    policy.get_decoder().register_forward_pre_hook(lambda _m, args, kwargs: rows.append(len(kwargs["input_ids"])),
+                                                   with_kwargs=True)
+    _, train_ref, eval_ref = prepare_reference(cfg, policy, tokenizer, pairs, pairs[:5], False, torch.device("cpu"),
+                                               tokenizer.pad_token_id, _quiet)
+    assert rows == [5, 3, 3, 2]  # held-out first, then training
+    assert len(train_ref.chosen) == 8 and len(eval_ref.chosen) == 5

@@ -164,8 +164,8 @@ def test_resume_refuses_changed_options_and_auto_starts_fresh(tmp_path, tiny_mod
     assert first.resumed_at == 0 and any("starting fresh" in m for m in logs)
     with pytest.raises(CheckpointError, match=r"batch_size: 2 → 3"):
         train(output_dir=str(tmp_path / "r"), resume="auto", log=logs.append, **{**common, "batch_size": 3})
-    # options that change the numbers without changing the data order: the reference cache's batch layout
-    # (eval_batch_size) and the kernels (deterministic)
+    # options that change the numbers without changing the data order: the held-out evaluation's batch layout
+    # (eval_batch_size: its eval/* metrics) and the kernels (deterministic)
     with pytest.raises(CheckpointError, match=r"eval_batch_size: 8 → 4"):
         train(output_dir=str(tmp_path / "r"), resume="auto", log=logs.append, eval_batch_size=4, **common)
     with pytest.raises(CheckpointError, match=r"deterministic: False → True"):

@@ -17,7 +17,8 @@ from dpokit.batches import tokenize_pairs
 from dpokit.batches.tokenize import TokenizedPair
 from dpokit.data import load_pairs
 from dpokit.data.errors import DataError
-from dpokit.logprobs.refcache import compute_reference, weights_digest
+from dpokit.logprobs import pairs_logps
+from dpokit.logprobs.refcache import weights_digest
 from dpokit.models import load_model
 from dpokit.tasks.pairs import make_pairs
 
@@ -86,7 +87,7 @@ def test_stored_sums_equal_the_reference_pass(tmp_path, tokenizer, model_dir, ch
             assert (ids[-1] == tokenizer.eos_token_id) != r[f"{side}_truncated"]  # EOS kept exactly when it ended
     # the sampler's sums are the reference pass's sums of the very ids it stored: ended and cut, text and chat
     stored = [TokenizedPair(r["ref_prompt_ids"], r["chosen_ref_ids"], r["rejected_ref_ids"], "?") for r in rows]
-    again = compute_reference(model, stored, 4, tokenizer.pad_token_id, torch.device("cpu"), None, True, 1024)
+    again = pairs_logps(model, stored, 4, tokenizer.pad_token_id, torch.device("cpu"), pack_tokens=1024)
     torch.testing.assert_close(again.chosen.double(), torch.tensor([r["chosen_ref_logp"] for r in rows],
                                                                    dtype=torch.float64), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(again.rejected.double(), torch.tensor([r["rejected_ref_logp"] for r in rows],

@@ -221,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_cache = sub.add_parser("cache-ref", help="compute the reference log-probs a `train` with the same options "
                              "will reuse (cached on disk), then stop",
                              description="Takes the same options as `train`; only those that change the "
-                             "reference log-probs matter (model/ref-model, data, eval-data, lengths, ld-alpha).")
+                             "reference log-probs matter (models, data, eval-data, lengths, ld-alpha, batch sizes).")
     add_config_flags(p_cache)
     p_cache.set_defaults(func=cmd_cache_ref)
 
@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_score.add_argument("--completion", action="append", required=True, help="a candidate (repeat the flag)")
     p_score.add_argument("--against", default=None, help="reference model (default: the run's reference or "
                          "starting model; none for a reference-free --loss such as simpo)")
-    add_config_flags(p_score, only=("beta", "loss", "max_length", "max_prompt_length", "model_dtype"))
+    add_config_flags(p_score, only=("beta", "loss", "max_length", "max_prompt_length", "device", "dtype", "model_dtype"))
     p_score.set_defaults(func=cmd_score)
 
     from dpokit import bench

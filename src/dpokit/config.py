@@ -120,7 +120,7 @@ class TrainConfig:
     gradient_checkpointing: bool = opt(False, "recompute activations in backward: much less memory, about a "
                                        "third more time")
     eval_every: int = opt(0, "evaluate on --eval-data every N steps (0: only before and after training)")
-    eval_batch_size: int = opt(8, "pairs per evaluation and reference-pass batch; a batch also ends before "
+    eval_batch_size: int = opt(8, "pairs per held-out batch (the training reference uses --batch-size); ends before "
                                "N×1024 computed tokens, so long rows are not padded to each other")
     save_every: int = opt(0, "write a resumable checkpoint every N steps (0: only the final model; a SIGTERM or "
                           "Ctrl-C always checkpoints before stopping)")

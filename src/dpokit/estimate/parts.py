@@ -139,10 +139,12 @@ def estimate(cfg, shape: Shape, processes: int = 1, tokens: tuple[int, int] | No
         parts["dense attention masks"] = tokens * min(row, tokens) * 4
     parts["other (data, allocator)"] = OTHER_BYTES + int(OTHER_SHARE * sum(parts.values()))
     phases = {"training": sum(parts.values()), "loading": _loading(cfg, shape, frozen_b, pure_half, device_type)}
-    if cached:  # the reference pass: the weights (and a separate --ref-model), forward only, eval batches
-        # (reference batches: eval_batch_size pairs, at most 1024 computed tokens each: batches/budget.py)
-        infer = activation_bytes(shape, min(tokens * cfg.eval_batch_size // cfg.batch_size,
-                                            1024 * cfg.eval_batch_size), True, half)
+    if cached:  # the reference passes: the weights (and a separate --ref-model), forward only
+        # (batches of at most n pairs and n × 1024 computed tokens, batches/budget.py: n = batch_size for the
+        # training pairs, eval_batch_size for held-out ones when there are some; the larger counts)
+        held_out = cfg.eval_data is not None or cfg.data is None  # no --data: the built-in held-out set
+        n = max(cfg.batch_size, cfg.eval_batch_size if held_out else 0)
+        infer = activation_bytes(shape, min(tokens * n // cfg.batch_size, 1024 * n), True, half)
         ref_model = ref.params * frozen_b if cfg.ref_model else 0
         phases["reference pass"] = (shape.params * (frozen_b if cfg.lora_r else train_b) + ref_model
                                     + infer + head_bytes(shape, scored, False))

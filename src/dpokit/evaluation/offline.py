@@ -6,7 +6,8 @@ candidate completions of a prompt by the implicit reward β·(log π(y|x) − lo
 Both read the run's own settings: for a model saved by a dpokit run (DIR/final, or a checkpoint folder),
 β, the objective and its options, LD-DPO's ld_alpha, the length limits, how ranked rows pair (RUN_KEYS) and
 the reference come from the run's config.yaml unless given on the command line, so the implicit reward is the
-one the run trained. `resolve` says where each came from.
+one the run trained. `resolve` says where each came from. Device and precision are chosen as training chooses
+them (`eval_device`; weights in --model-dtype, forward passes under `compute_precision(device, --dtype)`).
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ import yaml
 from dpokit.batches import pad_rows, tokenize_completions, tokenize_pairs
 from dpokit.config import ConfigError, TrainConfig, _as_list
 from dpokit.data import Completion, load_pairs
-from dpokit.evaluation.preference import evaluate_pairs, reference_logps
-from dpokit.logprobs import compute_precision, sequence_logps
+from dpokit.distributed import Distributed
+from dpokit.evaluation.preference import evaluate_pairs
+from dpokit.logprobs import compute_precision, pairs_logps, sequence_logps
 from dpokit.models import load_model, load_tokenizer
 from dpokit.models.load import ModelError
-from dpokit.loop.train import pick_device
 from dpokit.objectives import OBJECTIVES, needs_reference
 
 # What defines a run's implicit reward and held-out loss (and which pairs a ranked held-out file gives). With an
@@ -103,21 +104,52 @@ def resolve(model: str, given: dict[str, tuple[Any, str]], against: str | None,
     return Settings(cfg, ref_model, sources)
 
 
+def eval_device(name: str) -> torch.device:
+    """The device a one-process `dpokit train --device name` takes (`Distributed().device`: 'auto' is the GPU when
+    one is present), refused here when this machine has no such device, before any model is loaded."""
+    try:
+        device = Distributed().device(name)
+    except RuntimeError as e:  # not a device string at all, e.g. "gpu"
+        raise ConfigError(f"--device {name}: not a device ({e}); use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            have = f"{count} GPU(s), cuda:0 to cuda:{count - 1}" if count else "no CUDA GPU this torch can use"
+            raise ConfigError(f"--device {name}: this machine has {have}")
+    elif device.type != "cpu":
+        try:
+            torch.empty(0, device=device)
+        except (RuntimeError, AssertionError) as e:  # torch reports a missing backend with either
+            raise ConfigError(f"--device {name}: not available here ({e})") from None
+    return device
+
+
+def load_as_trained(spec: str, cfg: TrainConfig, device: torch.device):
+    """`spec` as training loads it: weights in --model-dtype, on `device`; run it under `compute_precision`."""
+    return load_model(spec, device, dtype=cfg.model_dtype)
+
+
 def evaluate_file(model: str, settings: Settings, data: str, log=print) -> dict[str, float]:
     """Held-out preference metrics of `model` against `settings.ref_model` on the pairs in `data`, computed
-    as the run's own held-out evaluation does (its β, objective, ld_alpha and lengths)."""
+    as the run's own held-out evaluation does (its β, objective, ld_alpha and lengths; the reference's sums by
+    the same `pairs_logps` in the same --eval-batch-size batches as the policy's, so a model evaluated against
+    itself has margins exactly 0)."""
     cfg, ref_model = settings.cfg, settings.ref_model
-    device = pick_device(cfg.device)
+    device = eval_device(cfg.device)
     tokenizer = load_tokenizer(model)
     pairs, report = load_pairs(data, cfg.on_bad_row, ranked_pairs=cfg.ranked_pairs,
                                ultrafeedback_score=cfg.ultrafeedback_score)
     tokenized, tok_report = tokenize_pairs(pairs, tokenizer, cfg.max_length, cfg.max_prompt_length)
     log(f"{report.summary()}\n  {tok_report.summary()}")
+    reference = load_as_trained(ref_model, cfg, device)  # loaded (and probed) outside autocast, as in training
     with compute_precision(device, cfg.dtype):
         # ld_alpha as training computes the held-out reference: the policy's log-probs use it too
-        ref = reference_logps(load_model(ref_model, device, dtype=cfg.model_dtype), tokenized, cfg.eval_batch_size, tokenizer.pad_token_id,
-                              device, cfg.ld_alpha, prefix_sharing=cfg.prefix_sharing, pack_tokens=cfg.pack_tokens)
-        metrics = evaluate_pairs(load_model(model, device, dtype=cfg.model_dtype), tokenized, ref, cfg, tokenizer.pad_token_id, device)
+        ref = pairs_logps(reference, tokenized, cfg.eval_batch_size, tokenizer.pad_token_id, device,
+                          ld_alpha=cfg.ld_alpha, prefix_sharing=cfg.prefix_sharing, pack_tokens=cfg.pack_tokens)
+    del reference  # one model in memory at a time
+    policy = load_as_trained(model, cfg, device)
+    with compute_precision(device, cfg.dtype):
+        metrics = evaluate_pairs(policy, tokenized, ref, cfg, tokenizer.pad_token_id, device)
     return {"model": model, "ref_model": ref_model, "data": data, "pairs": len(tokenized), "beta": cfg.beta,
             "loss": cfg.loss if isinstance(cfg.loss, str) else ",".join(cfg.loss), **metrics}
 
@@ -141,11 +173,18 @@ def score_completions(model: str, settings: Settings, prompt, completions: list)
     tokenized, report = tokenize_completions(examples, tokenizer, cfg.max_length, cfg.max_prompt_length)
     if len(tokenized) != len(examples):
         raise ConfigError(f"some candidates do not fit max_length: {report.summary()}")
-    batch = pad_rows([(t.prompt_ids, t.completion_ids) for t in tokenized], tokenizer.pad_token_id)
-    logps = sequence_logps(load_model(model, dtype=cfg.model_dtype), **batch)
+    device = eval_device(cfg.device)
+    batch = {k: v.to(device) for k, v in pad_rows([(t.prompt_ids, t.completion_ids) for t in tokenized],
+                                                  tokenizer.pad_token_id).items()}
+
+    def logps_of(spec: str) -> torch.Tensor:  # [N] on the CPU; the model is released after its pass
+        net = load_as_trained(spec, cfg, device)
+        with compute_precision(device, cfg.dtype):
+            return sequence_logps(net, **batch).cpu()
+    logps = logps_of(model)
     if settings.ref_model:
-        logps = logps - sequence_logps(load_model(settings.ref_model, dtype=cfg.model_dtype), **batch)
-    elif {"simpo", "orpo"} & set(cfg.loss_names):
+        logps = logps - logps_of(settings.ref_model)
+    elif {"simpo", "orpo"} & set(cfg.loss_names):  # reference-free: their reward is per token
         logps = logps / torch.tensor([len(t.completion_ids) for t in tokenized], dtype=logps.dtype)
     rewards = (cfg.beta * logps).tolist()
     return sorted(zip(rewards, completions), key=lambda rc: -rc[0])

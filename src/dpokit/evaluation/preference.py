@@ -4,49 +4,26 @@ from __future__ import annotations
 
 import torch
 
-from dpokit.batches import TokenizedPair, eval_batches, pair_batch
-from dpokit.distributed import Distributed, map_batches
-from dpokit.logprobs import PairLogps, pair_logps
+from dpokit.batches import TokenizedPair
+from dpokit.distributed import Distributed
+from dpokit.logprobs import PairLogps, pairs_logps
 from dpokit.objectives import OBJECTIVES, combined_loss, needs_reference
-
-
-@torch.no_grad()
-def reference_logps(model, pairs: list[TokenizedPair], batch_size: int, pad_id: int, device,
-                    ld_alpha: float | None = None, with_wpo: bool = False, prefix_sharing: bool = True,
-                    pack_tokens: int = 0, ctx: Distributed | None = None) -> PairLogps:
-    """Log-prob summaries of every pair under `model`, concatenated over batches, on CPU.
-
-    Used for the frozen reference (computed once, reused by every evaluation) and for the policy. Under
-    torchrun the batches are shared out over the ranks (in lockstep: an FSDP model's forward is collective)
-    and every rank gets the whole result. Batches as the reference cache's (`eval_batches`: a pair count and a
-    token budget), so cached held-out sums are computed in the evaluation's very batches."""
-    ranges = eval_batches(pairs, batch_size, prefix_sharing, pack_tokens)
-
-    def batch_logps(b: int) -> PairLogps:
-        batch = pair_batch(pairs[ranges[b][0]:ranges[b][1]], pad_id, prefix_sharing, pack_tokens)
-        return pair_logps(model, {k: v.to(device) for k, v in batch.items()}, ld_alpha, with_wpo)
-
-    parts = map_batches(batch_logps, len(ranges), ctx, lockstep=True)
-
-    def cat(name):
-        values = [getattr(p, name) for p in parts]
-        return None if values[0] is None else torch.cat(values).cpu()
-    return PairLogps(*(cat(n) for n in ("chosen", "rejected", "chosen_tokens", "rejected_tokens",
-                                        "chosen_wpo", "rejected_wpo", "chosen_plain")))
 
 
 @torch.no_grad()
 def evaluate_pairs(policy, pairs: list[TokenizedPair], ref: PairLogps, cfg, pad_id: int, device,
                    ctx: Distributed | None = None) -> dict[str, float]:
-    """Held-out metrics of the policy against `ref` (the starting reference, from `reference_logps`).
+    """Held-out metrics of the policy against `ref` (the starting reference's `pairs_logps` in the same
+    batches: cfg.eval_batch_size pairs and the run's layout, so before training the margins are exactly 0).
 
     eval/loss is the configured paired objective (absent for KTO); eval/rewards/* are always
     β·(log π − log π_ref) against the starting model, so "did it align" reads the same for every objective. Accuracy counts chosen
     strictly above rejected, as TRL does (ties, e.g. before training, count as wrong)."""
     was_training = policy.training
     policy.eval()
-    pol = reference_logps(policy, pairs, cfg.eval_batch_size, pad_id, device, cfg.ld_alpha, cfg.use_weighting,
-                          cfg.prefix_sharing, cfg.pack_tokens, ctx)
+    pol = pairs_logps(policy, pairs, cfg.eval_batch_size, pad_id, device, ld_alpha=cfg.ld_alpha,
+                      with_wpo=cfg.use_weighting, prefix_sharing=cfg.prefix_sharing, pack_tokens=cfg.pack_tokens,
+                      ctx=ctx)
     policy.train(was_training)
     rc, rr = cfg.beta * (pol.chosen - ref.chosen), cfg.beta * (pol.rejected - ref.rejected)
     metrics = {}

@@ -4,7 +4,8 @@ The key hashes the reference's weights and every token id of every pair (which a
 tokenizer, the data file's content, the chat template and the truncation settings), plus the options
 that change the sums (ld_alpha). A different model, file or truncation gives a different key, so a
 stale cache is never used. Reused across epochs, reruns and β sweeps; the reference model itself
-need not be loaded when the cache hits.
+need not be loaded when the cache hits. The sums themselves come from `logprobs.pairs.pairs_logps`; the
+caller (loop/reference.py) puts the precision, device and batch layout they were computed in into `weights`.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from dpokit.batches import TokenizedPair, eval_batches, pair_batch
-from dpokit.logprobs.sequence import PairLogps, pair_logps
+from dpokit.batches import TokenizedPair
+from dpokit.logprobs.sequence import PairLogps
 
 FORMAT = "dpokit-refcache-1"
 
@@ -51,28 +52,6 @@ def load_cached(key: str) -> PairLogps | None:
         return None
     t = load_file(path)
     return PairLogps(t["chosen"], t["rejected"], t["chosen_tokens"], t["rejected_tokens"])
-
-
-@torch.no_grad()
-def compute_reference(model, pairs: list[TokenizedPair], batch_size: int, pad_id: int, device,
-                      ld_alpha: float | None, prefix_sharing: bool, pack_tokens: int, ctx=None) -> PairLogps:
-    """Reference log-probs of every pair, in order, on CPU, in the run's layout (`pair_batch`) and batches
-    (`eval_batches`: at most batch_size pairs and batch_size × 1024 computed tokens, so long rows are not
-    padded to each other): the held-out evaluation computes the policy's with these very batches, so its
-    margins before training are exactly 0 when `model` holds the weights the policy evaluates in (the policy
-    itself, or its fp32 master copy under --model-dtype bf16: loop/reference.py), not a bf16 copy of them. Under torchrun (`ctx`) each rank computes every world-th batch —
-    the same batches as one process, so the same sums."""
-    from dpokit.distributed import map_batches
-    ranges = eval_batches(pairs, batch_size, prefix_sharing, pack_tokens)
-
-    def batch_logps(b: int) -> PairLogps:
-        rows = pairs[ranges[b][0]:ranges[b][1]]
-        batch = {k: v.to(device) for k, v in pair_batch(rows, pad_id, prefix_sharing, pack_tokens).items()}
-        return pair_logps(model, batch, ld_alpha)
-
-    parts = map_batches(batch_logps, len(ranges), ctx)
-    return PairLogps(*(torch.cat([getattr(p, n) for p in parts]).cpu()
-                       for n in ("chosen", "rejected", "chosen_tokens", "rejected_tokens")))
 
 
 def store(key: str, logps: PairLogps) -> Path:

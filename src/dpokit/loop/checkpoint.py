@@ -220,8 +220,9 @@ def keep_metrics_until(path: Path, step: int) -> None:
 
 
 # Options that may change between a run and its resumption without changing its numbers. Not
-# eval_batch_size: it sets the batch layout of the cached reference log-probs, whose float sums then
-# differ in the last bits. `device` may be renamed (auto, cuda, cuda:1), but not its kind: see
+# eval_batch_size: it sets the batch layout of the held-out evaluation (and of its reference sums), whose
+# float sums, so the logged eval/* metrics, then differ in the last bits (the training pairs' cached reference
+# sums are in batch_size batches). `device` may be renamed (auto, cuda, cuda:1), but not its kind: see
 # load_training_state. eval_data: the held-out reference log-probs are recomputed for the new pairs.
 MAY_CHANGE = {"resume", "progress", "eval_every", "save_every", "keep_last", "output_dir", "device", "on_nonfinite",
               "eval_data", "memory_check"}

@@ -17,10 +17,10 @@ import torch
 from dpokit.batches.budget import TOKENS_PER_PAIR
 from dpokit.config import ConfigError, TrainConfig
 from dpokit.distributed import Distributed, broadcast_object, start
-from dpokit.logprobs import PairLogps, compute_precision, sampler_ref
+from dpokit.logprobs import PairLogps, compute_precision, pairs_logps, sampler_ref
 from dpokit.logprobs.attention import attention_kind
 from dpokit.logprobs.sequence import autocast_dtype
-from dpokit.logprobs.refcache import cache_key, cache_path, compute_reference, load_cached, store, weights_digest
+from dpokit.logprobs.refcache import cache_key, cache_path, load_cached, store, weights_digest
 from dpokit.models import load_model, load_tokenizer
 from dpokit.models.load import ModelError, keep_master_copy
 from dpokit.objectives import OBJECTIVES, needs_reference
@@ -88,21 +88,27 @@ def prepare_reference(cfg, policy, tokenizer, train_set, eval_set, unpaired: boo
     source = model if cfg.ref_model else policy
     # The digest covers the weights that compute the sums (names, dtypes, bytes: an fp32 master copy of bf16
     # values differs from the fp32 checkpoint, a bf16 --ref-model from an fp32 one); the precision, device and
-    # batch layout they are computed in go in the key too. Held-out pairs: the evaluation runs the policy in
-    # these very batches, so step 0's margins are exactly 0 under every --dtype, not rounding noise (which
-    # would show as a random "accuracy"). Training pairs: the steps' micro-batches differ (batch_size,
-    # shuffling), so a cached sum matches a live reference's to fp32 rounding, or to bf16/fp16 rounding under
-    # autocast (README, tests/test_refcache_exact.py).
+    # batch layout they are computed in go in the key too (`numerics`).
     low = autocast_dtype(device, cfg.dtype)
-    layout = (f"pack{cfg.pack_tokens}" if cfg.prefix_sharing else "padded") + f":attention-{cfg.attention}"
-    # (The token budget, x1024tok, joined the key with reference batching by tokens: it changed every key, fp32
-    # ones included, so caches made before it are recomputed once.)
-    numerics = (f"{device.type}:{ {torch.bfloat16: 'bf16', torch.float16: 'fp16'}.get(low, 'fp32')}:"
-                f"{layout}:batch{cfg.eval_batch_size}x{TOKENS_PER_PAIR}tok")  # batches/budget.py: pairs and tokens
-    digest = weights_digest(source) + numerics if cfg.ref_cache else None
+    weights = weights_digest(source) if cfg.ref_cache else None
+
+    def numerics(batch_size: int) -> str:
+        layout = (f"pack{cfg.pack_tokens}" if cfg.prefix_sharing else "padded") + f":attention-{cfg.attention}"
+        # (The token budget, x1024tok, joined the key with reference batching by tokens: it changed every key,
+        # fp32 ones included, so caches made before it are recomputed once.)
+        return (f"{device.type}:{ {torch.bfloat16: 'bf16', torch.float16: 'fp16'}.get(low, 'fp32')}:"
+                f"{layout}:batch{batch_size}x{TOKENS_PER_PAIR}tok")  # batches/budget.py: pairs and tokens
 
     def logps_of(pairs, role: str) -> PairLogps:
-        key = cache_key(digest, pairs, cfg.ld_alpha) if cfg.ref_cache else None
+        # Batches: held-out pairs in --eval-batch-size ones, the very batches the evaluation runs the policy in
+        # (evaluation/preference.py), so step 0's held-out margins are exactly 0 under every --dtype, not rounding
+        # noise (which would show as a random "accuracy"). Training pairs in --batch-size ones, the training
+        # micro-batch: the sums are compared with the steps' (exactly equal where a micro-batch is a cached batch:
+        # one process, --no-shuffle, rows within the token budget; otherwise to fp32 rounding, or bf16/fp16
+        # rounding under autocast: README, tests/test_refcache_exact.py), and the pass holds no more activations
+        # than a training step. Evaluation options then leave the training numbers alone.
+        batch_size = cfg.eval_batch_size if role == "held-out" else cfg.batch_size
+        key = cache_key(weights + numerics(batch_size), pairs, cfg.ld_alpha) if cfg.ref_cache else None
         cached = broadcast_object(load_cached(key) if key and ctx.is_main else None, ctx)
         if cached is not None:
             log(f"{role} reference log-probs: read from cache {cache_path(key)}")
@@ -111,10 +117,10 @@ def prepare_reference(cfg, policy, tokenizer, train_set, eval_set, unpaired: boo
         with compute_precision(device, cfg.dtype):
             def compute(rows):
                 computed.append(len(rows))
-                return compute_reference(source, rows, cfg.eval_batch_size, pad_id, device, cfg.ld_alpha,
-                                         cfg.prefix_sharing, cfg.pack_tokens, ctx)
-            # rows sampled from this reference carry its sums (logprobs/sampler_ref.py); digest[:64] is the weights'
-            logps = (sampler_ref.with_sampler_logps(pairs, digest[:64], compute, sampler_ref.sums_dtype(source), log)
+                return pairs_logps(source, rows, batch_size, pad_id, device, ld_alpha=cfg.ld_alpha,
+                                   prefix_sharing=cfg.prefix_sharing, pack_tokens=cfg.pack_tokens, ctx=ctx)
+            # rows sampled from this reference carry its sums (logprobs/sampler_ref.py), checked against its weights
+            logps = (sampler_ref.with_sampler_logps(pairs, weights, compute, sampler_ref.sums_dtype(source), log)
                      if role == "training" and sampler_ref.applies(pairs, cfg, low, log) else compute(pairs))
         seconds = time.perf_counter() - start
         where = f", cached at {store(key, logps)}" if key and ctx.is_main else ""
