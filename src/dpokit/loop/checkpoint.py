@@ -254,8 +254,8 @@ def _load_weights(model, file: Path) -> None:
         raise CheckpointError(f"{file}: does not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
 
 
-def check_writable(output_dir: str, need_bytes: int) -> None:
-    """Fail at start-up, not at the first save: the output folder must be writable and hold a checkpoint."""
+def check_writable(output_dir: str, need_bytes: int, what: str = "a checkpoint") -> None:
+    """Fail at start-up, not at the first save: the output folder must be writable and hold `what` (need_bytes)."""
     out = Path(output_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -266,5 +266,5 @@ def check_writable(output_dir: str, need_bytes: int) -> None:
         raise CheckpointError(f"--output-dir {output_dir} is not writable: {e.strerror or e}") from None
     free = shutil.disk_usage(out).free
     if free < need_bytes:
-        raise CheckpointError(f"--output-dir {output_dir}: {free / 2**30:.1f} GiB free, a checkpoint needs about "
+        raise CheckpointError(f"--output-dir {output_dir}: {free / 2**30:.1f} GiB free, {what} needs about "
                               f"{need_bytes / 2**30:.1f} GiB; free space or point --output-dir elsewhere")
