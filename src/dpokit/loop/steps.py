@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from dpokit.batches import collate_kto, pair_batch
+from dpokit.distributed import gather_cat
 from dpokit.logprobs import compute_precision, pair_logps, sequence_logps
 from dpokit.loop.reference import reference_forward
 from dpokit.objectives import combined_loss, rewards
@@ -64,10 +65,13 @@ def paired_step(policy, reference, rows, cfg, pad_id: int, device, step_examples
 
 
 def kto_step(policy, reference, rows, cfg, pad_id: int, device, step_examples: float, step: int, ref_cached=None,
-             weight: float = 1.0, check_finite: bool = True, scaler=None, kl_partners=None, gather=None):
-    """`kl_partners` and `gather` (under torchrun): the examples lending their completions to the KL rows,
-    and a function concatenating a tensor over ranks, so z_ref is the mean over the whole micro-batch."""
-    batch = {k: v.to(device) for k, v in collate_kto(rows, pad_id, cfg.max_length, kl_partners).items()}
+             weight: float = 1.0, check_finite: bool = True, scaler=None, micro_batch=None, ctx=None):
+    """`rows`: this process's examples; under torchrun (`ctx` enabled) `micro_batch` holds every process's
+    examples of the micro-batch, in order: the KL rows borrow their completions across processes (`kl_partners`)
+    and z_ref is the mean over the whole micro-batch, as in one process."""
+    across = ctx is not None and ctx.enabled
+    partners = kl_partners(micro_batch, ctx.rank, ctx.world) if across else None
+    batch = {k: v.to(device) for k, v in collate_kto(rows, pad_id, cfg.max_length, partners).items()}
     labels = batch.pop("labels")
     n = len(rows)
     # The mismatched (KL) rows need no gradient: z_ref is detached. Running them without grad saves
@@ -81,8 +85,8 @@ def kto_step(policy, reference, rows, cfg, pad_id: int, device, step_examples: f
             pol_kl = sequence_logps(policy, **{k: v[n:] for k, v in batch.items()})
         pol = sequence_logps(policy, **main)
     pol_kl, ref_kl = pol_kl, ref_all[n:]
-    if gather is not None:  # a rank sitting out (weight 0) lends nothing to the estimate
-        pol_kl, ref_kl = (gather(t if weight else t[:0]) for t in (pol_kl, ref_kl))
+    if across:  # a rank sitting out (weight 0) lends nothing to the estimate
+        pol_kl, ref_kl = (gather_cat(t if weight else t[:0], ctx) for t in (pol_kl, ref_kl))
     z_ref = kto_reference_point(pol_kl, ref_kl)
     losses = kto_loss(pol, ref_all[:n], labels, z_ref, cfg.beta, cfg.kto_desirable_weight,
                       cfg.kto_undesirable_weight)
@@ -96,6 +100,15 @@ def kto_step(policy, reference, rows, cfg, pad_id: int, device, step_examples: f
         sums[f"logps/{name}_sum"] = pol.detach()[mask].sum().item()
         sums[f"count/{name}"] = mask.sum().item()
     return sums, sum(len(r.prompt_ids) + len(r.completion_ids) for r in rows)
+
+
+def kl_partners(micro_batch: list, rank: int, world: int) -> list:
+    """The examples whose completions this process's KL rows take: each example's KL row borrows the completion of
+    the example before it in the whole micro-batch (the first borrows the last), as in one process. The process
+    holds every world-th example (`rank_share`); one left without any (it repeats the first, with weight 0)
+    borrows the last."""
+    n = len(micro_batch)
+    return [micro_batch[(p - 1) % n] for p in range(rank, n, world)] or micro_batch[-1:]
 
 
 def finish_kto_metrics(record: dict) -> dict:
