@@ -25,7 +25,7 @@ from dpokit.objectives import OBJECTIVES, combined_loss
 
 LN2 = math.log(2.0)
 PAIRED = [n for n, o in OBJECTIVES.items() if o.data == "paired"]
-UNPAIRED = [n for n, o in OBJECTIVES.items() if o.data != "paired"]
+UNPAIRED = [n for n, o in OBJECTIVES.items() if o.data == "unpaired"]  # online ones: test_grpo.py
 WITH_REFERENCE = [n for n in PAIRED if OBJECTIVES[n].reference]
 # f-divergence scores are defined up to log Z(x), which cancels only in chosen − rejected differences:
 # dpokit (like TRL) refuses f_divergence for objectives that use single scores or raw log-odds.

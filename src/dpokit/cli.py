@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 from dataclasses import fields
 from pathlib import Path
 
@@ -131,14 +132,11 @@ def cmd_losses(args) -> int:
     from dpokit.objectives import OBJECTIVES
     print(f"{'name':<13} {'data':<9} {'reference':<10} {'options':<46} description — paper")
     for o in OBJECTIVES.values():
-        ref = "needed" if o.reference else "none"
-        options = ", ".join(o.options) or "-"
-        print(f"{o.name:<13} {o.data:<9} {ref:<10} {options:<46} {o.summary} — {o.paper}")
-    # GRPO is not an OBJECTIVES entry: those are losses on pairs/completions from a file, GRPO needs the
-    # online loop (sampled groups, advantages); its options are the "grpo:" ones of `dpokit train --help`.
-    print(f"{'grpo':<13} {'online':<9} {'kl_coef>0':<10} {'kl_coef, epsilon_low/high, grpo_iterations, …':<46} GRPO: "
-          "group-relative advantages, clipped ratio, k3 KL (--loss grpo --reward R) — Shao et al. 2024 "
-          "(arXiv:2402.03300); DAPO / Dr. GRPO normalisations")
+        ref = "needed" if o.reference is True else "none" if o.reference is False else f"{o.reference}>0"
+        options = textwrap.wrap(", ".join(o.options), 46) or ["-"]  # long lists go on to the next lines
+        print(f"{o.name:<13} {o.data:<9} {ref:<10} {options[0]:<46} {o.summary} — {o.paper}")
+        for more in options[1:]:
+            print(f"{'':<34} {more}")
     print("\nOnline DPO: --online-dpo --reward R trains any paired objective above on best-vs-worst pairs sampled "
           "from the policy each step (Guo et al. 2024, arXiv:2402.04792); --rounds K makes it iterative DPO.")
     print("\nCombine with weights: --loss sigmoid,sft --loss-weights 1.0,0.2 (RPO). Modifiers for objectives with a "

@@ -1,10 +1,13 @@
 """Stage 4 — objectives: preference losses as pure functions of per-sequence log-probs.
 
-paired.py: with a reference (DPO family); reference_free.py: CPO, SimPO, ORPO; modifiers.py:
-f-divergences and WPO weights; registry.py: names, options and the combined loss the loop calls.
+paired.py: with a reference (DPO family); reference_free.py: CPO, SimPO, ORPO; kto.py (unpaired) and grpo.py
+(online); modifiers.py: f-divergences and WPO weights; registry.py: every objective by name — its data, reference,
+options and traits — and the combined loss the loop calls.
 """
 
 from dpokit.objectives.dpo import dpo_loss
-from dpokit.objectives.registry import OBJECTIVES, Objective, combined_loss, needs_reference, rewards
+from dpokit.objectives.registry import (OBJECTIVES, Objective, OnlineInputs, UnpairedInputs, combined_loss,
+                                        needs_reference, rewards)
 
-__all__ = ["OBJECTIVES", "Objective", "combined_loss", "dpo_loss", "needs_reference", "rewards"]
+__all__ = ["OBJECTIVES", "Objective", "OnlineInputs", "UnpairedInputs", "combined_loss", "dpo_loss", "needs_reference",
+           "rewards"]
