@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import random
 import shutil
 import statistics
@@ -41,7 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dpokit.batches import TokenizedPair, pad_rows
-from dpokit.config import TrainConfig
+from dpokit.config import ONLINE_OPTIONS, TrainConfig
 from dpokit.data import DataError, builtin_path, load_prompts
 from dpokit.evaluation.rewards import RewardError, combine
 from dpokit.generation import sample
@@ -51,11 +50,13 @@ from dpokit.logprobs.sequence import batch_token_logps
 from dpokit.loop.checkpoint import check_writable
 from dpokit.loop.optim import build_optimizer, build_scheduler
 from dpokit.loop.reference import load_ref_model, sync_reference
+from dpokit.loop.schedule import BatchSchedule
 from dpokit.loop.steps import NonFiniteError, paired_step
+from dpokit.loop.update import NonFiniteSteps, update
 from dpokit.loop.train import TrainResult, pick_device, train
 from dpokit.models.lora import disable_dropout
 from dpokit.models import load_model, load_tokenizer
-from dpokit.models.load import keep_master_copy, save_final, stalled_weights_note, warn_half_on_cpu
+from dpokit.models.load import keep_master_copy, save_final, stalled_weights_note, torch_dtype, warn_half_on_cpu
 from dpokit.objectives import needs_reference
 from dpokit.objectives.grpo import group_advantages, grpo_loss, normalizer
 from dpokit.tasks.pairs import pair_up, select_pairs, write_jsonl
@@ -91,30 +92,27 @@ def train_online(cfg: TrainConfig, log=print) -> TrainResult:
         disable_dropout(policy)
         policy.train()
 
-    # ---- schedule: a step = one sampled batch; GRPO makes μ optimizer updates on it --------------------
-    per_step = cfg.batch_size * cfg.grad_accum
-    steps_per_epoch = math.ceil(len(prompts) / per_step)
-    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    # ---- schedule: a step = one sampled batch of batch_size × grad_accum prompts, in the offline loop's order;
+    # GRPO makes μ optimizer updates on it
+    order = BatchSchedule(len(prompts), cfg.batch_size, cfg.grad_accum, cfg.seed, cfg.shuffle)
+    steps_per_epoch = order.steps_per_epoch
+    total_steps = order.total_steps(cfg.epochs, cfg.max_steps)
     updates_per_step = cfg.grpo_iterations if grpo else 1
     optimizer = build_optimizer(policy.parameters(), cfg.optimizer, cfg.lr, cfg.weight_decay)
     scheduler = build_scheduler(optimizer, cfg.warmup_steps, total_steps * updates_per_step, cfg.lr_scheduler)
-    check_writable(cfg.output_dir, int(sum(p.numel() for p in policy.parameters()) * 4 * 3 * 1.1))
-
-    def step_prompts(step: int) -> list:
-        epoch, k = divmod(step, steps_per_epoch)
-        order = (torch.randperm(len(prompts), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
-                 if cfg.shuffle else list(range(len(prompts))))
-        return [prompts[i] for i in order[k * per_step:(k + 1) * per_step]]
+    # No checkpoints here (an online run cannot resume yet): only final/ is written, in --model-dtype, plus 10 %
+    final_bytes = sum(p.numel() for p in policy.parameters()) * torch_dtype(cfg.model_dtype).itemsize
+    check_writable(cfg.output_dir, int(final_bytes * 1.1), "the final model")
 
     method = "grpo" if grpo else f"online {cfg.loss}"
-    log(f"training {method} for {total_steps} steps × {per_step} prompts × {cfg.num_generations} samples "
-        f"({len(prompts)} prompts, {steps_per_epoch} steps/epoch) on {device}")
+    log(f"training {method} for {total_steps} steps × {cfg.batch_size * cfg.grad_accum} prompts × "
+        f"{cfg.num_generations} samples ({len(prompts)} prompts, {steps_per_epoch} steps/epoch) on {device}")
     metrics_file = open(out / "metrics.jsonl", "w", encoding="utf-8")
     bar = tqdm(range(total_steps), disable=not cfg.progress, desc=method, dynamic_ncols=True)
-    skipped = 0
+    nonfinite = NonFiniteSteps(cfg.on_nonfinite, log)  # 'stop' raises the error as it is
     for step in bar:
         t0 = time.perf_counter()
-        batch = step_prompts(step)
+        batch = [prompts[i] for i in order.step_rows(step)]
         samples = sample(policy, tokenizer, batch, cfg.num_generations, cfg.max_new_tokens, cfg.temperature,
                          seed=cfg.seed * 1_000_003 + step)
         t_reward = time.perf_counter()
@@ -123,13 +121,8 @@ def train_online(cfg: TrainConfig, log=print) -> TrainResult:
         try:
             record = (grpo_step if grpo else online_dpo_step)(policy, reference, samples, rewards, cfg, optimizer,
                                                               scheduler, pad_id, device, step)
-        except NonFiniteError as e:
-            optimizer.zero_grad(set_to_none=True)  # not this update (with μ > 1 the batch's earlier ones stay)
-            if cfg.on_nonfinite == "stop":
-                raise
-            skipped += 1
-            log(f"skipped: {e}")
-            record = {"skipped_nonfinite": skipped}
+        except NonFiniteError as e:  # not this update (with μ > 1 the batch's earlier ones stay)
+            record = nonfinite.handle(e, optimizer)
         seconds = time.perf_counter() - t0
         groups = [rewards[i:i + cfg.num_generations] for i in range(0, len(rewards), cfg.num_generations)]
         record = {"step": step + 1, "epoch": round((step + 1) / steps_per_epoch, 4), **record,
@@ -180,10 +173,10 @@ def grpo_step(policy, reference, samples, rewards, cfg, optimizer, scheduler, pa
             sums["loss"] += loss.item()  # micro-batch losses add up to the batch's (shared divisor)
             for key, value in stats.items():  # token means → token-weighted over the micro-batches
                 sums[key] += value.item() * mask.sum().item()
-        grad_norm, lr = update(policy, optimizer, scheduler, cfg, step)
+        done = update(policy.parameters(), optimizer, scheduler, cfg.max_grad_norm, step=step + 1)
     mu = cfg.grpo_iterations
     record = {"loss": sums.pop("loss") / mu, **{k: v / (tokens * mu) for k, v in sums.items()}}
-    record.update({"advantage_std": advantages.std().item(), "lr": lr, "grad_norm": grad_norm})
+    record.update({"advantage_std": advantages.std().item(), "lr": done.lr, "grad_norm": done.grad_norm})
     return record  # loss, clip fractions, ratio and kl: means over the μ updates
 
 
@@ -198,9 +191,9 @@ def online_dpo_step(policy, reference, samples, rewards, cfg, optimizer, schedul
                                         len(pairs), step + 1)
             for key, value in micro_sums.items():
                 sums[key] += value
-        grad_norm, lr = update(policy, optimizer, scheduler, cfg, step)
-        record = {**{k: v / len(pairs) for k, v in sums.items()}, "pairs": len(pairs), **left_out, "lr": lr,
-                  "grad_norm": grad_norm}
+        done = update(policy.parameters(), optimizer, scheduler, cfg.max_grad_norm, step=step + 1)
+        record = {**{k: v / len(pairs) for k, v in sums.items()}, "pairs": len(pairs), **left_out, "lr": done.lr,
+                  "grad_norm": done.grad_norm}
     if cfg.sync_ref_every and (step + 1) % cfg.sync_ref_every == 0:  # TR-DPO, as in the offline loop
         sync_reference(reference, policy, cfg.sync_ref_alpha)
     return record
@@ -229,18 +222,6 @@ def token_logps(model, rows: list[tuple[list[int], list[int]]], pad_id: int, dev
     logps = tok.values.new_zeros(shape).index_put(index, tok.values)  # keeps the graph to tok.values
     mask = torch.zeros(shape, device=tok.values.device).index_put(index, torch.ones_like(tok.values).detach())
     return logps, mask
-
-
-def update(policy, optimizer, scheduler, cfg, step: int) -> tuple[float, float]:
-    """Clip, optimizer and schedule step; (grad norm, lr used). Raises NonFiniteError before the update."""
-    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm or float("inf"))
-    if not torch.isfinite(grad_norm):
-        raise NonFiniteError(f"step {step + 1}: non-finite gradient norm")
-    lr = scheduler.get_last_lr()[0]
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return grad_norm.item(), lr
 
 
 def load_online_prompts(cfg: TrainConfig, tokenizer, log) -> list:
@@ -280,9 +261,7 @@ def iterative_dpo(cfg: TrainConfig, log) -> TrainResult:
     prompts = load_online_prompts(cfg, tokenizer, log)
     reward_fn = combine(cfg.reward_specs, cfg.reward_weight_values, str(device))
     defaults = TrainConfig().to_dict()
-    online_keys = ("online_dpo", "rounds", "prompts", "reward", "reward_weights", "num_generations", "max_new_tokens",
-                   "temperature")
-    offline = {**cfg.to_dict(), **{k: defaults[k] for k in online_keys}}
+    offline = {**cfg.to_dict(), **{k: defaults[k] for k in ONLINE_OPTIONS}}
     model, steps = cfg.model, 0
     metrics_file = open(out / "metrics.jsonl", "w", encoding="utf-8")
     for r in range(1, cfg.rounds + 1):
