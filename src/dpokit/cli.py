@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from dpokit.config import ConfigError, TrainConfig
+from dpokit.options import GROUPS
 from dpokit.tasks.commands import add_commands, add_sampling_flags
 
 
@@ -23,28 +24,34 @@ def _parse_optional(kind):
 
 
 def add_config_flags(parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
-    """One flag per TrainConfig field (or those in `only`); unset flags stay absent so YAML values are
-    not overridden."""
+    """One flag per TrainConfig field (or those in `only`), in one `--help` section per option group
+    (options.GROUPS); unset flags stay absent so YAML values are not overridden."""
     parser.add_argument("--config", help="YAML file of options (keys as below, with _ or -); flags override it")
     # remembered so that a subcommand's own flags (eval's --seed, --max-new-tokens) never reach TrainConfig
     parser.set_defaults(config_keys=only)
-    for f in fields(TrainConfig):
-        if only is not None and f.name not in only:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata["help"] + (f" (default: {f.default})" if f.default is not None else "")
-        kind = f.type if isinstance(f.type, str) else f.type.__name__
-        base = kind.replace("| None", "").replace("| list", "").strip()  # lists come in as "a,b" on the CLI
-        if base == "bool":
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                                default=argparse.SUPPRESS, help=help_text)
-            continue
-        convert = {"int": int, "float": float, "str": str}[base]
-        if "None" in kind:
-            convert = _parse_optional(convert)
-        parser.add_argument(flag, dest=f.name, type=convert, default=argparse.SUPPRESS,
-                            choices=f.metadata.get("choices"), metavar=base.upper() if not f.metadata.get("choices")
-                            else None, help=help_text)
+    for group, (title, description) in GROUPS.items():
+        members = [f for f in fields(TrainConfig)
+                   if f.metadata["group"] == group and (only is None or f.name in only)]
+        section = parser.add_argument_group(title, description) if members else None
+        for f in members:
+            _add_flag(section, f)
+
+
+def _add_flag(section, f) -> None:
+    flag = "--" + f.name.replace("_", "-")
+    help_text = f.metadata["help"] + (f" (default: {f.default})" if f.default is not None else "")
+    kind = f.type if isinstance(f.type, str) else f.type.__name__
+    base = kind.replace("| None", "").replace("| list", "").strip()  # lists come in as "a,b" on the CLI
+    if base == "bool":
+        section.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                             help=help_text)
+        return
+    convert = {"int": int, "float": float, "str": str}[base]
+    if "None" in kind:
+        convert = _parse_optional(convert)
+    choices = f.metadata.get("choices")
+    section.add_argument(flag, dest=f.name, type=convert, default=argparse.SUPPRESS, choices=choices,
+                         metavar=None if choices else base.upper(), help=help_text)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from dpokit.batches import pad_rows, tokenize_completions, tokenize_pairs
-from dpokit.config import ConfigError, TrainConfig, _as_list
+from dpokit.config import ConfigError, TrainConfig
 from dpokit.data import Completion, load_pairs
 from dpokit.distributed import Distributed
 from dpokit.evaluation.preference import evaluate_pairs
@@ -28,13 +28,14 @@ from dpokit.logprobs import compute_precision, pairs_logps, sequence_logps
 from dpokit.models import load_model, load_tokenizer
 from dpokit.models.load import ModelError
 from dpokit.objectives import OBJECTIVES, needs_reference
+from dpokit.options import as_list
 
 # What defines a run's implicit reward and held-out loss (and which pairs a ranked held-out file gives). With an
 # explicit --loss only the first five are kept, and of the others those the given objectives read
 # (OBJECTIVES[n].options): exo_pair keeps the run's label_smoothing, sigmoid after an ipo run drops ipo_normalize.
 RUN_KEYS = ("beta", "max_length", "max_prompt_length", "ranked_pairs", "ultrafeedback_score", "loss", "loss_weights",
-            "label_smoothing", "ipo_normalize", "f_divergence", "f_alpha", "use_weighting", "ld_alpha", "cpo_alpha",
-            "simpo_gamma", "orpo_lambda", "dpop_lambda", "discopop_tau", "kto_desirable_weight", "kto_undesirable_weight")
+            "f_divergence", "f_alpha", "use_weighting", "ld_alpha") + tuple(dict.fromkeys(
+                k for o in OBJECTIVES.values() if o.data != "online" for k in o.options))
 
 
 @dataclass
@@ -75,9 +76,10 @@ def resolve(model: str, given: dict[str, tuple[Any, str]], against: str | None,
     run, path = run_config(model)
     run_loss = str(run.get("loss", ""))
     # GRPO trains no pairwise objective: its run supplies lengths and data options only (β is GRPO's default, unused)
-    keys = RUN_KEYS[:5] if "loss" in given or "grpo" in run_loss else RUN_KEYS
+    run_online = any(OBJECTIVES[n].data == "online" for n in as_list(run.get("loss") or []) if n in OBJECTIVES)
+    keys = RUN_KEYS[:5] if "loss" in given or run_online else RUN_KEYS
     if "loss" in given:
-        keys += tuple(k for n in _as_list(given["loss"][0]) if n in OBJECTIVES for k in OBJECTIVES[n].options)
+        keys += tuple(k for n in as_list(given["loss"][0]) if n in OBJECTIVES for k in OBJECTIVES[n].options)
     from_run = {k: run[k] for k in keys if k in run and k not in given}
     source = " + ".join(s for s in (path, "command line" if given else None) if s) or "defaults"
     cfg = TrainConfig.from_dict({**from_run, **{k: v for k, (v, _) in given.items()}}, source=source)
@@ -90,7 +92,7 @@ def resolve(model: str, given: dict[str, tuple[Any, str]], against: str | None,
             return f"from {given[key][1]}"
         if key in from_run:
             return f"from {path}"
-        return "default" + (f"; the run's loss {run_loss} has none on pairs" if key == "loss" and "grpo" in run_loss
+        return "default" + (f"; the run's loss {run_loss} has none on pairs" if key == "loss" and run_online
                             else "")
 
     sources = {k: where(k) for k in ("beta", "loss", "ld_alpha")}
@@ -157,7 +159,7 @@ def evaluate_file(model: str, settings: Settings, data: str, log=print) -> dict[
 def reward_formula(settings: Settings) -> str:
     if settings.ref_model:
         return "β·(log π − log π_ref)"
-    return "β·(mean token log π)" if {"simpo", "orpo"} & set(settings.cfg.loss_names) else "β·log π"
+    return "β·(mean token log π)" if any(o.averaged for o in settings.cfg.objectives) else "β·log π"
 
 
 @torch.no_grad()
@@ -184,7 +186,7 @@ def score_completions(model: str, settings: Settings, prompt, completions: list)
     logps = logps_of(model)
     if settings.ref_model:
         logps = logps - logps_of(settings.ref_model)
-    elif {"simpo", "orpo"} & set(cfg.loss_names):  # reference-free: their reward is per token
+    elif any(o.averaged for o in cfg.objectives):  # reference-free simpo, orpo: their reward is per token
         logps = logps / torch.tensor([len(t.completion_ids) for t in tokenized], dtype=logps.dtype)
     rewards = (cfg.beta * logps).tolist()
     return sorted(zip(rewards, completions), key=lambda rc: -rc[0])

@@ -219,22 +219,14 @@ def keep_metrics_until(path: Path, step: int) -> None:
     path.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
 
 
-# Options that may change between a run and its resumption without changing its numbers. Not
-# eval_batch_size: it sets the batch layout of the held-out evaluation (and of its reference sums), whose
-# float sums, so the logged eval/* metrics, then differ in the last bits (the training pairs' cached reference
-# sums are in batch_size batches). `device` may be renamed (auto, cuda, cuda:1), but not its kind: see
-# load_training_state. eval_data: the held-out reference log-probs are recomputed for the new pairs.
-MAY_CHANGE = {"resume", "progress", "eval_every", "save_every", "keep_last", "output_dir", "device", "on_nonfinite",
-              "eval_data", "memory_check"}
-
-
 def check_same_run(path: Path, config: dict) -> None:
     """Refuse to resume a checkpoint with options that change the data order, objective or schedule."""
     import yaml
-    from dpokit.config import TrainConfig
+    from dpokit.config import RESUME_MAY_CHANGE, TrainConfig  # bookkeeping options, eval_data, device's name, …
     # An option added after the checkpoint was written is missing from its config: that run had its default.
     saved = {**TrainConfig().to_dict(), **(yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8")) or {})}
-    changed = sorted(k for k in set(saved) | set(config) if k not in MAY_CHANGE and saved.get(k) != config.get(k))
+    changed = sorted(k for k in set(saved) | set(config)
+                     if k not in RESUME_MAY_CHANGE and saved.get(k) != config.get(k))
     if changed:
         detail = ", ".join(f"{k}: {saved.get(k)!r} → {config.get(k)!r}" for k in changed)
         raise CheckpointError(f"{path} was written with other options ({detail}); resuming would not continue "

@@ -40,7 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dpokit.batches import TokenizedPair, pad_rows
-from dpokit.config import TrainConfig
+from dpokit.config import ONLINE_OPTIONS, TrainConfig
 from dpokit.data import DataError, builtin_path, load_prompts
 from dpokit.evaluation.rewards import RewardError, combine
 from dpokit.generation import sample
@@ -261,9 +261,7 @@ def iterative_dpo(cfg: TrainConfig, log) -> TrainResult:
     prompts = load_online_prompts(cfg, tokenizer, log)
     reward_fn = combine(cfg.reward_specs, cfg.reward_weight_values, str(device))
     defaults = TrainConfig().to_dict()
-    online_keys = ("online_dpo", "rounds", "prompts", "reward", "reward_weights", "num_generations", "max_new_tokens",
-                   "temperature")
-    offline = {**cfg.to_dict(), **{k: defaults[k] for k in online_keys}}
+    offline = {**cfg.to_dict(), **{k: defaults[k] for k in ONLINE_OPTIONS}}
     model, steps = cfg.model, 0
     metrics_file = open(out / "metrics.jsonl", "w", encoding="utf-8")
     for r in range(1, cfg.rounds + 1):

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from dpokit.config import ConfigError, TrainConfig
+from dpokit.config import BOOKKEEPING, ConfigError, TrainConfig
 from dpokit.data import builtin_path
 from dpokit.evaluation.generation import best_of_n, generation_metrics
 from dpokit.evaluation.rewards import load_reward
@@ -69,12 +69,9 @@ def evaluate_run(run_dir: Path, method: str, series: str, task: SentimentTask, e
     return points
 
 
-# options that change a run's result; the rest (checkpoint cadence, progress bar) do not
-_BOOKKEEPING = ("save_every", "keep_last", "progress", "resume", "output_dir", "eval_every")
-
-
 def _result_options(cfg: TrainConfig) -> dict:
-    return {k: v for k, v in cfg.to_dict().items() if k not in _BOOKKEEPING}
+    """The options that change a run's result: all but the bookkeeping ones (checkpoint cadence, progress bar, …)."""
+    return {k: v for k, v in cfg.to_dict().items() if k not in BOOKKEEPING}
 
 
 def online_train_config(run_dir: Path, task: SentimentTask, method: str, steps: int, **overrides) -> TrainConfig:
