@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import write_jsonl
+from test_sampler_ref import eos_model  # a sampler whose samples both end and get cut
 from dpokit import train
 from dpokit.batches import TokenizedPair, TokenizeReport, pad_rows, tokenize_pairs
 from dpokit.cli import main
@@ -245,29 +246,6 @@ def test_data_check_reports_a_ranked_file(tmp_path, tokenizer):
 
 
 # ---- make-pairs --ranked: the sampler's reference data per completion ------------------------------------
-
-def eos_model(tokenizer, boost: float = 0.4):
-    """tests/test_sampler_ref.py's sampler: a tiny random Llama that writes whole words (text that re-tokenizes
-    to the same ids) and EOS often enough that samples of a few tokens both end and get cut. Residual dimension
-    0 is 1 everywhere and only the LM head reads it: 0 for words, `boost` for EOS, -30 for every other token."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      tie_word_embeddings=False, pad_token_id=0)
-    model = LlamaForCausalLM(cfg).eval()
-    words = [i for i in range(len(tokenizer)) if re.fullmatch(r" [a-z]{2,}", text := tokenizer.decode([i]))
-             and tokenizer(text, add_special_tokens=False)["input_ids"] == [i]]
-    with torch.no_grad():
-        model.model.embed_tokens.weight[:, 0] = 1.0
-        for layer in model.model.layers:
-            layer.self_attn.o_proj.weight[0] = 0
-            layer.mlp.down_proj.weight[0] = 0
-        model.lm_head.weight[:, 0] = -30.0
-        model.lm_head.weight[words, 0] = 0.0
-        model.lm_head.weight[tokenizer.eos_token_id, 0] = boost
-    return model
-
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tokenizer) -> str:
