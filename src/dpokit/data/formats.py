@@ -17,15 +17,12 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Union
 
 from dpokit.data.errors import DataError
 from dpokit.data.readers import read_rows
+# the row types, below this module and data/ranked.py (which it reads ranked rows with); re-exported
+from dpokit.data.rows import ROLES, Messages, Pair, SamplerRef, Text, _check_unicode, _has_text, _messages  # noqa: F401
 
-Messages = list[dict]
-Text = Union[str, Messages]
-
-ROLES = ("system", "user", "assistant", "tool")
 # Where an assistant turn begins in raw dialogue text; the implicit prompt ends right after one of these.
 TURN_MARKERS = ("\n\nAssistant:", "\nAssistant:", "<|im_start|>assistant\n", "[/INST]",
                 "<|start_header_id|>assistant<|end_header_id|>\n\n", "<start_of_turn>model\n")
@@ -33,36 +30,6 @@ TURN_MARKERS = ("\n\nAssistant:", "\nAssistant:", "<|im_start|>assistant\n", "[/
 
 SAMPLER_FIELDS = ("ref_digest", "ref_prompt_ids", "chosen_ref_ids", "rejected_ref_ids", "chosen_ref_logp",
                   "rejected_ref_logp")
-
-
-@dataclass
-class SamplerRef:
-    """What the model that sampled a pair computed of it: the token ids it scored and their summed log-probs.
-    When that model is training's reference (`digest`: refcache.weights_digest) and training tokenizes the
-    row to exactly these ids, the sums are the pair's reference log-probs (logprobs/sampler_ref.py)."""
-    digest: str
-    prompt_ids: list[int]
-    chosen_ids: list[int]
-    rejected_ids: list[int]
-    chosen_logp: float
-    rejected_logp: float
-
-
-@dataclass
-class Pair:
-    prompt: Text
-    chosen: Text
-    rejected: Text
-    source: str  # "file:line", carried along so later stages (tokenization, training) can name the row
-    conversational: bool = False
-    # False when the row says `chosen_truncated` / `rejected_truncated`: true (a sample cut at make-pairs'
-    # --max-new-tokens): that completion did not end, so tokenization adds no EOS / end of turn after it
-    chosen_ends: bool = True
-    rejected_ends: bool = True
-    sampler_ref: SamplerRef | None = None  # the sampler's reference log-probs, when the row carries them
-    # Pairs read from one ranked row (k scored completions of a prompt) share its "file:line" here: training
-    # keeps them next to each other, so each completion is computed once (batches/packing.py).
-    group: str | None = None
 
 
 @dataclass
@@ -304,23 +271,6 @@ def split_implicit(chosen: str, rejected: str, fail) -> tuple[str, str, str]:
     return chosen[:cut], chosen[cut:], rejected[cut:]
 
 
-def _messages(value, key: str, fail) -> Messages:
-    if not isinstance(value, list):
-        fail(key, f"expected a list of {{role, content}} messages, got {type(value).__name__}", "wrong_type")
-    out = []
-    for i, m in enumerate(value):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            fail(f"{key}[{i}]", "expected a {role, content} message", "bad_message")
-        if m["role"] not in ROLES:
-            fail(f"{key}[{i}].role", f"unknown role {m['role']!r:.80}; expected one of {', '.join(ROLES)}",
-                 "bad_role")
-        if not isinstance(m["content"], str):
-            fail(f"{key}[{i}].content", f"expected a string, got {type(m['content']).__name__}", "wrong_type")
-        _check_unicode(m["content"], f"{key}[{i}].content", fail)
-        out.append({"role": m["role"], "content": m["content"]})
-    return out
-
-
 def _sampler_ref(row: dict, fail) -> SamplerRef | None:
     """The row's SamplerRef, None when it has none of its fields; half of them is an error, not ignored."""
     present = [k for k in SAMPLER_FIELDS if row.get(k) is not None]
@@ -342,16 +292,3 @@ def _sampler_ref(row: dict, fail) -> SamplerRef | None:
             fail(key, f"expected a log-probability (a number <= 0), got {v!r:.40}", "wrong_type")
     return SamplerRef(row["ref_digest"], row["ref_prompt_ids"], row["chosen_ref_ids"], row["rejected_ref_ids"],
                       float(row["chosen_ref_logp"]), float(row["rejected_ref_logp"]))
-
-
-def _has_text(messages: Messages) -> bool:
-    return any(m["content"].strip() for m in messages)
-
-
-def _check_unicode(text: str, key: str, fail) -> None:
-    # JSON can escape half of a surrogate pair ("\ud83d"); such a string cannot be encoded, so the
-    # tokenizer would fail on it later, far from the row.
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        fail(key, f"invalid Unicode: unpaired surrogate at character {e.start}", "invalid_unicode")

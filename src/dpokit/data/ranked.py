@@ -37,7 +37,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from dpokit.data.errors import DataError
-from dpokit.data.formats import Pair, SamplerRef, Text, _check_unicode, _has_text, _messages
+from dpokit.data.rows import Pair, SamplerRef, Text, _check_unicode, _has_text, _messages
 
 RANKED_FORMATS = ("ranked", "ultrafeedback")
 PAIRINGS = ("all", "best-worst", "best-rest")
