@@ -70,7 +70,7 @@ def build_pairs(source: str, tokenizer, prompt: int, n: int, path: Path) -> dict
 
 
 def run_long(args) -> None:
-    from dpokit.bench import _count_params, check_tools, measure_peak, spawn
+    from dpokit.bench_tools import _count_params, check_tools, measure_peak, spawn
     from dpokit.data.long_pairs import default_source
     from dpokit.models import load_tokenizer
     if args.max_length is not None:

@@ -106,8 +106,7 @@ def cmd_demo(args) -> int:
     from dpokit.tasks.demo import run_demo
     from dpokit.tasks.demo_state import DemoInterrupted, resume_options
     if args.resume:  # options left at their defaults take the interrupted demo's values
-        from dpokit.cli import build_parser
-        defaults = vars(build_parser().parse_args(["demo"]))
+        defaults = vars(args.demo_defaults())  # the demo parser's defaults (no import of the CLI above)
         names = [k for k in DEMO_OPTIONS if hasattr(args, k)]
         merged = resume_options(Path(args.output_dir), {k: getattr(args, k) for k in names},
                                 {k: defaults[k] for k in names})
@@ -176,7 +175,7 @@ def add_commands(sub) -> None:
                    "missing; options not given are taken from the record, different ones are refused")
     add_task_flags(p)
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
-    p.set_defaults(func=cmd_demo)
+    p.set_defaults(func=cmd_demo, demo_defaults=lambda demo=p: demo.parse_args([]))
 
     p = sub.add_parser("sweep", help="the reward–KL frontier: DPO runs differing in one option (e.g. "
                        "beta=0.05,0.1,0.5,1), checkpoints evaluated along each, with Preferred-FT and Best-of-N "

@@ -2,7 +2,7 @@
 
 Cost model. Every phase is counted in FLOPs of the model (N parameters, embeddings included: the tied
 output projection is a real matmul per token) and divided by a measured rate:
-  * matmul peak: `dpokit.bench.matmul_peak` (2048³ fp32 `a @ b` on CPU, best of a few);
+  * matmul peak: `dpokit.bench_tools.matmul_peak` (2048³ fp32 `a @ b` on CPU, best of a few);
   * sampling: 2N per prompt and generated token at SAMPLE_EFFICIENCY of the matmul peak, plus a fixed
     cost per decode step of a batch (kernel launches, the sampler's per-row work, and threads that wait
     when other jobs share the cores). SAMPLE_EFFICIENCY 0.6: the sampler's 470 tokens/s at batch 128
@@ -89,7 +89,7 @@ class Plan:
 def measure(model, tokenizer, prompts: list, log=print) -> Machine:
     """About two seconds on an idle machine: the fp32 matmul peak (the benchmark's own function) and the
     sampling probe (module docstring)."""
-    from dpokit.bench import matmul_peak
+    from dpokit.bench_tools import matmul_peak
     from dpokit.generation.sample import prompt_token_ids, sample
     start = time.perf_counter()
     peak = matmul_peak(bf16=False, cuda=False, repeats=3)
