@@ -75,9 +75,9 @@ def given_options(args: argparse.Namespace) -> dict[str, tuple]:
 
 
 def cmd_train(args) -> int:
+    cfg = config_from_args(args)  # refuses a bad option before torch loads
     from dpokit.loop import train
     from dpokit.loop.signals import TrainingInterrupted
-    cfg = config_from_args(args)
     try:
         result = train(cfg)
     except TrainingInterrupted as e:
@@ -93,7 +93,7 @@ def cmd_train(args) -> int:
 
 def cmd_estimate(args) -> int:
     from dpokit.estimate import report, world_size
-    from dpokit.loop.train import pick_device
+    from dpokit.loop.result import pick_device
     cfg = config_from_args(args)
     text, _, _ = report(cfg, args.processes or world_size(), pick_device(cfg.device))
     print(text)
@@ -294,21 +294,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # transformers' per-load progress bars ("Loading weights …") drown dpokit's own report
-    from transformers.utils import logging as hf_logging
-    hf_logging.disable_progress_bar()
-    from dpokit.data import DataError
-    from dpokit.loop.checkpoint import CheckpointError
-    from dpokit.loop.steps import NonFiniteError
-    from dpokit.models.load import ModelError
-    from dpokit.evaluation.rewards import RewardError
-    from dpokit.distributed import DistributedError
+    if args.func is not cmd_losses:  # the table alone needs neither torch nor transformers
+        # transformers' per-load progress bars ("Loading weights …") drown dpokit's own report
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
     try:
         return args.func(args)
-    except (ConfigError, DataError, ModelError, CheckpointError, NonFiniteError, RewardError, DistributedError,
-            FileNotFoundError) as e:  # dpokit's own types only: any other error is a bug, shown as one
+    except Exception as e:
+        if not isinstance(e, _own_errors()):  # dpokit's own types only: any other error is a bug, shown as one
+            raise
         print(f"dpokit: error: {e}", file=sys.stderr)
         return 2
+
+
+# dpokit's error types, by module: a command that never loaded a module cannot have raised its error
+_ERRORS = {"dpokit.data.errors": "DataError", "dpokit.models.load": "ModelError",
+           "dpokit.loop.checkpoint": "CheckpointError", "dpokit.loop.steps": "NonFiniteError",
+           "dpokit.evaluation.rewards": "RewardError", "dpokit.distributed": "DistributedError"}
+
+
+def _own_errors() -> tuple[type, ...]:
+    loaded = tuple(getattr(sys.modules[m], name) for m, name in _ERRORS.items() if m in sys.modules)
+    return (ConfigError, FileNotFoundError) + loaded
 
 
 if __name__ == "__main__":

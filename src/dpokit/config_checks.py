@@ -17,8 +17,6 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Iterator
 
-import torch
-
 from dpokit.objectives.registry import DATA, OBJECTIVES, needs_reference
 from dpokit.options import OFFLINE, ONLINE_DPO, ONLINE_OBJECTIVE, as_list, in_range
 
@@ -225,5 +223,6 @@ def _auto_is_gpu(device: str) -> bool:
     """Whether --dtype auto means bf16 autocast on `device` (logprobs.sequence.autocast_dtype: bf16 on CUDA, fp32
     elsewhere); --device auto is CUDA when one is available."""
     if device == "auto":
+        import torch  # late: refusals, like --help, answer without loading torch
         return torch.cuda.is_available()
     return device.split(":")[0] == "cuda"

@@ -1,5 +1,6 @@
 """Stage 5 — loop: the training loop, optimizer and schedule, checkpoints."""
 
-from dpokit.loop.train import TrainResult, train
+from dpokit.loop.result import TrainResult
+from dpokit.loop.run import train
 
 __all__ = ["TrainResult", "train"]

@@ -18,8 +18,8 @@ Every step, top to bottom:
   5. one line of metrics.jsonl (reward, advantages, KL, lengths, clipping, generation time and share).
 At the end final/ is saved as in the offline loop.
 
---rounds K (iterative DPO): K rounds of (pairs file sampled from the current policy → offline `train` on it,
-starting from the current policy). The reference of a round is the policy the round starts from — the
+--rounds K (iterative DPO, loop/iterative.py): K rounds of (pairs file sampled from the current policy →
+offline training on it, starting from the current policy). The reference of a round is the policy the round starts from — the
 offline loop's default, as in Self-Rewarding LMs (Yuan et al. 2024, arXiv:2401.10020) where M_{t+1} is
 DPO-trained from M_t — so the KL to the original model can grow with every round; --ref-model pins one
 reference for all rounds instead. --sync-ref-every N moves a round's reference as in any offline run.
@@ -30,7 +30,6 @@ from __future__ import annotations
 import copy
 import json
 import random
-import shutil
 import statistics
 import time
 from collections import defaultdict
@@ -40,9 +39,9 @@ import torch
 from tqdm.auto import tqdm
 
 from dpokit.batches import TokenizedPair, pad_rows
-from dpokit.config import ONLINE_OPTIONS, TrainConfig
+from dpokit.config import TrainConfig
 from dpokit.data import DataError, builtin_path, load_prompts
-from dpokit.evaluation.rewards import RewardError, combine
+from dpokit.evaluation.rewards import combine
 from dpokit.generation import sample
 from dpokit.generation.sample import prompt_token_ids
 from dpokit.logprobs import compute_precision
@@ -53,19 +52,17 @@ from dpokit.loop.reference import load_ref_model, sync_reference
 from dpokit.loop.schedule import BatchSchedule
 from dpokit.loop.steps import NonFiniteError, paired_step
 from dpokit.loop.update import NonFiniteSteps, update
-from dpokit.loop.train import TrainResult, pick_device, train
+from dpokit.loop.result import TrainResult, pick_device
 from dpokit.models.lora import disable_dropout
 from dpokit.models import load_model, load_tokenizer
 from dpokit.models.load import keep_master_copy, save_final, stalled_weights_note, torch_dtype, warn_half_on_cpu
 from dpokit.objectives import needs_reference
 from dpokit.objectives.grpo import group_advantages, grpo_loss, normalizer
-from dpokit.tasks.pairs import pair_up, select_pairs, write_jsonl
+from dpokit.generation.pairs import select_pairs
 
 
 def train_online(cfg: TrainConfig, log=print) -> TrainResult:
-    """`dpokit train --loss grpo` or `--online-dpo` (module docstring). Called by `train` for such configs."""
-    if cfg.rounds:
-        return iterative_dpo(cfg, log)
+    """`dpokit train --loss grpo` or `--online-dpo` (module docstring). Called by loop/run.py's `train`."""
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -200,7 +197,7 @@ def online_dpo_step(policy, reference, samples, rewards, cfg, optimizer, schedul
 
 
 def best_vs_worst(samples, rewards, step: int) -> tuple[list[TokenizedPair], dict[str, int]]:
-    """One pair per prompt, selected as tasks/pairs.pair_up selects (highest vs lowest reward; ties and equal
+    """One pair per prompt, selected as generation/pairs.pair_up selects (highest vs lowest reward; ties and equal
     texts left out and counted), but kept as the sampled token ids: re-tokenizing the decoded text can give
     other ids than the ones the policy emitted."""
     chosen, stats = select_pairs(samples, rewards, "best-worst")
@@ -249,44 +246,3 @@ def load_reference(cfg: TrainConfig, policy, tokenizer, device, needed: bool, lo
     if cfg.ref_model:
         return load_ref_model(cfg, tokenizer, device, policy)
     return copy.deepcopy(policy).requires_grad_(False).eval()
-
-
-def iterative_dpo(cfg: TrainConfig, log) -> TrainResult:
-    """--online-dpo --rounds K: per round, pairs sampled from the current policy, then offline training on them."""
-    device = pick_device(cfg.device)
-    out = Path(cfg.output_dir)
-    check_writable(cfg.output_dir, 0)
-    (out / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
-    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
-    prompts = load_online_prompts(cfg, tokenizer, log)
-    reward_fn = combine(cfg.reward_specs, cfg.reward_weight_values, str(device))
-    defaults = TrainConfig().to_dict()
-    offline = {**cfg.to_dict(), **{k: defaults[k] for k in ONLINE_OPTIONS}}
-    model, steps = cfg.model, 0
-    metrics_file = open(out / "metrics.jsonl", "w", encoding="utf-8")
-    for r in range(1, cfg.rounds + 1):
-        policy = load_model(model, device, cfg.allow_pickle, cfg.trust_remote_code, cfg.model_dtype)  # samples only
-        samples = sample(policy, tokenizer, prompts, cfg.num_generations, cfg.max_new_tokens, cfg.temperature,
-                         seed=cfg.seed * 1_000_003 + r)
-        del policy
-        rewards = reward_fn([samples.prompt_of(i) for i in range(len(samples.texts))], samples.texts)
-        rows, stats = pair_up(samples, rewards, "best-worst")
-        stats.seconds = samples.seconds
-        log(f"round {r}/{cfg.rounds}: {stats.summary()}; mean reward {statistics.fmean(rewards):.4f}")
-        if not rows:
-            raise RewardError(f"round {r}: every sampled group tied on reward; no pairs to train on")
-        pairs_file = write_jsonl(rows, out / f"round-{r}" / "pairs.jsonl")
-        result = train(TrainConfig.from_dict({**offline, "model": model, "data": str(pairs_file),
-                                              "output_dir": str(out / f"round-{r}")}), log=log)
-        model, steps = str(result.final_dir), steps + result.steps
-        metrics_file.write(json.dumps({"round": r, "step": steps, "reward": statistics.fmean(rewards),
-                                       "reward_std": statistics.stdev(rewards), "pairs": stats.pairs,
-                                       "ties": stats.ties, "identical": stats.identical,
-                                       "completion_length": statistics.fmean(samples.lengths),
-                                       "generation_s": samples.seconds}) + "\n")
-        metrics_file.flush()
-    metrics_file.close()
-    final = out / "final"
-    shutil.copytree(model, final, dirs_exist_ok=True)
-    log(f"saved {final} (the last round's model); per-round runs in {out}/round-*")
-    return TrainResult(out, steps, None, None, final)

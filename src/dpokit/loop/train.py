@@ -44,38 +44,16 @@ from dpokit.models import load_model, load_tokenizer
 from dpokit.models.load import save_final, stalled_weights_note, warn_half_on_cpu
 from dpokit.models.lora import add_lora, disable_dropout
 from dpokit.loop.steps import NonFiniteError, finish_kto_metrics, kto_step, paired_step
+from dpokit.loop.result import TrainResult, pick_device  # noqa: F401 (pick_device: re-exported)
 from dpokit.loop.update import NonFiniteSteps, update
 from dpokit.objectives import OBJECTIVES
 
 
-@dataclass
-class TrainResult:
-    output_dir: Path
-    steps: int
-    eval_before: dict | None  # at the start of this invocation: step 0, or the resumed step
-    eval_after: dict | None
-    final_dir: Path
-    resumed_at: int = 0
-
-
-def pick_device(name: str) -> torch.device:
-    """The device of a one-process run (online training)."""
-    return Distributed().device(name)
-
-
-def train(config: TrainConfig | None = None, log=print, **overrides) -> TrainResult:
-    """Train a policy with the configured objective (DPO by default).
-
-    `overrides` are TrainConfig fields: train(beta=0.5, data="pairs.jsonl"). Under torchrun (or inside a
-    process group the caller made) this process trains its share: DDP, or FSDP2 with fsdp=True."""
-    cfg = TrainConfig.from_dict({**(config.to_dict() if config else {}), **overrides})
+def train_offline(cfg: TrainConfig, log=print) -> TrainResult:
+    """Train on a data file (loop/run.py's `train` for offline configs, and each round of iterative DPO). Under
+    torchrun (or inside a process group the caller made) this process trains its share: DDP, or FSDP2."""
     check_launch(cfg.online, cfg.loss_names)
     with deterministic_kernels(cfg.deterministic), attention_kind(cfg.attention, log):
-        if cfg.online:  # GRPO / online DPO: trains on its own samples, not on a pairs file
-            from dpokit.loop.online import train_online
-            if cfg.memory_check:
-                log("memory check: not available for online runs (sampling is not modelled; docs/PERFORMANCE.md)")
-            return train_online(cfg, log)
         ctx = start(cfg.fsdp, cfg.device)
         try:
             return _train(cfg, ctx, log if ctx.is_main else (lambda *a, **k: None))

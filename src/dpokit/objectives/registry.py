@@ -9,18 +9,44 @@ testing names. To add an objective: write its pure function (paired.py, referenc
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor
+if TYPE_CHECKING:
+    from torch import Tensor
 
-from dpokit.logprobs.sequence import PairLogps
-from dpokit.objectives import paired as P
-from dpokit.objectives import reference_free as RF
-from dpokit.objectives.grpo import grpo_loss
-from dpokit.objectives.kto import kto_loss
-from dpokit.objectives.modifiers import f_divergence_scores, wpo_weights
+    from dpokit.logprobs.sequence import PairLogps
+
+
+# The tensor functions load on first call: config, --help and `dpokit losses` read this table without torch.
+def P():
+    from dpokit.objectives import paired
+    return paired
+
+
+def RF():
+    from dpokit.objectives import reference_free
+    return reference_free
+
+
+def kto_loss(*args):
+    from dpokit.objectives.kto import kto_loss
+    return kto_loss(*args)
+
+
+def grpo_loss(*args):
+    from dpokit.objectives.grpo import grpo_loss
+    return grpo_loss(*args)
+
+
+def f_divergence_scores(*args):
+    from dpokit.objectives.modifiers import f_divergence_scores
+    return f_divergence_scores(*args)
+
+
+def wpo_weights(*args):
+    from dpokit.objectives.modifiers import wpo_weights
+    return wpo_weights(*args)
+
 
 # What each kind of objective trains on; the loop builds its inputs accordingly.
 DATA = {"paired": "preference pairs", "unpaired": "labelled completions, not pairs",
@@ -81,7 +107,8 @@ def _scores(pol: PairLogps, ref: PairLogps, cfg) -> tuple[Tensor, Tensor]:
 
 
 def _orpo_metrics(policy: PairLogps) -> dict[str, Tensor]:
-    log_odds = RF.orpo_log_odds(policy.chosen_avg.detach(), policy.rejected_avg.detach())
+    import torch.nn.functional as F
+    log_odds = RF().orpo_log_odds(policy.chosen_avg.detach(), policy.rejected_avg.detach())
     return {"orpo/log_odds": log_odds.mean(), "orpo/log_odds_ratio": F.logsigmoid(log_odds).mean()}
 
 
@@ -103,68 +130,68 @@ def _entry(name, summary, paper, compute, options=(), reference=True, **traits):
 OBJECTIVES: dict[str, Objective] = {o.name: o for o in [
     _entry("sigmoid", "DPO; with label_smoothing > 0, conservative DPO (cDPO)",
            "Rafailov et al. 2023 (arXiv:2305.18290); cDPO: Mitchell 2023",
-           lambda x, cfg: P.sigmoid_loss(x.c, x.r, cfg.beta, cfg.label_smoothing), ["label_smoothing"]),
+           lambda x, cfg: P().sigmoid_loss(x.c, x.r, cfg.beta, cfg.label_smoothing), ["label_smoothing"]),
     _entry("robust", "rDPO: unbiased DPO under label-flip rate ε = label_smoothing",
            "Chowdhury et al. 2024 (arXiv:2403.00409)",
-           lambda x, cfg: P.robust_loss(x.c, x.r, cfg.beta, cfg.label_smoothing), ["label_smoothing"]),
+           lambda x, cfg: P().robust_loss(x.c, x.r, cfg.beta, cfg.label_smoothing), ["label_smoothing"]),
     _entry("ipo", "IPO: squared loss toward margin 1/(2β); ipo_normalize token (TRL) or sum (authors)",
            "Azar et al. 2023 (arXiv:2310.12036)",
-           lambda x, cfg: P.ipo_loss(x.c, x.r, cfg.beta, x.policy.chosen_tokens, x.policy.rejected_tokens,
+           lambda x, cfg: P().ipo_loss(x.c, x.r, cfg.beta, x.policy.chosen_tokens, x.policy.rejected_tokens,
                                      cfg.ipo_normalize), ["ipo_normalize"]),
     _entry("hinge", "SLiC hinge loss on the DPO log-ratio margin", "Zhao et al. 2023 (arXiv:2305.10425)",
-           lambda x, cfg: P.hinge_loss(x.c, x.r, cfg.beta)),
+           lambda x, cfg: P().hinge_loss(x.c, x.r, cfg.beta)),
     _entry("exo_pair", "EXO: reverse-KL preference matching; needs label_smoothing > 0",
            "Ji et al. 2024 (arXiv:2402.00856)",
-           lambda x, cfg: P.exo_pair_loss(x.c, x.r, cfg.beta, cfg.label_smoothing), ["label_smoothing"],
+           lambda x, cfg: P().exo_pair_loss(x.c, x.r, cfg.beta, cfg.label_smoothing), ["label_smoothing"],
            check=_needs_positive_smoothing),
     _entry("nca_pair", "NCA: absolute-likelihood noise-contrastive alignment", "Chen et al. 2024 (arXiv:2402.05369)",
-           lambda x, cfg: P.nca_pair_loss(x.c, x.r, cfg.beta), f_divergence=False),
+           lambda x, cfg: P().nca_pair_loss(x.c, x.r, cfg.beta), f_divergence=False),
     _entry("bco_pair", "BCO: binary classifier on implicit rewards (no running shift, as TRL)",
-           "Jung et al. 2024 (arXiv:2404.04656)", lambda x, cfg: P.bco_pair_loss(x.c, x.r, cfg.beta),
+           "Jung et al. 2024 (arXiv:2404.04656)", lambda x, cfg: P().bco_pair_loss(x.c, x.r, cfg.beta),
            f_divergence=False),
     _entry("sppo_hard", "SPPO with hard win probabilities", "Wu et al. 2024 (arXiv:2405.00675)",
-           lambda x, cfg: P.sppo_hard_loss(x.c, x.r, cfg.beta), f_divergence=False),
+           lambda x, cfg: P().sppo_hard_loss(x.c, x.r, cfg.beta), f_divergence=False),
     _entry("aot", "AOT paired: DPO on sorted batch quantiles of log-odds", "Melnyk et al. 2024 (arXiv:2406.05882)",
-           lambda x, cfg: P.aot_loss(x.policy.chosen, x.policy.rejected, x.ref.chosen, x.ref.rejected, cfg.beta,
+           lambda x, cfg: P().aot_loss(x.policy.chosen, x.policy.rejected, x.ref.chosen, x.ref.rejected, cfg.beta,
                                      cfg.label_smoothing), ["label_smoothing"], f_divergence=False),
     _entry("aot_unpaired", "AOT unpaired: sorted chosen vs sorted rejected log-ratios",
            "Melnyk et al. 2024 (arXiv:2406.05882)",
-           lambda x, cfg: P.aot_unpaired_loss(x.c, x.r, cfg.beta, cfg.label_smoothing), ["label_smoothing"],
+           lambda x, cfg: P().aot_unpaired_loss(x.c, x.r, cfg.beta, cfg.label_smoothing), ["label_smoothing"],
            f_divergence=False),
     _entry("apo_zero", "APO-zero: raise chosen, lower rejected likelihood (chosen better than the model)",
-           "D'Oosterlinck et al. 2024 (arXiv:2408.06266)", lambda x, cfg: P.apo_zero_loss(x.c, x.r, cfg.beta),
+           "D'Oosterlinck et al. 2024 (arXiv:2408.06266)", lambda x, cfg: P().apo_zero_loss(x.c, x.r, cfg.beta),
            f_divergence=False),
     _entry("apo_down", "APO-down: lower both, rejected more (chosen worse than the model)",
-           "D'Oosterlinck et al. 2024 (arXiv:2408.06266)", lambda x, cfg: P.apo_down_loss(x.c, x.r, cfg.beta),
+           "D'Oosterlinck et al. 2024 (arXiv:2408.06266)", lambda x, cfg: P().apo_down_loss(x.c, x.r, cfg.beta),
            f_divergence=False),
     _entry("discopop", "DiscoPOP: log-ratio-modulated logistic/exponential blend",
            "Lu et al. 2024 (arXiv:2406.08414)",
-           lambda x, cfg: P.discopop_loss(x.c, x.r, cfg.beta, cfg.discopop_tau), ["discopop_tau"]),
+           lambda x, cfg: P().discopop_loss(x.c, x.r, cfg.beta, cfg.discopop_tau), ["discopop_tau"]),
     _entry("dpop", "DPO-Positive: penalises the chosen log-prob falling below the reference",
            "Pal et al. 2024 (arXiv:2402.13228)",
-           lambda x, cfg: P.dpop_loss(x.c, x.r, cfg.beta, cfg.dpop_lambda, x.policy.chosen - x.ref.chosen),
+           lambda x, cfg: P().dpop_loss(x.c, x.r, cfg.beta, cfg.dpop_lambda, x.policy.chosen - x.ref.chosen),
            ["dpop_lambda"], f_divergence=False),  # its penalty reads the raw log-ratio Δ_w alone
     _entry("sigmoid_norm", "DPO on length-normalised log-ratios (TRL's sigmoid_norm)", "TRL",
-           lambda x, cfg: P.sigmoid_norm_loss(x.c, x.r, cfg.beta, x.policy.chosen_tokens,
+           lambda x, cfg: P().sigmoid_norm_loss(x.c, x.r, cfg.beta, x.policy.chosen_tokens,
                                               x.policy.rejected_tokens)),
     _entry("sft", "NLL of the chosen completion (token mean); sigmoid,sft is RPO",
            "RPO: Pang et al. 2024 (arXiv:2404.19733)",
-           lambda x, cfg: P.sft_loss(x.policy.chosen_nll_logps, x.policy.chosen_tokens).expand_as(x.policy.chosen),
+           lambda x, cfg: P().sft_loss(x.policy.chosen_nll_logps, x.policy.chosen_tokens).expand_as(x.policy.chosen),
            reference=False, nll=True),
     _entry("cpo", "CPO: reference-free DPO on summed log-probs + cpo_alpha · NLL(chosen)",
            "Xu et al. 2024 (arXiv:2401.08417)",
-           lambda x, cfg: RF.cpo_loss(x.policy.chosen, x.policy.rejected, cfg.beta, cfg.label_smoothing)
-           + cfg.cpo_alpha * P.sft_loss(x.policy.chosen_nll_logps, x.policy.chosen_tokens),
+           lambda x, cfg: RF().cpo_loss(x.policy.chosen, x.policy.rejected, cfg.beta, cfg.label_smoothing)
+           + cfg.cpo_alpha * P().sft_loss(x.policy.chosen_nll_logps, x.policy.chosen_tokens),
            ["label_smoothing", "cpo_alpha"], reference=False, nll=True),
     _entry("simpo", "SimPO: reference-free, length-averaged log-probs with target margin simpo_gamma",
            "Meng et al. 2024 (arXiv:2405.14734)",
-           lambda x, cfg: RF.simpo_loss(x.policy.chosen_avg, x.policy.rejected_avg, cfg.beta, cfg.simpo_gamma,
+           lambda x, cfg: RF().simpo_loss(x.policy.chosen_avg, x.policy.rejected_avg, cfg.beta, cfg.simpo_gamma,
                                         cfg.label_smoothing), ["simpo_gamma", "label_smoothing"], reference=False,
            averaged=True),
     _entry("orpo", "ORPO: NLL(chosen) + orpo_lambda · odds-ratio term, reference-free",
            "Hong et al. 2024 (arXiv:2403.07691)",
-           lambda x, cfg: RF.orpo_loss(x.policy.chosen_avg, x.policy.rejected_avg, cfg.orpo_lambda)
-           + P.sft_loss(x.policy.chosen_nll_logps, x.policy.chosen_tokens), ["orpo_lambda"], reference=False,
+           lambda x, cfg: RF().orpo_loss(x.policy.chosen_avg, x.policy.rejected_avg, cfg.orpo_lambda)
+           + P().sft_loss(x.policy.chosen_nll_logps, x.policy.chosen_tokens), ["orpo_lambda"], reference=False,
            averaged=True, nll=True, metrics=_orpo_metrics),
     _entry("kto", "KTO: unpaired desirable/undesirable completions vs a batch KL reference point",
            "Ethayarajh et al. 2024 (arXiv:2402.01306)",
@@ -191,6 +218,7 @@ def needs_reference(names: list[str], cfg=None) -> bool:
 def combined_loss(names: list[str], weights: list[float], policy: PairLogps, ref: PairLogps | None,
                   cfg) -> tuple[Tensor, dict[str, Tensor]]:
     """Σ_i w_i · loss_i per pair [B], and objective-specific metrics (already detached)."""
+    import torch
     x = Inputs(policy, ref)
     if ref is not None:
         x.c, x.r = _scores(policy, ref, cfg)
@@ -204,7 +232,7 @@ def combined_loss(names: list[str], weights: list[float], policy: PairLogps, ref
         if len(names) > 1:
             metrics[f"loss/{name}"] = losses.detach().mean()
     if any(OBJECTIVES[n].nll for n in names):
-        metrics["nll"] = P.sft_loss(policy.chosen_nll_logps.detach(), policy.chosen_tokens)
+        metrics["nll"] = P().sft_loss(policy.chosen_nll_logps.detach(), policy.chosen_tokens)
     for name in names:
         if OBJECTIVES[name].metrics is not None:
             metrics.update(OBJECTIVES[name].metrics(policy))
