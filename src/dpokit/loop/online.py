@@ -56,8 +56,8 @@ from dpokit.loop.result import TrainResult, pick_device
 from dpokit.models.lora import disable_dropout
 from dpokit.models import load_model, load_tokenizer
 from dpokit.models.load import keep_master_copy, save_final, stalled_weights_note, torch_dtype, warn_half_on_cpu
-from dpokit.objectives import needs_reference
-from dpokit.objectives.grpo import group_advantages, grpo_loss, normalizer
+from dpokit.objectives import OBJECTIVES, OnlineInputs, needs_reference
+from dpokit.objectives.grpo import group_advantages, normalizer
 from dpokit.generation.pairs import select_pairs
 
 
@@ -70,24 +70,9 @@ def train_online(cfg: TrainConfig, log=print) -> TrainResult:
     check_writable(cfg.output_dir, 0)
     (out / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
 
-    # ---- prompts, reward, models ------------------------------------------------------------------
-    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    tokenizer, prompts, reward_fn, policy, reference = _load_online(cfg, device, log)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    prompts = load_online_prompts(cfg, tokenizer, log)
-    reward_fn = combine(cfg.reward_specs, cfg.reward_weight_values, str(device))
-    warn_half_on_cpu(device, cfg.model_dtype, log)
-    policy = load_model(cfg.model, device, cfg.allow_pickle, cfg.trust_remote_code, cfg.model_dtype)
-    policy.eval()  # dropout off: log π_θ − log π_old must compare the same deterministic function
     grpo = not cfg.online_dpo
-    reference = load_reference(cfg, policy, tokenizer, device, cfg.kl_coef > 0 if grpo else
-                               needs_reference(cfg.loss_names), log)
-    keep_master_copy(policy, cfg)  # as the offline loop: the reference copy stays in --model-dtype
-    if cfg.pure_half:
-        log(stalled_weights_note(policy, cfg))
-    if cfg.gradient_checkpointing:  # as the offline loop: checkpoint in train mode, with every dropout zeroed
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        disable_dropout(policy)
-        policy.train()
 
     # ---- schedule: a step = one sampled batch of batch_size × grad_accum prompts, in the offline loop's order;
     # GRPO makes μ optimizer updates on it
@@ -120,13 +105,8 @@ def train_online(cfg: TrainConfig, log=print) -> TrainResult:
                                                               scheduler, pad_id, device, step)
         except NonFiniteError as e:  # not this update (with μ > 1 the batch's earlier ones stay)
             record = nonfinite.handle(e, optimizer)
-        seconds = time.perf_counter() - t0
-        groups = [rewards[i:i + cfg.num_generations] for i in range(0, len(rewards), cfg.num_generations)]
-        record = {"step": step + 1, "epoch": round((step + 1) / steps_per_epoch, 4), **record,
-                  "reward": statistics.fmean(rewards), "reward_std": statistics.stdev(rewards),
-                  "frac_reward_zero_std": sum(max(g) == min(g) for g in groups) / len(groups),
-                  "completion_length": statistics.fmean(samples.lengths), "generation_s": samples.seconds,
-                  "generation_share": samples.seconds / seconds, "reward_s": reward_s, "step_s": seconds}
+        record = _step_record(cfg, step, steps_per_epoch, record, samples, rewards, reward_s,
+                              time.perf_counter() - t0)
         metrics_file.write(json.dumps(record) + "\n")
         metrics_file.flush()
         bar.set_postfix(reward=f"{record['reward']:.3f}", **({"loss": f"{record['loss']:.4f}"} if "loss" in record
@@ -138,6 +118,38 @@ def train_online(cfg: TrainConfig, log=print) -> TrainResult:
     tokenizer.save_pretrained(final)
     log(f"saved {final} (load it with AutoModelForCausalLM.from_pretrained); metrics in {out / 'metrics.jsonl'}")
     return TrainResult(out, total_steps, None, None, final)
+
+
+def _load_online(cfg: TrainConfig, device, log):
+    """(tokenizer, prompts, reward function, policy, reference or None) of an online run, the policy set up as
+    the offline loop sets it up (fp32 master copy, checkpointing in train mode with dropout zeroed)."""
+    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    prompts = load_online_prompts(cfg, tokenizer, log)
+    reward_fn = combine(cfg.reward_specs, cfg.reward_weight_values, str(device))
+    warn_half_on_cpu(device, cfg.model_dtype, log)
+    policy = load_model(cfg.model, device, cfg.allow_pickle, cfg.trust_remote_code, cfg.model_dtype)
+    policy.eval()  # dropout off: log π_θ − log π_old must compare the same deterministic function
+    reference = load_reference(cfg, policy, tokenizer, device, cfg.kl_coef > 0 if not cfg.online_dpo else
+                               needs_reference(cfg.loss_names), log)
+    keep_master_copy(policy, cfg)  # as the offline loop: the reference copy stays in --model-dtype
+    if cfg.pure_half:
+        log(stalled_weights_note(policy, cfg))
+    if cfg.gradient_checkpointing:  # as the offline loop: checkpoint in train mode, with every dropout zeroed
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        disable_dropout(policy)
+        policy.train()
+    return tokenizer, prompts, reward_fn, policy, reference
+
+
+def _step_record(cfg: TrainConfig, step: int, steps_per_epoch: int, record: dict, samples, rewards: list[float],
+                 reward_s: float, seconds: float) -> dict:
+    """One line of metrics.jsonl: the update's values, then the step's rewards, lengths and timings."""
+    groups = [rewards[i:i + cfg.num_generations] for i in range(0, len(rewards), cfg.num_generations)]
+    return {"step": step + 1, "epoch": round((step + 1) / steps_per_epoch, 4), **record,
+            "reward": statistics.fmean(rewards), "reward_std": statistics.stdev(rewards),
+            "frac_reward_zero_std": sum(max(g) == min(g) for g in groups) / len(groups),
+            "completion_length": statistics.fmean(samples.lengths), "generation_s": samples.seconds,
+            "generation_share": samples.seconds / seconds, "reward_s": reward_s, "step_s": seconds}
 
 
 def grpo_step(policy, reference, samples, rewards, cfg, optimizer, scheduler, pad_id, device, step) -> dict:
@@ -161,9 +173,9 @@ def grpo_step(policy, reference, samples, rewards, cfg, optimizer, scheduler, pa
     for _ in range(cfg.grpo_iterations):
         for k, m in enumerate(micro):
             logps, mask = token_logps(policy, rows[m], pad_id, device, cfg)
-            loss, stats = grpo_loss(logps, logps.detach() if old is None else old[k], advantages[m], mask,
-                                    None if ref is None else ref[k], cfg.epsilon_low, cfg.epsilon_high, cfg.kl_coef,
-                                    cfg.grpo_aggregation, cfg.max_new_tokens, divisor)
+            loss, stats = OBJECTIVES["grpo"].compute(OnlineInputs(
+                logps, logps.detach() if old is None else old[k], advantages[m], mask,
+                None if ref is None else ref[k], divisor), cfg)
             if not torch.isfinite(loss):
                 raise NonFiniteError(f"step {step + 1}: non-finite GRPO loss")
             loss.backward()

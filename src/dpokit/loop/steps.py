@@ -14,8 +14,8 @@ from dpokit.batches import collate_kto, pair_batch
 from dpokit.distributed import gather_cat
 from dpokit.logprobs import compute_precision, pair_logps, sequence_logps
 from dpokit.loop.reference import reference_forward
-from dpokit.objectives import combined_loss, rewards
-from dpokit.objectives.kto import kto_loss, kto_reference_point
+from dpokit.objectives import OBJECTIVES, UnpairedInputs, combined_loss, rewards
+from dpokit.objectives.kto import kto_reference_point
 
 
 class NonFiniteError(RuntimeError):
@@ -88,8 +88,7 @@ def kto_step(policy, reference, rows, cfg, pad_id: int, device, step_examples: f
     if across:  # a rank sitting out (weight 0) lends nothing to the estimate
         pol_kl, ref_kl = (gather_cat(t if weight else t[:0], ctx) for t in (pol_kl, ref_kl))
     z_ref = kto_reference_point(pol_kl, ref_kl)
-    losses = kto_loss(pol, ref_all[:n], labels, z_ref, cfg.beta, cfg.kto_desirable_weight,
-                      cfg.kto_undesirable_weight)
+    losses = OBJECTIVES["kto"].compute(UnpairedInputs(pol, ref_all[:n], labels, z_ref), cfg)
     _backward(losses, step_examples, rows, step, weight, check_finite, scaler)
     reward = cfg.beta * (pol.detach() - ref_all[:n])
     sums = {"loss": losses.detach().sum().item(), "kto/kl": z_ref.item() * n,
