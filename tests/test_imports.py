@@ -20,17 +20,16 @@ MAX_LINES = 400
 
 # Bottom to top. A module belongs to the layer of its longest prefix listed here.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("options", ("dpokit.options",)),                      # what each TrainConfig field is: no imports
+    ("base", ("dpokit.options", "dpokit.cache")),          # what each TrainConfig field is; the cache folder
     ("objectives", ("dpokit.objectives",)),                # the table (read by config) and tensor functions
     ("config", ("dpokit.config", "dpokit.config_checks")),
     ("data", ("dpokit.data",)),
     ("batches", ("dpokit.batches",
                  "dpokit.data.check",                      # `data check` counts tokens as training would
                  "dpokit.loop.inputs")),                   # a run's data, loaded and tokenized (estimate reads it)
-    ("logprobs", ("dpokit.logprobs.attention", "dpokit.logprobs.sequence", "dpokit.logprobs.sampler_ref")),
+    ("distributed", ("dpokit.distributed",)),              # process groups; wraps the module it is given
+    ("logprobs", ("dpokit.logprobs",)),                    # pairs_logps runs in lockstep under FSDP2
     ("models", ("dpokit.models",)),                        # loading installs logprobs' attention and head
-    ("distributed", ("dpokit.distributed",)),              # wraps the log-prob module for DDP / FSDP2
-    ("reference logprobs", ("dpokit.logprobs",)),          # pairs_logps (lockstep under FSDP2), the disk cache
     ("generation", ("dpokit.generation",)),
     ("evaluation", ("dpokit.evaluation",)),
     ("estimate", ("dpokit.estimate",)),

@@ -78,7 +78,7 @@ def spawn(tool: str, pairs: str, args, batch_size: int, max_length: int, tmp: Pa
     """Run one tool's worker in its own process: (its result, "") or (None, why it failed). Each worker gets
     an empty reference cache (models shared), so dpokit's reference pass is measured on every run, not read
     back from an earlier one."""
-    from dpokit.models import cache_dir
+    from dpokit.cache import cache_dir
     (cache_dir() / "models").mkdir(parents=True, exist_ok=True)
     (tmp / "cache").mkdir(parents=True, exist_ok=True)
     if not (tmp / "cache" / "models").exists():

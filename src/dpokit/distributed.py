@@ -199,10 +199,10 @@ def broadcast_object(value, ctx: Distributed):
     return box[0]
 
 
-def wrap(policy, ctx: Distributed):
-    """The policy as the module training calls: DDP, or FSDP2 with each decoder layer its own shard unit."""
-    from dpokit.logprobs.sequence import TokenLogpsModule
-    module = TokenLogpsModule(policy)
+def wrap(module, ctx: Distributed):
+    """The module training calls (logprobs.sequence.TokenLogpsModule: the policy is its `.lm`), wrapped: DDP,
+    or FSDP2 with each decoder layer its own shard unit."""
+    policy = module.lm
     if ctx.fsdp:
         try:
             from torch.distributed.fsdp import fully_shard

@@ -42,7 +42,7 @@ def cache_key(weights: str, pairs: list[TokenizedPair], ld_alpha: float | None) 
 
 
 def cache_path(key: str) -> Path:
-    from dpokit.models import cache_dir
+    from dpokit.cache import cache_dir
     return cache_dir() / "refcache" / f"{key}.safetensors"
 
 

@@ -19,10 +19,10 @@ Every step, top to bottom:
 At the end final/ is saved as in the offline loop.
 
 --rounds K (iterative DPO, loop/iterative.py): K rounds of (pairs file sampled from the current policy →
-offline training on it, starting from the current policy). The reference of a round is the policy the round starts from — the
-offline loop's default, as in Self-Rewarding LMs (Yuan et al. 2024, arXiv:2401.10020) where M_{t+1} is
-DPO-trained from M_t — so the KL to the original model can grow with every round; --ref-model pins one
-reference for all rounds instead. --sync-ref-every N moves a round's reference as in any offline run.
+offline training on it, starting from the current policy). The reference of a round is the policy the round
+starts from — the offline loop's default, as in Self-Rewarding LMs (Yuan et al. 2024, arXiv:2401.10020) where
+M_{t+1} is DPO-trained from M_t — so the KL to the original model can grow with every round; --ref-model pins
+one reference for all rounds instead. --sync-ref-every N moves a round's reference as in any offline run.
 """
 
 from __future__ import annotations

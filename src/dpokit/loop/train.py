@@ -29,6 +29,7 @@ from dpokit.evaluation import evaluate_pairs
 from dpokit.evaluation.preference import format_eval
 from dpokit.logprobs import compute_precision
 from dpokit.logprobs.attention import attention_kind
+from dpokit.logprobs.sequence import TokenLogpsModule
 from dpokit.distributed import (Distributed, any_across, check_launch, full_model_state, full_optimizer_state,
                                 gather_objects, gradient_sync, load_optimizer_state, start, sum_across,
                                 training_state_bytes, wrap)
@@ -165,7 +166,7 @@ def _start(run: Run, total_steps: int) -> int:
     if ckpt is not None:
         check_same_run(ckpt, cfg.to_dict())
         load_weights(ckpt, run.policy, run.reference)  # whole tensors, before FSDP shards them
-    run.trained = wrap(run.policy, ctx) if ctx.enabled else run.policy  # DDP/FSDP hooks its forward
+    run.trained = wrap(TokenLogpsModule(run.policy), ctx) if ctx.enabled else run.policy  # DDP/FSDP hooks its forward
     run.optimizer = build_optimizer(run.policy.parameters(), cfg.optimizer, cfg.lr, cfg.weight_decay)
     run.scheduler = build_scheduler(run.optimizer, cfg.warmup_steps, total_steps, cfg.lr_scheduler)
     run.scaler = torch.amp.GradScaler(run.device.type) if cfg.dtype == "fp16" else None

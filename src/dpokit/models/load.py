@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from dpokit.cache import cache_dir  # noqa: F401 (re-exported by dpokit.models)
 from dpokit.logprobs.attention import install
 from dpokit.logprobs.sequence import fast_head
 
@@ -28,13 +29,6 @@ EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 class ModelError(RuntimeError):
     """A model that cannot be found or loaded safely; the message says what to do."""
-
-
-def cache_dir() -> Path:
-    """$DPOKIT_CACHE, else $XDG_CACHE_HOME/dpokit, else ~/.cache/dpokit."""
-    if os.environ.get("DPOKIT_CACHE"):
-        return Path(os.environ["DPOKIT_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dpokit"
 
 
 def embedded_gguf_path() -> Path:
