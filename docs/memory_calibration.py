@@ -70,7 +70,7 @@ def measure(options: dict) -> dict:
     """{'measured', 'estimated', 'tokens', 'parts'} in bytes for one `train` configuration (one step)."""
     from dpokit.config import TrainConfig
     from dpokit.estimate import estimate, micro_batch_tokens, shapes_for
-    from dpokit.loop.inputs import load_data
+    from dpokit.batches.inputs import load_data
     from dpokit.models import load_tokenizer
     options = {"max_steps": 2, "progress": False, "memory_check": False, "warmup_steps": 0, "lr": 1e-4, **options}
     cfg = TrainConfig.from_dict(options)

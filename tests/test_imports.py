@@ -25,8 +25,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("config", ("dpokit.config", "dpokit.config_checks")),
     ("data", ("dpokit.data",)),
     ("batches", ("dpokit.batches",
-                 "dpokit.data.check",                      # `data check` counts tokens as training would
-                 "dpokit.loop.inputs")),                   # a run's data, loaded and tokenized (estimate reads it)
+                 "dpokit.data.check")),                    # `data check` counts tokens as training would
     ("distributed", ("dpokit.distributed",)),              # process groups; wraps the module it is given
     ("logprobs", ("dpokit.logprobs",)),                    # pairs_logps runs in lockstep under FSDP2
     ("models", ("dpokit.models",)),                        # loading installs logprobs' attention and head
@@ -135,7 +134,7 @@ def test_the_check_finds_what_it_looks_for():
     assert "dpokit.data.formats" in GRAPH["dpokit.data"]  # the package's __init__
     assert "dpokit.logprobs.sequence" not in GRAPH["dpokit.objectives.registry"]  # TYPE_CHECKING only
     assert "dpokit.objectives.paired" in GRAPH["dpokit.objectives.registry"]  # lazily, inside a function
-    assert layer_of("dpokit.loop.inputs") < layer_of("dpokit.estimate.shape") < layer_of("dpokit.loop.train")
+    assert layer_of("dpokit.data.check") == layer_of("dpokit.batches.tokenize") > layer_of("dpokit.data.formats")
     with pytest.raises(AssertionError, match="in no layer"):
         layer_of("elsewhere.module")
 

@@ -102,7 +102,7 @@ def test_every_paired_objective_same_losses_and_gradients(tokenizer, name):
 
 
 def test_ranked_rows_stay_together_in_the_epoch_order(tokenizer):
-    from dpokit.loop.inputs import epoch_order, pair_groups, rank_share, sharing_summary
+    from dpokit.batches.inputs import epoch_order, pair_groups, rank_share, sharing_summary
     pairs = ranked_pairs(tokenizer)  # groups: 6 pairs, 3 pairs, 1 plain pair
     assert pair_groups([TokenizedPair([1], [2], [3], "a"), TokenizedPair([1], [2], [4], "b")]) is None
     groups = pair_groups(pairs)

@@ -15,7 +15,7 @@ from dpokit.batches import TokenizedCompletion
 from dpokit.batches.collate import collate_kto
 from dpokit.data import builtin_path
 from dpokit.loop import online
-from dpokit.loop.inputs import epoch_order
+from dpokit.batches.inputs import epoch_order
 from dpokit.loop.optim import build_scheduler
 from dpokit.loop.schedule import BatchSchedule
 from dpokit.loop.steps import NonFiniteError, kl_partners

@@ -116,7 +116,7 @@ def data_for(cfg, log=lambda *a, **k: None) -> list:
     tokenizer converts a GGUF model once, as `train` does too."""
     if not cfg.data:
         return []
-    from dpokit.loop.inputs import load_data
+    from dpokit.batches.inputs import load_data
     from dpokit.models import load_tokenizer
     from dpokit.objectives import OBJECTIVES
     unpaired = any(OBJECTIVES[n].data == "unpaired" for n in cfg.loss_names)

@@ -168,7 +168,7 @@ def cache_reference(config: TrainConfig | None = None, log=print, **overrides) -
     unpaired = any(OBJECTIVES[n].data == "unpaired" for n in cfg.loss_names)
     if unpaired or cfg.sync_ref_every or not cfg.ref_cache:
         raise ConfigError("nothing to cache: kto, TR-DPO (--sync-ref-every) and --no-ref-cache run the reference live")
-    from dpokit.loop.inputs import load_data
+    from dpokit.batches.inputs import load_data
     ctx = start(False, cfg.device)  # under torchrun the ranks share the batches out; nothing is sharded
     try:
         log = log if ctx.is_main else (lambda *a, **k: None)

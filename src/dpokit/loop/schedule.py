@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from dpokit.loop.inputs import epoch_order
+from dpokit.batches.inputs import epoch_order
 
 
 @dataclass(frozen=True)

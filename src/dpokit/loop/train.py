@@ -36,7 +36,7 @@ from dpokit.distributed import (Distributed, any_across, check_launch, full_mode
 from dpokit.loop.checkpoint import (check_same_run, check_writable, complete_checkpoints, deterministic_kernels,
                                     find_checkpoint, keep_metrics_until, load_training_state, load_weights, rng_state,
                                     save_checkpoint)
-from dpokit.loop.inputs import load_data, pair_groups, rank_share, sharing_summary
+from dpokit.batches.inputs import load_data, pair_groups, rank_share, sharing_summary
 from dpokit.loop.schedule import BatchSchedule
 from dpokit.loop.signals import StopSignals, TrainingInterrupted
 from dpokit.loop.optim import build_optimizer, build_scheduler

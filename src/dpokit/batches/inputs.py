@@ -1,11 +1,11 @@
-"""The run's inputs: read, check and tokenize training and held-out data, reporting every row's fate; the order
-the rows are trained in."""
+"""A run's inputs: read, check and tokenize training and held-out data, reporting every row's fate; the order
+the rows are trained in and each process's share. Used by the loops and by `dpokit estimate`, below both."""
 
 from __future__ import annotations
 
 import torch
 
-from dpokit.batches import TokenizedPair, tokenize_completions, tokenize_pairs
+from dpokit.batches.tokenize import TokenizedPair, tokenize_completions, tokenize_pairs
 from dpokit.batches.packing import layout_tokens
 from dpokit.config import TrainConfig
 from dpokit.data import DataError, builtin_path, load_completions, load_pairs
