@@ -79,11 +79,11 @@ def test_best_worst_and_best_rest(tmp_path, pairing, expected):
     assert report.format.endswith(f"pairing {pairing})")
 
 
-def test_ties_never_pair_and_identical_completions_scored_alike_are_kept(tmp_path):
+def test_ties_never_pair_and_a_completion_repeated_with_its_score_counts_once(tmp_path):
     row = {"prompt": "P", "completions": [" a", " b", " c", " a"], "scores": [2, 2, 1, 2]}
     pairs, report = _load(tmp_path, [row])
-    assert [(p.chosen, p.rejected) for p in pairs] == [(" a", " c"), (" b", " c"), (" a", " c")]
-    assert report.ranked.ties == 3
+    assert [(p.chosen, p.rejected) for p in pairs] == [(" a", " c"), (" b", " c")]  # (" a", " c") not twice
+    assert report.ranked.ties == 1 and report.ranked.repeats == 1
     worst_tied = {"prompt": "P", "completions": [" a", " b", " c"], "scores": [5, 1, 1]}
     assert [(p.chosen, p.rejected) for p in _load(tmp_path, [worst_tied], "w.jsonl",
                                                     ranked_pairs="best-worst")[0]] == [(" a", " b")]
@@ -312,3 +312,29 @@ def test_training_on_make_pairs_ranked_rows_uses_the_stored_sums(tmp_path, token
     first = json.loads(open(result.output_dir / "metrics.jsonl").readline())
     assert any(f"{stats.reusable} of {stats.pairs} pairs from the sampler" in m for m in logs), logs
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy = reference: stored sums are its own
+
+
+def test_repeated_completions_are_left_out_and_counted(tmp_path):
+    row = {"prompt": "Q?", "completions": [" yes", " no", " yes", " maybe"], "scores": [2, 0, 2, 1]}
+    pairs, report = load_pairs(write_jsonl(tmp_path / "r.jsonl", [row]))
+    assert sorted((p.chosen, p.rejected) for p in pairs) == [(" maybe", " no"), (" yes", " maybe"), (" yes", " no")]
+    assert "1 repeated completions left out" in report.summary()
+
+
+def test_an_ultrafeedback_row_without_completions_is_a_data_error(tmp_path):
+    good = {"instruction": "Say hi", "completions": [{"response": "hi", "fine-grained_score": 4.0},
+                                                     {"response": "no", "fine-grained_score": 1.0}]}
+    path = write_jsonl(tmp_path / "uf.jsonl", [good, {"instruction": "x"}])
+    with pytest.raises(DataError, match=r"uf\.jsonl:2: field 'completions' missing"):
+        load_pairs(path)
+    pairs, report = load_pairs(path, on_bad_row="skip")
+    assert len(pairs) == 1 and report.skipped["missing_field"] == 1
+
+
+@pytest.mark.parametrize("options", [{"loss": "grpo", "ranked_pairs": "best-worst"},
+                                     {"loss": "kto", "ranked_pairs": "best-rest"},
+                                     {"online_dpo": True, "ultrafeedback_score": "overall_score"}])
+def test_ranked_options_where_nothing_reads_them_are_refused(options):
+    key = next(k for k in options if k in ("ranked_pairs", "ultrafeedback_score"))
+    with pytest.raises(ConfigError, match=key):
+        TrainConfig.from_dict(options)

@@ -45,18 +45,20 @@ class TrainConfig:
                                               resume_may_change=True)
     eval_batch_size: int = opt("data", 8, "pairs per held-out batch (the training reference uses --batch-size); ends "
                                           "before N×1024 computed tokens, so long rows are not padded to each other",
-                                          valid=">= 1")
+                                          valid=">= 1", runs=(OFFLINE,))
     on_bad_row: str = opt("data", "error", "bad data rows: 'error' stops naming file:line:field; 'skip' skips and "
                                            "counts them by reason", ("error", "skip"))
     ranked_pairs: str = opt("data", "all", "pairs of a ranked row (k scored completions of a prompt, or "
                                            "UltraFeedback's rows): 'all' pairs every two completions whose scores "
                                            "differ, 'best-worst' the top against the bottom score, 'best-rest' the top "
                                            "against each lower one; ties never pair, the first in row order wins a tie "
-                                           "for top or bottom", ("all", "best-worst", "best-rest"))
+                                           "for top or bottom", ("all", "best-worst", "best-rest"), runs=(OFFLINE,),
+                                           needs=("paired",))
     ultrafeedback_score: str = opt("data", "fine-grained_score", "score of UltraFeedback rows: 'fine-grained_score' "
                                                                  "(the mean of the four aspect ratings) or "
                                                                  "'overall_score' (the critique's 1-10)",
-                                                                 ("fine-grained_score", "overall_score"))
+                                                                 ("fine-grained_score", "overall_score"),
+                                                                 runs=(OFFLINE,), needs=("paired",))
 
     # ---- lora ------------------------------------------------------------------------------------------------
     lora_r: int = opt("lora", 0, "LoRA rank (0: train all weights)", valid=">= 0 (0: no LoRA)", runs=(OFFLINE,))
@@ -153,10 +155,12 @@ class TrainConfig:
     prefix_sharing: bool = opt("sequences", True, "compute each pair as one sequence prompt+chosen+rejected with a "
                                                   "mask that hides chosen from rejected, so the prompt is computed "
                                                   "once (same log-probs)", runs=ON_PAIRS)
-    pack_tokens: int = opt("sequences", 1024, "with prefix sharing, pack pairs into rows of up to N tokens "
-                                              "(block-diagonal masks, no padding between pairs); 0: one pair per row; "
-                                              "without prefix sharing rows are padded and this default is not used",
-                                              valid=">= 0 (0: one pair per row)", runs=ON_PAIRS,
+    pack_tokens: int = opt("sequences", 1024, "with prefix sharing, pack prompts (each with its pairs' distinct "
+                                              "completions: a ranked row's are all together) into rows of up to N "
+                                              "tokens (a longer one gets a row of its own; no padding between them); "
+                                              "0: one prompt per row; without prefix sharing rows are padded and this "
+                                              "default is not used",
+                                              valid=">= 0 (0: one prompt per row)", runs=ON_PAIRS,
                                               needs=("prefix_sharing",))
     attention: str = opt("sequences", "auto", "how attention follows the rows: 'segments' runs one fused SDPA call per "
                                               "prompt/chosen/rejected segment (no T×T mask, hidden blocks skipped; "

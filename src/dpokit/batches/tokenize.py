@@ -10,6 +10,7 @@ always share an identical prompt.
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -162,13 +163,15 @@ def tokenize_each(pairs: list[Pair], tokenizer, max_length: int, max_prompt_leng
     completion boundary — the shortest any of them gives — so each completion has the same ids in every pair
     it is in: one sequence, computed once (batches/packing.py), and one log-prob per completion. (Tokenized pair
     by pair, a BPE merge across the boundary in one completion would move only its pairs' boundary.)"""
-    ends: dict[str, int] = {}
-    rendered = [_render_pair(p, tokenizer) for p in pairs]
-    for p, ids in zip(pairs, rendered):
-        if p.group is not None:
-            ends[p.group] = min(_prompt_end(*ids), ends.get(p.group, len(ids[0])))
-    return [tokenize_pair(p, tokenizer, max_length, max_prompt_length, report,
-                          ends.get(p.group) if p.group is not None else None, ids) for p, ids in zip(pairs, rendered)]
+    out: list[TokenizedPair | None] = []
+    # a ranked row's pairs are consecutive (data/ranked.py): render one row at a time, not the whole file at once
+    for _, run in itertools.groupby(enumerate(pairs), key=lambda ip: ip[1].group or ("pair", ip[0])):
+        run = [p for _, p in run]
+        rendered = [_render_pair(p, tokenizer) for p in run]
+        end = min(_prompt_end(*ids) for ids in rendered) if run[0].group is not None else None
+        out += [tokenize_pair(p, tokenizer, max_length, max_prompt_length, report, end, ids)
+                for p, ids in zip(run, rendered)]
+    return out
 
 
 @dataclass

@@ -22,6 +22,7 @@ from dpokit.data.errors import DataError
 from dpokit.data.readers import read_rows
 # the row types, below this module and data/ranked.py (which it reads ranked rows with); re-exported
 from dpokit.data.rows import ROLES, Messages, Pair, SamplerRef, Text, _check_unicode, _has_text, _messages  # noqa: F401
+from dpokit.data.rows import check_logp, check_token_ids, has_sampler_fields
 
 # Where an assistant turn begins in raw dialogue text; the implicit prompt ends right after one of these.
 TURN_MARKERS = ("\n\nAssistant:", "\nAssistant:", "<|im_start|>assistant\n", "[/INST]",
@@ -273,22 +274,8 @@ def split_implicit(chosen: str, rejected: str, fail) -> tuple[str, str, str]:
 
 def _sampler_ref(row: dict, fail) -> SamplerRef | None:
     """The row's SamplerRef, None when it has none of its fields; half of them is an error, not ignored."""
-    present = [k for k in SAMPLER_FIELDS if row.get(k) is not None]
-    if not present:
+    if not has_sampler_fields(row, SAMPLER_FIELDS, fail):
         return None
-    if len(present) < len(SAMPLER_FIELDS):
-        missing = next(k for k in SAMPLER_FIELDS if k not in present)
-        fail(missing, f"missing while the row has {present[0]} (sampler reference log-probs need all of "
-             f"{', '.join(SAMPLER_FIELDS)})", "missing_field")
-    if not isinstance(row["ref_digest"], str):
-        fail("ref_digest", f"expected a string, got {row['ref_digest']!r:.40}", "wrong_type")
-    for key in ("ref_prompt_ids", "chosen_ref_ids", "rejected_ref_ids"):
-        ids = row[key]
-        if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-            fail(key, f"expected a list of token ids, got {ids!r:.40}", "wrong_type")
-    for key in ("chosen_ref_logp", "rejected_ref_logp"):
-        v = row[key]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v <= 0:
-            fail(key, f"expected a log-probability (a number <= 0), got {v!r:.40}", "wrong_type")
-    return SamplerRef(row["ref_digest"], row["ref_prompt_ids"], row["chosen_ref_ids"], row["rejected_ref_ids"],
-                      float(row["chosen_ref_logp"]), float(row["rejected_ref_logp"]))
+    ids = [check_token_ids(key, row[key], fail) for key in ("ref_prompt_ids", "chosen_ref_ids", "rejected_ref_ids")]
+    logps = [check_logp(key, row[key], fail) for key in ("chosen_ref_logp", "rejected_ref_logp")]
+    return SamplerRef(row["ref_digest"], *ids, *logps)

@@ -37,7 +37,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from dpokit.data.errors import DataError
-from dpokit.data.rows import Pair, SamplerRef, Text, _check_unicode, _has_text, _messages
+from dpokit.data.rows import (Pair, SamplerRef, Text, _check_unicode, _has_text, _messages, check_logp,
+                              check_token_ids, has_sampler_fields)
 
 RANKED_FORMATS = ("ranked", "ultrafeedback")
 PAIRINGS = ("all", "best-worst", "best-rest")
@@ -53,6 +54,23 @@ class RankedRow:
     conversational: bool
     ends: list[bool]                       # False: completion i was cut (truncated[i]), no EOS after it
     sampler: tuple | None = None           # (digest, prompt_ids, [k id lists], [k sums]) when the row has them
+    repeats: int = 0                       # completions left out: the same text and score as an earlier one
+
+    def without_repeats(self) -> "RankedRow":
+        """The row with each repeated completion (same text, same score: it adds no pair, only a copy of
+        another's) left out and counted, so no pair is trained twice."""
+        keep, seen = [], set()
+        for i, text in enumerate(self.completions):
+            key = repr(text)
+            if key not in seen:
+                seen.add(key)
+                keep.append(i)
+        if len(keep) == len(self.completions):
+            return self
+        pick = lambda xs: [xs[i] for i in keep]  # noqa: E731
+        sampler = None if self.sampler is None else (*self.sampler[:2], pick(self.sampler[2]), pick(self.sampler[3]))
+        return RankedRow(self.prompt, pick(self.completions), pick(self.scores), self.conversational, pick(self.ends),
+                         sampler, len(self.completions) - len(keep))
 
 
 def rank_pairs(scores: list[float], pairing: str = "all") -> list[tuple[int, int]]:
@@ -127,7 +145,7 @@ def parse_ranked(row: dict, fmt: str, path: str, line: int, score_field: str = "
     if len(set(scores)) == 1:
         fail("scores", f"all {k} completions scored {scores[0]}: no preference among them", "all_scores_equal")
     return RankedRow(prompt, texts, [float(s) for s in scores], conversational,
-                     [not cut for cut in _truncated(row, k, fail)], _sampler(row, k, fail))
+                     [not cut for cut in _truncated(row, k, fail)], _sampler(row, k, fail)).without_repeats()
 
 
 def expand(ranked: RankedRow, source: str, pairing: str = "all") -> list[Pair]:
@@ -153,9 +171,11 @@ class RankedStats:
     completions: Counter = field(default_factory=Counter)   # k → rows with k completions
     implied: Counter = field(default_factory=Counter)       # pairing → pairs
     ties: int = 0                                           # equal-score couples, left out by every pairing
+    repeats: int = 0                                        # repeated completions left out (RankedRow.repeats)
 
     def add(self, ranked: RankedRow) -> None:
         self.rows += 1
+        self.repeats += ranked.repeats
         self.completions[len(ranked.scores)] += 1
         for pairing in PAIRINGS:
             self.implied[pairing] += len(rank_pairs(ranked.scores, pairing))
@@ -173,8 +193,9 @@ class RankedStats:
         """The format as LoadReport shows it, e.g. 'ranked (4 rows, k=4 completions per prompt; 6.0 pairs per
         row on average; pairing all)'."""
         per_row = self.implied[self.pairing] / self.rows if self.rows else 0.0
+        repeats = f"; {self.repeats} repeated completions left out" if self.repeats else ""
         return (f"{self.format} ({self.rows} rows, {self.k_text()}; {per_row:.1f} pairs per row on average; "
-                f"pairing {self.pairing})")
+                f"pairing {self.pairing}{repeats})")
 
 
 def ranked_pairs(row: dict, fmt: str, path: str, line: int, pairing: str, score_field: str,
@@ -192,6 +213,8 @@ def _ultrafeedback(row: dict, score_field: str, fail) -> tuple:
     prompt_key = "instruction" if row.get("instruction") is not None else "prompt"
     if row.get(prompt_key) is None:
         fail("instruction", "missing (an UltraFeedback row needs 'instruction' or 'prompt')", "missing_field")
+    if row.get("completions") is None:
+        fail("completions", "missing (an UltraFeedback row needs a list of completions)", "missing_field")
     if not isinstance(row["completions"], list):
         fail("completions", f"expected a list, got {type(row['completions']).__name__}", "wrong_type")
     responses, scores = [], []
@@ -243,25 +266,14 @@ def _truncated(row: dict, k: int, fail) -> list[bool]:
 
 def _sampler(row: dict, k: int, fail) -> tuple | None:
     """(digest, prompt_ids, k id lists, k sums), None when the row has none of SAMPLER_FIELDS; some is an error."""
-    present = [key for key in SAMPLER_FIELDS if row.get(key) is not None]
-    if not present:
+    if not has_sampler_fields(row, SAMPLER_FIELDS, fail):
         return None
-    if len(present) < len(SAMPLER_FIELDS):
-        missing = next(key for key in SAMPLER_FIELDS if key not in present)
-        fail(missing, f"missing while the row has {present[0]} (sampler reference log-probs need all of "
-             f"{', '.join(SAMPLER_FIELDS)})", "missing_field")
-    if not isinstance(row["ref_digest"], str):
-        fail("ref_digest", f"expected a string, got {row['ref_digest']!r:.40}", "wrong_type")
     ids, logps = row["completions_ref_ids"], row["completions_ref_logp"]
     for key, value in (("completions_ref_ids", ids), ("completions_ref_logp", logps)):
         if not isinstance(value, list) or len(value) != k:
             fail(key, f"expected a list of {k} (one per completion), got {value!r:.40}", "wrong_type")
-    for name, value in [("ref_prompt_ids", row["ref_prompt_ids"])] + [(f"completions_ref_ids[{i}]", v)
-                                                                       for i, v in enumerate(ids)]:
-        if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
-            fail(name, f"expected a list of token ids, got {value!r:.40}", "wrong_type")
-    for i, v in enumerate(logps):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v <= 0:
-            fail(f"completions_ref_logp[{i}]", f"expected a log-probability (a number <= 0), got {v!r:.40}",
-                 "wrong_type")
-    return row["ref_digest"], row["ref_prompt_ids"], ids, [float(v) for v in logps]
+    check_token_ids("ref_prompt_ids", row["ref_prompt_ids"], fail)
+    for i, v in enumerate(ids):
+        check_token_ids(f"completions_ref_ids[{i}]", v, fail)
+    logps = [check_logp(f"completions_ref_logp[{i}]", v, fail) for i, v in enumerate(logps)]
+    return row["ref_digest"], row["ref_prompt_ids"], ids, logps

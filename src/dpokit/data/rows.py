@@ -70,3 +70,32 @@ def _check_unicode(text: str, key: str, fail) -> None:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
         fail(key, f"invalid Unicode: unpaired surrogate at character {e.start}", "invalid_unicode")
+
+
+# ---- the sampler's reference data a row may carry (pair rows: formats.py; ranked rows: ranked.py) ----------
+
+def has_sampler_fields(row: dict, fields: tuple[str, ...], fail) -> bool:
+    """Whether the row carries the sampler's reference data: all of `fields` (the first is the digest, a
+    string) or none; some of them is an error, not ignored."""
+    present = [key for key in fields if row.get(key) is not None]
+    if not present:
+        return False
+    if len(present) < len(fields):
+        missing = next(key for key in fields if key not in present)
+        fail(missing, f"missing while the row has {present[0]} (sampler reference log-probs need all of "
+             f"{', '.join(fields)})", "missing_field")
+    if not isinstance(row[fields[0]], str):
+        fail(fields[0], f"expected a string, got {row[fields[0]]!r:.40}", "wrong_type")
+    return True
+
+
+def check_token_ids(name: str, value, fail) -> list[int]:
+    if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        fail(name, f"expected a list of token ids, got {value!r:.40}", "wrong_type")
+    return value
+
+
+def check_logp(name: str, value, fail) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value <= 0:
+        fail(name, f"expected a log-probability (a number <= 0), got {value!r:.40}", "wrong_type")
+    return float(value)

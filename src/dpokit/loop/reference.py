@@ -93,7 +93,9 @@ def prepare_reference(cfg, policy, tokenizer, train_set, eval_set, unpaired: boo
     weights = weights_digest(source) if cfg.ref_cache else None
 
     def numerics(batch_size: int) -> str:
-        layout = (f"pack{cfg.pack_tokens}" if cfg.prefix_sharing else "padded") + f":attention-{cfg.attention}"
+        # ":once": a batch computes each distinct prompt and completion once (batches/packing.py); sums cached
+        # before that layout, where a batch repeated a prompt or completion, are not those of today's batches
+        layout = (f"pack{cfg.pack_tokens}" if cfg.prefix_sharing else "padded") + f":once:attention-{cfg.attention}"
         # (The token budget, x1024tok, joined the key with reference batching by tokens: it changed every key,
         # fp32 ones included, so caches made before it are recomputed once.)
         return (f"{device.type}:{ {torch.bfloat16: 'bf16', torch.float16: 'fp16'}.get(low, 'fp32')}:"

@@ -35,15 +35,19 @@ class BatchSchedule:
     def total_steps(self, epochs: int, max_steps: int = 0) -> int:
         return max_steps or epochs * self.steps_per_epoch
 
-    def micro_batches(self, step: int) -> list[list[int]]:
-        """Row indices of each micro-batch of optimizer step `step` (0-based; all processes' rows)."""
-        epoch, k = divmod(step, self.steps_per_epoch)
+    def epoch_micro_batches(self, epoch: int) -> list[list[int]]:
+        """Row indices of every micro-batch of epoch `epoch` (all processes' rows), in order."""
         order = epoch_order(self.rows, self.groups, self.seed + epoch, self.shuffle)
         micro = [order[i:i + self.micro_size] for i in range(0, self.rows, self.micro_size)]
         if self.no_lone_tail and len(micro) > 1 and len(micro[-1]) == 1:
             tail = micro.pop()
             micro[-1] = micro[-1] + tail
-        return micro[k * self.grad_accum:(k + 1) * self.grad_accum]
+        return micro
+
+    def micro_batches(self, step: int) -> list[list[int]]:
+        """Row indices of each micro-batch of optimizer step `step` (0-based; all processes' rows)."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        return self.epoch_micro_batches(epoch)[k * self.grad_accum:(k + 1) * self.grad_accum]
 
     def step_rows(self, step: int) -> list[int]:
         """Row indices of optimizer step `step`, micro-batches one after the other (a loop that cuts its own)."""

@@ -188,9 +188,8 @@ def _announce(run: Run, start_step: int, total_steps: int) -> None:
     run.log(f"training {cfg.loss} for {total_steps - start_step} steps × {batches.micro_size * cfg.grad_accum} "
             f"{unit} ({batches.rows} {unit}, {batches.steps_per_epoch} steps/epoch) on {where}")
     if batches.groups is not None and cfg.prefix_sharing:
-        epoch0 = [m for s in range(batches.steps_per_epoch) for m in batches.micro_batches(s)]
         run.log(sharing_summary(run.train_set, [[rank_share(m, r, ctx.world, True) for r in range(ctx.world)]
-                                                for m in epoch0]))
+                                                for m in batches.epoch_micro_batches(0)]))
 
 
 def _train_steps(run: Run, start_step: int, total_steps: int, metrics_file) -> None:
