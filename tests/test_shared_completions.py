@@ -142,3 +142,16 @@ def test_a_ranked_row_has_one_prompt_boundary(tokenizer):
             assert ids.setdefault(text, got) == got
     batch = pair_batch(tokenized, 0, True, 0)
     assert batch["segments"].shape[0] == 4  # one prompt, four completions, each once
+
+
+def test_an_empty_prompt_numbers_scored_tokens_alike_in_both_layouts(tokenizer):
+    """With no prompt token the first completion token has nothing to be predicted from; both layouts leave it
+    unscored and number the rest from 0, so LD-DPO's length weights agree."""
+    ids = tokenizer(" a deep blue like the sea", add_special_tokens=False)["input_ids"]
+    pairs = [TokenizedPair([], ids, ids[:3], "f:1"), TokenizedPair(ids[:2], ids[2:], ids[:1], "f:2")]
+    model = make_tiny_model(len(tokenizer))
+    with torch.no_grad():
+        padded = pair_logps(model, pair_batch(pairs, 0, False, 0), ld_alpha=0.3)
+        packed = pair_logps(model, pair_batch(pairs, 0, True, 0), ld_alpha=0.3)
+    torch.testing.assert_close(packed.chosen, padded.chosen, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(packed.rejected, padded.rejected, rtol=1e-5, atol=1e-6)

@@ -121,8 +121,9 @@ def collate_packed(pairs: list[TokenizedPair], pad_id: int, capacity: int = 0) -
                 segments.append((r, o, o, o, start + n) if j == 0 else (r, o, o + P, start, start + n))
                 for t in range(n):
                     src = (o + P - 1) if t == 0 else start + t - 1
-                    if src >= o:  # an empty prompt leaves the first token unscored, as in the padded layout
-                        index.append((r, src, start + t, seq, t))
+                    if src >= o:  # an empty prompt leaves the first token unscored, as in the padded layout,
+                        # which then numbers the scored tokens from 0: so does this (LD-DPO's weights compare them)
+                        index.append((r, src, start + t, seq, t if P else t - 1))
                 start += n
             o += lengths[i]
     score = torch.tensor(index, dtype=torch.long).reshape(-1, 5).T
