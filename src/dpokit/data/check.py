@@ -20,6 +20,7 @@ import statistics
 import sys
 from collections import Counter
 
+from dpokit.batches.packing import share  # training's own layout: each prompt and completion once
 from dpokit.batches.tokenize import TokenizedCompletion, TokenizedPair, TokenizeReport, tokenize_completions, \
     tokenize_pairs
 from dpokit.data.formats import Completion, LoadReport, Pair, detect_format, load_completions, load_pairs
@@ -92,15 +93,14 @@ def _ranked(stats, tokenized: list[TokenizedPair]) -> dict:
     """Ranked rows (data/ranked.RankedStats) and the tokens an epoch of `tokenized` computes: the pairs written
     out (two sequences per pair: prompt twice), one prompt per pair (prefix sharing per pair), and each
     distinct prompt and completion of a row once (the pairs of a row share `group`)."""
-    rows: dict[str, tuple[set, set]] = {}
+    rows: dict[str, list[TokenizedPair]] = {}
     for t in tokenized:
-        prompts, completions = rows.setdefault(t.group, (set(), set()))
-        prompts.add(tuple(t.prompt_ids))
-        completions.update((tuple(t.prompt_ids), tuple(ids)) for ids in (t.chosen_ids, t.rejected_ids))
+        rows.setdefault(t.group, []).append(t)
+    units = [u for pairs in rows.values() for u in share(pairs)[0]]
     completion_tokens = sum(len(t.chosen_ids) + len(t.rejected_ids) for t in tokenized)
     prompt_tokens = sum(len(t.prompt_ids) for t in tokenized)
-    once_completions = sum(len(c) for _, completions in rows.values() for _, c in completions)
-    once_prompts = sum(len(p) for prompts, _ in rows.values() for p in prompts)
+    once_completions = sum(len(c) for u in units for c in u.completions)
+    once_prompts = sum(len(u.prompt) for u in units)
     return {"format": stats.format, "pairing": stats.pairing, "rows": stats.rows, "k": stats.k_text(),
             "completions_per_row": dict(sorted(stats.completions.items())), "implied": dict(stats.implied),
             "ties": stats.ties,
