@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import write_jsonl
-from test_sampler_ref import eos_model  # a sampler whose samples both end and get cut
+from test_sampler_ref import model_dir  # noqa: F401 (fixture: a sampler whose samples both end and get cut)
 from dpokit import train
 from dpokit.batches import TokenizedPair, TokenizeReport, pad_rows, tokenize_pairs
 from dpokit.cli import main
@@ -245,14 +245,6 @@ def test_data_check_reports_a_ranked_file(tmp_path, tokenizer):
 
 
 # ---- make-pairs --ranked: the sampler's reference data per completion ------------------------------------
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tokenizer) -> str:
-    path = tmp_path_factory.mktemp("eos-llama-ranked")
-    eos_model(tokenizer).save_pretrained(path, safe_serialization=True)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
 
 def _ranked_rows(model_dir, tokenizer, prompts, n=4):
     return make_pairs(load_model(model_dir), tokenizer, prompts, lambda _p, texts: [float(len(t)) for t in texts],

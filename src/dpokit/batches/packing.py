@@ -82,11 +82,18 @@ def pack_lengths(lengths: list[int], capacity: int) -> list[list[int]]:
     return rows
 
 
+def _packed(pairs: list[TokenizedPair], capacity: int):
+    """(units, seq_map, unit lengths, unit indices per row, row width) of the packed layout."""
+    units, seq_map = share(pairs)
+    lengths = [u.length for u in units]
+    layout = pack_lengths(lengths, capacity)
+    return units, seq_map, lengths, layout, max(sum(lengths[i] for i in row) for row in layout)
+
+
 def packed_width(pairs: list[TokenizedPair], capacity: int) -> tuple[int, int]:
     """(rows, width) of `collate_packed(pairs, ·, capacity)`'s tensors."""
-    lengths = [u.length for u in share(pairs)[0]]
-    layout = pack_lengths(lengths, capacity)
-    return len(layout), max(sum(lengths[i] for i in row) for row in layout)
+    _, _, _, layout, width = _packed(pairs, capacity)
+    return len(layout), width
 
 
 def collate_packed(pairs: list[TokenizedPair], pad_id: int, capacity: int = 0) -> dict[str, torch.Tensor]:
@@ -98,10 +105,7 @@ def collate_packed(pairs: list[TokenizedPair], pad_id: int, capacity: int = 0) -
     where score_seq is i for pair i's chosen and B + i for its rejected completion (the first occurrence's
     number for a repeated one); n_seqs = 2B; seq_map [2B] when some completion is repeated (see `share`).
     """
-    units, seq_map = share(pairs)
-    lengths = [u.length for u in units]
-    layout = pack_lengths(lengths, capacity)
-    width = max(sum(lengths[i] for i in row) for row in layout)
+    units, seq_map, lengths, layout, width = _packed(pairs, capacity)
     input_ids = torch.full((len(layout), width), pad_id, dtype=torch.long)
     position_ids = torch.zeros((len(layout), width), dtype=torch.long)
     segments: list[tuple[int, int, int, int, int]] = []
