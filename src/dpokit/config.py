@@ -15,12 +15,8 @@ from typing import Any
 
 import yaml
 
-from dpokit.options import (ALL_RUNS, ITERATIVE_DPO, OFFLINE, ON_PAIRS, ONLINE_DPO, ONLINE_OBJECTIVE, as_list,
-                            opt)
-
-
-class ConfigError(ValueError):
-    """A config key that is unknown, of the wrong type or out of range."""
+from dpokit.options import (ALL_RUNS, ITERATIVE_DPO, OFFLINE, ON_PAIRS, ONLINE_DPO, ONLINE_OBJECTIVE, ConfigError,
+                            as_list, coerce, opt)
 
 
 @dataclass
@@ -257,7 +253,7 @@ class TrainConfig:
         unknown = sorted(set(values) - set(known))
         if unknown:
             raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(known)}")
-        cfg = cls(**{k: _coerce(k, v, known[k], source) for k, v in values.items()})
+        cfg = cls(**{k: coerce(k, v, known[k], source) for k, v in values.items()})
         cfg.given = frozenset(values)
         cfg.validate()
         return cfg
@@ -347,30 +343,3 @@ BOOKKEEPING = frozenset(group_keys("bookkeeping"))
 RESUME_MAY_CHANGE = BOOKKEEPING | {f.name for f in fields(TrainConfig) if f.metadata["resume_may_change"]}
 # Reset to their defaults for iterative DPO's offline rounds (loop/online.iterative_dpo).
 ONLINE_OPTIONS = group_keys("online")
-
-
-def _coerce(key: str, value: Any, f: dataclasses.Field, source: str) -> Any:
-    """Check a YAML/CLI value against the field's annotated type; ints are accepted where floats are."""
-    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-    optional = "None" in kind
-    if value is None:
-        if optional:
-            return None
-        raise ConfigError(f"{source}: {key} cannot be null")
-    base = kind.replace("| None", "").strip()
-    if base == "str | list":  # "a,b" or [a, b]; anything else would reach list(value) (list(3): TypeError)
-        scalar = (str, int, float)
-        if not (isinstance(value, str) or isinstance(value, list) and all(
-                isinstance(v, scalar) and not isinstance(v, bool) for v in value)):
-            raise ConfigError(f"{source}: {key} expects a comma-separated string or a list, got "
-                              f"{type(value).__name__} {value!r}")
-        return value
-    ok = {
-        "str": isinstance(value, str),
-        "int": isinstance(value, int) and not isinstance(value, bool),
-        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
-        "bool": isinstance(value, bool),
-    }.get(base, True)
-    if not ok:
-        raise ConfigError(f"{source}: {key} expects {base}, got {type(value).__name__} {value!r}")
-    return float(value) if base == "float" else value

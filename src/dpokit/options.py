@@ -9,8 +9,15 @@ CLI before any command runs.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config key that is unknown, of the wrong type or out of range (re-exported by config.py)."""
+
 
 # The `--help` sections, in order: (title, what the group holds). A group also says what the code may assume of
 # its options: "bookkeeping" ones never change a run's numbers; "online" ones are reset for offline rounds.
@@ -87,3 +94,30 @@ def as_list(value) -> list:
     if isinstance(value, str):
         return [v.strip() for v in value.split(",") if v.strip()]
     return list(value)
+
+
+def coerce(key: str, value: Any, f: dataclasses.Field, source: str) -> Any:
+    """Check a YAML/CLI value against the field's annotated type; ints are accepted where floats are."""
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    optional = "None" in kind
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{source}: {key} cannot be null")
+    base = kind.replace("| None", "").strip()
+    if base == "str | list":  # "a,b" or [a, b]; anything else would reach list(value) (list(3): TypeError)
+        scalar = (str, int, float)
+        if not (isinstance(value, str) or isinstance(value, list) and all(
+                isinstance(v, scalar) and not isinstance(v, bool) for v in value)):
+            raise ConfigError(f"{source}: {key} expects a comma-separated string or a list, got "
+                              f"{type(value).__name__} {value!r}")
+        return value
+    ok = {
+        "str": isinstance(value, str),
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "bool": isinstance(value, bool),
+    }.get(base, True)
+    if not ok:
+        raise ConfigError(f"{source}: {key} expects {base}, got {type(value).__name__} {value!r}")
+    return float(value) if base == "float" else value
