@@ -12,18 +12,18 @@ import pytest
 import torch
 import yaml
 
-from dpokit.cli import main
+from dpokit.cli import SET_BY_COMMAND, main
 from dpokit.config import BOOKKEEPING, ONLINE_OPTIONS, RESUME_MAY_CHANGE, ConfigError, TrainConfig, group_keys
 from dpokit.config_checks import NEEDS
 from dpokit.objectives.registry import DATA, OBJECTIVES, OnlineInputs, UnpairedInputs
-from dpokit.options import (ALL_RUNS, GROUPS, ITERATIVE_DPO, OFFLINE, ON_PAIRS, ONLINE_DPO, ONLINE_OBJECTIVE, SAMPLING,
-                            in_range)
+from dpokit.options import (ALL_RUNS, GROUPS, ITERATIVE_DPO, OFFLINE, ON_PAIRS, ONLINE_DPO, ONLINE_OBJECTIVE,
+                            REWARD_MODEL, SAMPLING, in_range)
 
 FIELDS = {f.name: f for f in fields(TrainConfig)}
 # a config of each kind of run, and the option that selects the kind
 RUN_CONFIGS = {OFFLINE: {}, ONLINE_DPO: {"online_dpo": True}, ITERATIVE_DPO: {"online_dpo": True, "rounds": 2},
-               ONLINE_OBJECTIVE: {"loss": "grpo"}}
-SELECTS_THE_RUN = {"loss", "online_dpo", "rounds"}
+               ONLINE_OBJECTIVE: {"loss": "grpo"}, REWARD_MODEL: {"stage": "reward_model"}}
+SELECTS_THE_RUN = {"loss", "online_dpo", "rounds", "stage"}
 
 
 def test_every_option_has_a_group_a_help_runs_needs_and_a_valid_range():
@@ -50,9 +50,11 @@ def test_every_objective_option_is_an_objective_field_read_by_the_objectives_run
         for key in o.options:
             expected = (ONLINE_OBJECTIVE,) if o.data == "online" else ON_PAIRS
             assert FIELDS[key].metadata["runs"] == expected, (o.name, key)
-    # what the objective group holds besides the objectives' own options: loss, its weights, β and the modifiers
+    # what the objective group holds besides the objectives' own options: loss, its weights, β and the modifiers,
+    # and the reward model's (`dpokit train-rm`, not a --loss) centring weight
     assert set(group_keys("objective")) - options == {"loss", "loss_weights", "beta", "f_divergence", "f_alpha",
-                                                      "use_weighting", "ld_alpha", "sync_ref_every", "sync_ref_alpha"}
+                                                      "use_weighting", "ld_alpha", "sync_ref_every", "sync_ref_alpha",
+                                                      "center_rewards_coefficient"}
 
 
 def test_derived_key_sets():
@@ -142,6 +144,9 @@ def test_help_has_one_section_per_group_holding_its_options(capsys):
     assert starts == sorted(starts), "sections in GROUPS order"
     bounds = dict(zip(GROUPS, zip(starts, starts[1:] + [len(text)])))
     for key, f in FIELDS.items():
+        if key in SET_BY_COMMAND:  # the stage: train or train-rm says it
+            assert f"--{key}" not in text
+            continue
         flag = "--" + key.replace("_", "-")
         start, end = bounds[f.metadata["group"]]
         assert f"  {flag}" in text[start:end], (key, f.metadata["group"])

@@ -70,9 +70,12 @@ def test_classifier_folder_reward(tmp_path, tokenizer):
     model, tok = _classifier_folder(tmp_path, tokenizer, tokenizer.pad_token_id, chat_template=False)
     texts = ["How do I boil an egg?", "Hi"]
     expected = _logits_one_by_one(model, tok, [t + " yes" for t in texts])
-    for spec, column in ((str(tmp_path), 1), (f"{tmp_path}#NEGATIVE", 0)):
+    for spec, column in ((f"{tmp_path}#POSITIVE", 1), (f"{tmp_path}#NEGATIVE", 0)):
         got = load_reward(spec)(texts, [" yes", " yes"])
         assert got == pytest.approx([e[column].item() for e in expected], abs=1e-5)
+    # two labels and none named: no single reward (it used to take the last label silently)
+    with pytest.raises(RewardError, match=r"2 labels \(\['NEGATIVE', 'POSITIVE'\]\).*#POSITIVE"):
+        load_reward(str(tmp_path))
     with pytest.raises(RewardError, match="no label 'HAPPY'"):
         load_reward(f"{tmp_path}#HAPPY")
 
@@ -83,7 +86,7 @@ def test_classifier_without_pad_token_id_scores_batches(tmp_path, tokenizer):
     model, tok = _classifier_folder(tmp_path, tokenizer, None, chat_template=False)
     prompts, completions = ["How do I boil an egg?", "Hi", "Name a fruit."], [" Simmer it.", " yes", " An apple."]
     expected = _logits_one_by_one(model, tok, [p + c for p, c in zip(prompts, completions)])
-    got = load_reward(str(tmp_path))(prompts, completions)
+    got = load_reward(f"{tmp_path}#POSITIVE")(prompts, completions)
     assert got == pytest.approx([e[1].item() for e in expected], abs=1e-5)
 
 
@@ -99,7 +102,7 @@ def test_classifier_with_a_chat_template_reads_the_conversation(tmp_path, tokeni
     assert texts[0] == ("<|im_start|>user\nHow do I boil an egg?<|im_end|>\n"
                         "<|im_start|>assistant\nSimmer it.<|im_end|>\n")
     expected = _logits_one_by_one(model, tok, texts, add_special_tokens=False)
-    got = load_reward(str(tmp_path))(prompts, completions)
+    got = load_reward(f"{tmp_path}#POSITIVE")(prompts, completions)
     assert got == pytest.approx([e[1].item() for e in expected], abs=1e-5)
 
 

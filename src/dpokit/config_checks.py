@@ -18,7 +18,7 @@ from dataclasses import fields
 from typing import Iterator
 
 from dpokit.objectives.registry import DATA, OBJECTIVES, needs_reference
-from dpokit.options import OFFLINE, ONLINE_DPO, ONLINE_OBJECTIVE, as_list, in_range
+from dpokit.options import OFFLINE, ONLINE_DPO, ONLINE_OBJECTIVE, REWARD_MODEL, as_list, in_range
 
 
 def problems(cfg) -> Iterator[str]:
@@ -77,6 +77,11 @@ def unread_problems(cfg) -> Iterator[str]:
 
 
 def _not_read_by(run: str, runs: tuple[str, ...], loss) -> str:
+    if runs == (REWARD_MODEL,):
+        return "only applies to `dpokit train-rm` (a reward model)"
+    if run == REWARD_MODEL:  # a Bradley–Terry classifier on the pairs file (loop/reward_model.py)
+        return ("is not read by `dpokit train-rm`: a reward model has no --loss, reference, sampling, prompt cap, "
+                "packing or attention kernels of its own (padded prompt+completion rows), and always merges LoRA")
     if run == OFFLINE:
         return "only applies to online training: add --loss grpo or --online-dpo"
     if runs == (ONLINE_OBJECTIVE,):

@@ -39,9 +39,13 @@ GROUPS = {
 
 # How a run trains, which decides the options it reads (`runs`): offline on a data file; online DPO (pairs
 # sampled each step); iterative DPO (--online-dpo --rounds K: K offline runs on sampled pairs files); an online
-# objective (registry data "online": --loss grpo) on sampled groups.
+# objective (registry data "online": --loss grpo) on sampled groups; a reward model (`dpokit train-rm`: a
+# Bradley–Terry classifier fitted to a pairs file, loop/reward_model.py; TrainConfig.stage says so).
 OFFLINE, ONLINE_DPO, ITERATIVE_DPO, ONLINE_OBJECTIVE = "offline", "online_dpo", "iterative_dpo", "online_objective"
-ALL_RUNS = (OFFLINE, ONLINE_DPO, ITERATIVE_DPO, ONLINE_OBJECTIVE)
+REWARD_MODEL = "reward_model"
+POLICY_RUNS = (OFFLINE, ONLINE_DPO, ITERATIVE_DPO, ONLINE_OBJECTIVE)  # `dpokit train`: a policy
+ALL_RUNS = POLICY_RUNS + (REWARD_MODEL,)
+ON_FILES = (OFFLINE, REWARD_MODEL)  # train on a data file: --data, held-out pairs, checkpoints, resume, LoRA
 ON_PAIRS = (OFFLINE, ONLINE_DPO, ITERATIVE_DPO)            # train a paired (or unpaired) objective
 SAMPLING = (ONLINE_DPO, ITERATIVE_DPO, ONLINE_OBJECTIVE)   # sample their own completions
 GROUP_RUNS = {"objective": ON_PAIRS, "online": SAMPLING}   # default `runs` of a group's options; others: ALL_RUNS

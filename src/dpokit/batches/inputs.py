@@ -11,13 +11,19 @@ from dpokit.config import TrainConfig
 from dpokit.data import DataError, builtin_path, load_completions, load_pairs
 
 
+def data_paths(cfg: TrainConfig) -> tuple[str, str | None]:
+    """(training file, held-out file or None): --data, else the built-in helpful-vs-unhelpful set; --eval-data,
+    else the built-in held-out set when --data is not given."""
+    return (cfg.data or builtin_path("helpful_train"),
+            cfg.eval_data or (None if cfg.data else builtin_path("helpful_eval")))
+
+
 def load_data(cfg: TrainConfig, tokenizer, unpaired: bool, log) -> tuple[list, list[TokenizedPair]]:
     """Read, check and tokenize the training and held-out data, reporting what happened to every row.
 
     Training rows are pairs, or labelled completions for unpaired objectives (KTO); held-out rows are
     always pairs, so every objective reports the same implicit-reward accuracy."""
-    train_path = cfg.data or builtin_path("helpful_train")
-    eval_path = cfg.eval_data or (None if cfg.data else builtin_path("helpful_eval"))
+    train_path, eval_path = data_paths(cfg)
     out = []
     for role, path in (("train", train_path), ("eval", eval_path)):
         if path is None:

@@ -10,11 +10,13 @@ Four formats, decided per file from its first valid row and then required of eve
 
 Rows written by `make-pairs` (and the demo) may also carry the reference log-probs the sampler computed
 (`SamplerRef`: `ref_digest`, `ref_prompt_ids`, `chosen_ref_ids`, `rejected_ref_ids`, `chosen_ref_logp`,
-`rejected_ref_logp`), in any of the paired formats: all six or none.
+`rejected_ref_logp`), in any of the paired formats: all six or none. A pair row may carry a numeric `margin`
+(read by `dpokit train-rm` only, as TRL's RewardTrainer reads it).
 """
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -154,6 +156,7 @@ def parse_row(row: dict, fmt: str, path: str, line: int) -> Pair:
             fail(key, f"expected true or false, got {row[key]!r:.40}", "wrong_type")
         extra[key.replace("truncated", "ends")] = not row.get(key, False)
     extra["sampler_ref"] = _sampler_ref(row, fail)
+    extra["margin"] = _margin(row, fail)
 
     if fmt == "conversational":
         chosen = _messages(row["chosen"], "chosen", fail)
@@ -270,6 +273,16 @@ def split_implicit(chosen: str, rejected: str, fail) -> tuple[str, str, str]:
         fail("chosen", "implicit format: no assistant turn marker (e.g. '\\n\\nAssistant:') in the text shared "
              "by chosen and rejected; give an explicit 'prompt' field", "no_prompt_boundary")
     return chosen[:cut], chosen[cut:], rejected[cut:]
+
+
+def _margin(row: dict, fail) -> float | None:
+    """The row's optional `margin` (a reward model's target score gap, TRL's column): a finite number or absent."""
+    value = row.get("margin")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        fail("margin", f"expected a finite number, got {value!r:.40}", "wrong_type")
+    return float(value)
 
 
 def _sampler_ref(row: dict, fail) -> SamplerRef | None:

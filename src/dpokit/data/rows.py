@@ -40,6 +40,9 @@ class Pair:
     # Pairs read from one ranked row (k scored completions of a prompt) share its "file:line" here: training
     # keeps them next to each other, so each completion is computed once (batches/packing.py).
     group: str | None = None
+    # The row's optional numeric `margin` (as TRL's RewardTrainer reads it): how much more the chosen completion
+    # should score; read by `dpokit train-rm` only (objectives/reward_model.py), None when absent.
+    margin: float | None = None
 
 
 def _messages(value, key: str, fail) -> Messages:

@@ -7,12 +7,14 @@ turns a spec into one:
 - `sentiment`: the VADER lexicon's compound score of prompt + completion, in [-1, 1] (Hutto & Gilbert
   2014, the `vaderSentiment` package). Offline, deterministic, ~0.1 ms a text. The prompt is included
   because the review is prompt + continuation; the built-in prompts are chosen to be neutral.
-- a local folder of an HF sequence-classification model (a reward model): its logit for one label.
-  One-label models give their only logit; others the label named after `#` (`./clf#POSITIVE`), else the
-  last label. Loaded from safetensors only, without remote code, like every dpokit model. What it reads:
+- a local folder of an HF sequence-classification model (a reward model, e.g. `dpokit train-rm`'s final/): its
+  logit for one label. One-label models give their only logit; others need the label named after `#`
+  (`./clf#POSITIVE`). Loaded from safetensors only, without remote code, like every dpokit model. What it reads:
   if its tokenizer has a chat template, the conversation [user: prompt, assistant: completion] (a message
   list prompt, plus the assistant turn) rendered by that template, as chat reward models are trained;
-  otherwise the plain text prompt + completion.
+  otherwise the plain text prompt + completion. Token ids: `reward_model_ids` (truncated to the tokenizer's
+  model_max_length, which train-rm sets to its --max-length), batches right-padded by `reward_model_batch`;
+  `dpokit train-rm` trains on exactly these, so its scores in training are the scores here.
 - `module:function`: any importable Python callable with the signature above.
 """
 
@@ -31,14 +33,15 @@ class RewardError(ValueError):
 
 
 def _text(prompt) -> str:
-    if isinstance(prompt, list):  # a conversation: the text of its messages
+    if isinstance(prompt, list):  # a conversation (or a completion's messages): the text of its messages
         return "\n".join(str(m.get("content", "")) for m in prompt)
     return prompt
 
 
 def _conversation(prompt, completion: str) -> list[dict]:
     user = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-    return user + [{"role": "assistant", "content": completion}]
+    reply = completion if isinstance(completion, list) else [{"role": "assistant", "content": completion}]
+    return user + reply
 
 
 def reward_model_inputs(tokenizer, prompts: list, completions: list[str]) -> tuple[list[str], bool]:
@@ -47,7 +50,26 @@ def reward_model_inputs(tokenizer, prompts: list, completions: list[str]) -> tup
     if tokenizer.chat_template:
         return [tokenizer.apply_chat_template(_conversation(p, c), tokenize=False)
                 for p, c in zip(prompts, completions)], False
-    return [_text(p) + c for p, c in zip(prompts, completions)], True
+    return [_text(p) + _text(c) for p, c in zip(prompts, completions)], True
+
+
+def reward_model_ids(tokenizer, prompts: list, completions: list) -> list[list[int]]:
+    """The token ids a reward model scores for each (prompt, completion): `reward_model_inputs` tokenized, cut
+    at the tokenizer's model_max_length from the end (the score is read at the last token that remains)."""
+    texts, special = reward_model_inputs(tokenizer, prompts, completions)
+    return tokenizer(texts, truncation=True, add_special_tokens=special)["input_ids"]
+
+
+def reward_model_batch(tokenizer, ids: list[list[int]], device="cpu") -> dict:
+    """input_ids and attention_mask of a batch, padded on the right with the tokenizer's pad id: without
+    position ids, left padding would shift a row's positions by its padding, so its score would depend on the
+    rows it is batched with. HF's classifier reads each row at its last non-pad token."""
+    import torch
+    width = max(len(x) for x in ids)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids], dtype=torch.long, device=device)
+    mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], dtype=torch.long, device=device)
+    return {"input_ids": input_ids, "attention_mask": mask}
 
 
 def sentiment_reward() -> RewardFn:
@@ -69,8 +91,13 @@ def classifier_reward(folder: str, label: str | None = None, device: str = "cpu"
     except (OSError, ValueError) as e:
         raise RewardError(f"reward model {folder}: cannot load a safetensors sequence-classification model: {e}")
     labels = model.config.id2label or {}
+    if label is None and model.config.num_labels != 1:
+        names = sorted(str(v) for v in labels.values())
+        raise RewardError(f"reward model {folder}: a classifier with {model.config.num_labels} labels ({names}) "
+                          f"gives no single reward; name the label to use as {folder}#LABEL, e.g. "
+                          f"{folder}#{names[-1]}, or train a one-label reward model (`dpokit train-rm`)")
     if label is None:
-        index = model.config.num_labels - 1
+        index = 0
     else:
         by_name = {str(v): int(k) for k, v in labels.items()}
         if label not in by_name:
@@ -88,12 +115,11 @@ def classifier_reward(folder: str, label: str | None = None, device: str = "cpu"
 
     @torch.no_grad()
     def classifier(prompts: list, completions: list[str]) -> list[float]:
-        texts, special = reward_model_inputs(tokenizer, prompts, completions)
+        ids = reward_model_ids(tokenizer, prompts, completions)
         scores = []
-        for i in range(0, len(texts), batch_size):
-            enc = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True, truncation=True,
-                            add_special_tokens=special).to(device)
-            scores += model(**enc).logits[:, index].float().tolist()
+        for i in range(0, len(ids), batch_size):
+            scores += model(**reward_model_batch(tokenizer, ids[i:i + batch_size], device)).logits[:, index].float() \
+                .tolist()
         return scores
     return classifier
 

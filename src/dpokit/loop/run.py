@@ -1,4 +1,5 @@
 """`train`: the one entry point. It chooses how the config trains — offline on a data file (loop/train.py),
+a reward model (loop/reward_model.py, `dpokit train-rm`),
 online on the policy's own samples (loop/online.py: GRPO, online DPO) or iterative DPO (loop/iterative.py) —
 and calls that loop; no loop calls another back through here."""
 
@@ -11,6 +12,7 @@ from dpokit.loop.checkpoint import deterministic_kernels
 from dpokit.loop.iterative import iterative_dpo
 from dpokit.loop.online import train_online
 from dpokit.loop.result import TrainResult
+from dpokit.loop.reward_model import train_reward_model
 from dpokit.loop.train import train_offline
 
 
@@ -20,6 +22,8 @@ def train(config: TrainConfig | None = None, log=print, **overrides) -> TrainRes
     `overrides` are TrainConfig fields: train(beta=0.5, data="pairs.jsonl"). Under torchrun (or inside a
     process group the caller made) this process trains its share: DDP, or FSDP2 with fsdp=True."""
     cfg = TrainConfig.from_dict({**(config.to_dict() if config else {}), **overrides})
+    if cfg.stage == "reward_model":  # `dpokit train-rm`: a Bradley–Terry classifier on the pairs file
+        return train_reward_model(cfg, log)
     if not cfg.online:
         return train_offline(cfg, log)
     # GRPO / online DPO / iterative DPO: trains on its own samples, not on a pairs file

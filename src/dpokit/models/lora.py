@@ -7,8 +7,10 @@ import torch
 from dpokit.models.load import ModelError
 
 
-def add_lora(policy, cfg, log):
-    """Wrap the policy in PEFT LoRA adapters; only they train (B starts at 0, so π = π_ref at step 0)."""
+def add_lora(policy, cfg, log, task_type: str = "CAUSAL_LM"):
+    """Wrap the policy in PEFT LoRA adapters; only they train (B starts at 0, so π = π_ref at step 0).
+    task_type "SEQ_CLS" (a reward model): PEFT also trains the classifier's fresh score head in full
+    (modules_to_save), since a random head with frozen weights would learn nothing."""
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
@@ -17,7 +19,7 @@ def add_lora(policy, cfg, log):
     targets = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
     disable_dropout(policy)  # the base stays deterministic; only the LoRA path gets --lora-dropout
     policy = get_peft_model(policy, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                               target_modules=targets, task_type="CAUSAL_LM"))
+                                               target_modules=targets, task_type=task_type))
     trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
     total = sum(p.numel() for p in policy.parameters())
     log(f"LoRA r={cfg.lora_r}: training {trainable:,} of {total:,} parameters ({trainable / total:.2%})")
