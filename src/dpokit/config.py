@@ -74,7 +74,8 @@ class TrainConfig:
 
     # ---- objective -------------------------------------------------------------------------------------------
     loss: str | list = opt("objective", "sigmoid", "objective(s), comma-separated: e.g. sigmoid (DPO), ipo, simpo, "
-                                                   "orpo, sigmoid,sft (RPO), grpo (online, with --reward); `dpokit "
+                                                   "orpo, sigmoid,sft (RPO), grpo, rloo, ppo (online, with --reward); "
+                                                   "`dpokit "
                                                    "losses` lists them all", runs=POLICY_RUNS)
     loss_weights: str | list | None = opt("objective", None, "weights of the --loss objectives, comma-separated "
                                                              "(default: all 1)")
@@ -108,14 +109,28 @@ class TrainConfig:
                                                  valid="> 0")
     kto_desirable_weight: float = opt("objective", 1.0, "kto: weight λ_D of desirable completions", valid=">= 0")
     kto_undesirable_weight: float = opt("objective", 1.0, "kto: weight λ_U of undesirable completions", valid=">= 0")
-    grpo_iterations: int = opt("objective", 1, "grpo: optimisation passes μ over each sampled batch (1: on-policy, "
-                                               "ratio 1)", valid=">= 1", runs=(ONLINE_OBJECTIVE,))
-    epsilon_low: float = opt("objective", 0.2, "grpo: clip the ratio below at 1 − ε_low", valid="(0, 1)",
-                                               runs=(ONLINE_OBJECTIVE,))
-    epsilon_high: float | None = opt("objective", None, "grpo: clip the ratio above at 1 + ε_high (null: ε_low; DAPO: "
-                                                        "0.28)", valid="> 0 (or null)", runs=(ONLINE_OBJECTIVE,))
-    kl_coef: float = opt("objective", 0.0, "grpo: weight of the k3 KL(π‖π_ref) penalty per token (0: no reference is "
-                                           "loaded; DeepSeekMath used 0.04)", valid=">= 0", runs=(ONLINE_OBJECTIVE,))
+    grpo_iterations: int = opt("objective", 1, "grpo, rloo: optimisation passes μ over each sampled batch (1: "
+                                               "on-policy, ratio 1)", valid=">= 1", runs=(ONLINE_OBJECTIVE,))
+    epsilon_low: float = opt("objective", 0.2, "grpo, rloo, ppo: clip the ratio below at 1 − ε_low (PPO's cliprange)",
+                                               valid="(0, 1)", runs=(ONLINE_OBJECTIVE,))
+    epsilon_high: float | None = opt("objective", None, "grpo, rloo, ppo: clip the ratio above at 1 + ε_high (null: "
+                                                        "ε_low; DAPO: 0.28)", valid="> 0 (or null)",
+                                                        runs=(ONLINE_OBJECTIVE,))
+    kl_coef: float = opt("objective", 0.0, "grpo: weight of the k3 KL(π‖π_ref) penalty per token (DeepSeekMath: 0.04); "
+                                           "rloo, ppo: β_KL of the penalty log π_old − log π_ref in the reward (TRL: "
+                                           "0.05); 0: no reference is loaded", valid=">= 0", runs=(ONLINE_OBJECTIVE,))
+    # PPO (loop/ppo.py), TRL's PPOConfig names
+    num_ppo_epochs: int = opt("objective", 4, "ppo: passes over each rollout batch", valid=">= 1",
+                              runs=(ONLINE_OBJECTIVE,))
+    num_mini_batches: int = opt("objective", 1, "ppo: mini-batches (optimizer updates) per pass over the rollout "
+                                                "batch, shuffled each pass", valid=">= 1", runs=(ONLINE_OBJECTIVE,))
+    cliprange_value: float = opt("objective", 0.2, "ppo: clip the value prediction to V_old ± this", valid="> 0",
+                                 runs=(ONLINE_OBJECTIVE,))
+    vf_coef: float = opt("objective", 0.1, "ppo: weight of the value loss", valid=">= 0", runs=(ONLINE_OBJECTIVE,))
+    gamma: float = opt("objective", 1.0, "ppo: discount γ of GAE", valid="[0, 1]", runs=(ONLINE_OBJECTIVE,))
+    lam: float = opt("objective", 0.95, "ppo: λ of GAE", valid="[0, 1]", runs=(ONLINE_OBJECTIVE,))
+    whiten_rewards: bool = opt("objective", False, "ppo: scale the per-token rewards to unit variance over the batch "
+                                                   "(mean kept) before GAE", runs=(ONLINE_OBJECTIVE,))
     grpo_aggregation: str = opt("objective", "dapo", "grpo: token-loss average: 'dapo' (all tokens of the batch, no "
                                                      "length bias), 'grpo' (per sequence, then over sequences), "
                                                      "'dr_grpo' (÷ B·max_new_tokens)", ("dapo", "grpo", "dr_grpo"),
@@ -224,9 +239,9 @@ class TrainConfig:
                                                     "module:function; default: sentiment")
     reward_weights: str | list | None = opt("online", None, "online: weights of the --reward functions "
                                                             "(default: all 1)")
-    num_generations: int = opt("online", 4, "online: completions sampled per prompt (GRPO's group size G; online DPO "
-                                            "pairs the best with the worst of them); >= 2",
-                                            valid=">= 2 (a group, or a pair, needs two)")
+    num_generations: int = opt("online", 4, "online: completions sampled per prompt (GRPO's and RLOO's group size; "
+                                            "online DPO pairs the best with the worst of them); >= 2, but 1 for ppo",
+                                            valid=">= 1 (ppo; the others need >= 2)")
     max_new_tokens: int = opt("online", 32, "online: tokens sampled per completion at most", valid="[1, max_length)")
     temperature: float = opt("online", 1.0, "online: sampling temperature (> 0); GRPO takes its π_θ, π_old and π_ref "
                                             "log-probs (ratios, KL) at this temperature too, as TRL; online DPO's are "

@@ -83,9 +83,9 @@ def _not_read_by(run: str, runs: tuple[str, ...], loss) -> str:
         return ("is not read by `dpokit train-rm`: a reward model has no --loss, reference, sampling, prompt cap, "
                 "packing or attention kernels of its own (padded prompt+completion rows), and always merges LoRA")
     if run == OFFLINE:
-        return "only applies to online training: add --loss grpo or --online-dpo"
+        return "only applies to online training: add --loss grpo, rloo or ppo, or --online-dpo"
     if runs == (ONLINE_OBJECTIVE,):
-        return "only applies to --loss grpo, not --online-dpo"
+        return "only applies to --loss grpo, rloo or ppo, not --online-dpo"
     if run == ONLINE_OBJECTIVE and ONLINE_DPO in runs:
         return f"has no effect on loss {loss} (its KL weight is --kl-coef)"
     return ("is not used by online training (it samples its own data from --prompts; no held-out pairs, "
@@ -174,6 +174,9 @@ def objective_combinations(cfg) -> Iterator[str]:
 def online_combinations(cfg) -> Iterator[str]:
     if cfg.online and cfg.dtype == "fp16":
         yield "dtype = 'fp16' is for offline training (it needs a loss scaler); online training takes fp32 or bf16"
+    if cfg.online and cfg.num_generations < 2 and cfg.loss_names != ["ppo"]:  # PPO's rollouts need no group
+        yield (f"num_generations = {cfg.num_generations} is out of range: must be >= 2 (a group, or a pair, needs "
+               "two; only ppo samples one completion per prompt)")
     if cfg.rounds and cfg.run_kind == ONLINE_OBJECTIVE:
         yield f"rounds = {cfg.rounds} is iterative DPO: it needs --online-dpo, not --loss {cfg.loss}"
     if cfg.reward_weights is not None:

@@ -29,8 +29,9 @@ GROUPS = {
     "optimisation": ("optimisation", "steps, schedule, batches, data order"),
     "sequences": ("sequences", "lengths, and the layout of pairs in a batch"),
     "precision": ("precision, memory and devices", None),
-    "online": ("online training (GRPO, online DPO)", "each step samples completions from the current policy and "
-               "scores them with --reward; --loss grpo or --online-dpo turns it on. --batch-size then counts prompts "
+    "online": ("online training (GRPO, RLOO, PPO, online DPO)", "each step samples completions from the current "
+               "policy and scores them with --reward; --loss grpo, rloo or ppo, or --online-dpo turns it on. "
+               "--batch-size then counts prompts "
                "per micro-batch, each with --num-generations completions"),
     "bookkeeping": ("bookkeeping", "where outputs go, checkpoint and evaluation cadence, start-up checks, progress: "
                     "never changes a run's numbers, so a resume may change these and a sweep's saved result ignores "

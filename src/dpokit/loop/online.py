@@ -1,4 +1,5 @@
-"""Online training on the policy's own samples: GRPO, online DPO and iterative DPO.
+"""Online training on the policy's own samples: GRPO, RLOO, PPO (its step in loop/ppo.py), online DPO and
+iterative DPO.
 
 Every step, top to bottom:
   1. the step's prompts: batch_size × grad_accum of them, in an order that is a pure function of (seed, epoch)
@@ -10,6 +11,9 @@ Every step, top to bottom:
      log-probs of the sampled tokens under π_old (one no-grad teacher-forced pass) and, when kl_coef > 0,
      under π_ref — all three at the sampling temperature, softmax(logits / T), as TRL; then grpo_iterations (μ) optimizer updates over the sampled batch, each accumulated over
      micro-batches of batch_size prompts' groups.
+     RLOO (objectives/rloo.py; Ahmadian et al. 2024, arXiv:2402.14740): the same step with leave-one-out
+     advantages of rewards that carry the sequence KL to π_ref, and one clipped ratio per completion.
+     PPO (loop/ppo.py, objectives/ppo.py): a value model, GAE, num_ppo_epochs × num_mini_batches updates.
      Online DPO (Guo et al. 2024, "Direct language model alignment from online AI feedback",
      arXiv:2402.04792): the best and the worst completion of each prompt form a pair (ties skipped and
      counted); one update of the configured paired objective (sigmoid: DPO) on those pairs against the
@@ -58,11 +62,16 @@ from dpokit.models import load_model, load_tokenizer
 from dpokit.models.load import keep_master_copy, save_final, stalled_weights_note, torch_dtype, warn_half_on_cpu
 from dpokit.objectives import OBJECTIVES, OnlineInputs, needs_reference
 from dpokit.objectives.grpo import group_advantages, normalizer
+from dpokit.objectives.rloo import rloo_advantages
 from dpokit.generation.pairs import select_pairs
 
 
-def train_online(cfg: TrainConfig, log=print) -> TrainResult:
-    """`dpokit train --loss grpo` or `--online-dpo` (module docstring). Called by loop/run.py's `train`."""
+def train_online(cfg: TrainConfig, log=print, method=None) -> TrainResult:
+    """`dpokit train --loss grpo|rloo` or `--online-dpo` (module docstring). Called by loop/run.py's `train`.
+
+    `method` (loop/ppo.py's `ppo_method`, which run.py passes for --loss ppo): (cfg, policy, tokenizer, device,
+    log) → (step function with grpo_step's signature, the trained parameters, optimizer updates per step); the
+    default is GRPO's and RLOO's `grpo_step` or `online_dpo_step` on the policy's parameters."""
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -72,21 +81,20 @@ def train_online(cfg: TrainConfig, log=print) -> TrainResult:
 
     tokenizer, prompts, reward_fn, policy, reference = _load_online(cfg, device, log)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    grpo = not cfg.online_dpo
+    step_fn, params, updates_per_step = (method or _group_method)(cfg, policy, tokenizer, device, log)
 
     # ---- schedule: a step = one sampled batch of batch_size × grad_accum prompts, in the offline loop's order;
-    # GRPO makes μ optimizer updates on it
+    # GRPO and RLOO make μ optimizer updates on it, PPO num_ppo_epochs × num_mini_batches
     order = BatchSchedule(len(prompts), cfg.batch_size, cfg.grad_accum, cfg.seed, cfg.shuffle)
     steps_per_epoch = order.steps_per_epoch
     total_steps = order.total_steps(cfg.epochs, cfg.max_steps)
-    updates_per_step = cfg.grpo_iterations if grpo else 1
-    optimizer = build_optimizer(policy.parameters(), cfg.optimizer, cfg.lr, cfg.weight_decay)
+    optimizer = build_optimizer(params, cfg.optimizer, cfg.lr, cfg.weight_decay)
     scheduler = build_scheduler(optimizer, cfg.warmup_steps, total_steps * updates_per_step, cfg.lr_scheduler)
     # No checkpoints here (an online run cannot resume yet): only final/ is written, in --model-dtype, plus 10 %
     final_bytes = sum(p.numel() for p in policy.parameters()) * torch_dtype(cfg.model_dtype).itemsize
     check_writable(cfg.output_dir, int(final_bytes * 1.1), "the final model")
 
-    method = "grpo" if grpo else f"online {cfg.loss}"
+    method = f"online {cfg.loss}" if cfg.online_dpo else cfg.loss
     log(f"training {method} for {total_steps} steps × {cfg.batch_size * cfg.grad_accum} prompts × "
         f"{cfg.num_generations} samples ({len(prompts)} prompts, {steps_per_epoch} steps/epoch) on {device}")
     metrics_file = open(out / "metrics.jsonl", "w", encoding="utf-8")
@@ -101,8 +109,7 @@ def train_online(cfg: TrainConfig, log=print) -> TrainResult:
         rewards = reward_fn([samples.prompt_of(i) for i in range(len(samples.texts))], samples.texts)
         reward_s = time.perf_counter() - t_reward
         try:
-            record = (grpo_step if grpo else online_dpo_step)(policy, reference, samples, rewards, cfg, optimizer,
-                                                              scheduler, pad_id, device, step)
+            record = step_fn(policy, reference, samples, rewards, cfg, optimizer, scheduler, pad_id, device, step)
         except NonFiniteError as e:  # not this update (with μ > 1 the batch's earlier ones stay)
             record = nonfinite.handle(e, optimizer)
         record = _step_record(cfg, step, steps_per_epoch, record, samples, rewards, reward_s,
@@ -118,6 +125,13 @@ def train_online(cfg: TrainConfig, log=print) -> TrainResult:
     tokenizer.save_pretrained(final)
     log(f"saved {final} (load it with AutoModelForCausalLM.from_pretrained); metrics in {out / 'metrics.jsonl'}")
     return TrainResult(out, total_steps, None, None, final)
+
+
+def _group_method(cfg: TrainConfig, policy, tokenizer, device, log):
+    """train_online's default `method`: GRPO's and RLOO's group step (μ updates per step) or online DPO's (one)."""
+    if cfg.online_dpo:
+        return online_dpo_step, policy.parameters(), 1
+    return grpo_step, policy.parameters(), cfg.grpo_iterations
 
 
 def _load_online(cfg: TrainConfig, device, log):
@@ -146,47 +160,64 @@ def _step_record(cfg: TrainConfig, step: int, steps_per_epoch: int, record: dict
     """One line of metrics.jsonl: the update's values, then the step's rewards, lengths and timings."""
     groups = [rewards[i:i + cfg.num_generations] for i in range(0, len(rewards), cfg.num_generations)]
     return {"step": step + 1, "epoch": round((step + 1) / steps_per_epoch, 4), **record,
-            "reward": statistics.fmean(rewards), "reward_std": statistics.stdev(rewards),
-            "frac_reward_zero_std": sum(max(g) == min(g) for g in groups) / len(groups),
+            "reward": statistics.fmean(rewards), **({"reward_std": statistics.stdev(rewards)} if len(rewards) > 1
+                                                    else {}),
+            **({"frac_reward_zero_std": sum(max(g) == min(g) for g in groups) / len(groups)}
+               if cfg.num_generations > 1 else {}),  # PPO may sample one completion per prompt: no groups
             "completion_length": statistics.fmean(samples.lengths), "generation_s": samples.seconds,
             "generation_share": samples.seconds / seconds, "reward_s": reward_s, "step_s": seconds}
 
 
 def grpo_step(policy, reference, samples, rewards, cfg, optimizer, scheduler, pad_id, device, step) -> dict:
-    """Advantages, π_old and π_ref per-token log-probs once, then μ updates on the sampled batch."""
+    """GRPO's and RLOO's step: π_old and π_ref per-token log-probs once, the advantages, then μ updates on the
+    sampled batch. RLOO (objectives/rloo.py) differs in its advantages (leave-one-out, with the KL to π_ref in
+    the reward rather than in the loss) and its loss (one ratio per completion, divided by the completions)."""
+    rloo = cfg.loss_names == ["rloo"]
     n_rows = len(samples.texts)
-    advantages = group_advantages(torch.tensor(rewards, dtype=torch.float64), cfg.num_generations,
-                                  cfg.scale_rewards).float().to(device)
     rows = list(zip(samples.prompt_ids, samples.completion_ids))
     per_micro = cfg.batch_size * cfg.num_generations  # whole groups per micro-batch
     micro = [slice(i, min(i + per_micro, n_rows)) for i in range(0, n_rows, per_micro)]
     tokens = sum(samples.lengths)
-    divisor = normalizer(cfg.grpo_aggregation, tokens, n_rows, cfg.max_new_tokens)  # of the whole batch
     with torch.no_grad():
         # With μ = 1 the weights are still π_old when the loss is taken, so π_old's log-probs would be exactly
-        # the pass's own (detached): skip that forward pass, as TRL does.
-        old = [token_logps(policy, rows[m], pad_id, device, cfg)[0] for m in micro] if cfg.grpo_iterations > 1 \
-            else None
+        # the pass's own (detached): skip that forward pass, as TRL does, unless RLOO's reward needs them.
+        need_old = cfg.grpo_iterations > 1 or rloo and reference is not None
+        old = [token_logps(policy, rows[m], pad_id, device, cfg) for m in micro] if need_old else None
         ref = [token_logps(reference, rows[m], pad_id, device, cfg)[0] for m in micro] if reference is not None \
             else None
+    record = {}
+    scores = torch.tensor(rewards, dtype=torch.float64)
+    if rloo:
+        kl = None if ref is None else torch.cat([((o - r) * mask).sum(1) for (o, mask), r in zip(old, ref)]).double()
+        advantages, _ = rloo_advantages(scores, cfg.num_generations, kl, cfg.kl_coef)
+        divisor = float(n_rows)  # a mean over completions
+        if kl is not None:
+            record = {"kl": kl.mean().item(), "non_score_reward": -cfg.kl_coef * kl.mean().item() + 0.0}  # not -0.0
+        ref = None  # RLOO's KL is in the reward, not in the loss
+    else:
+        advantages = group_advantages(scores, cfg.num_generations, cfg.scale_rewards)
+        divisor = normalizer(cfg.grpo_aggregation, tokens, n_rows, cfg.max_new_tokens)  # of the whole batch
+    advantages = advantages.float().to(device)
     sums: dict[str, float] = defaultdict(float)
     for _ in range(cfg.grpo_iterations):
         for k, m in enumerate(micro):
             logps, mask = token_logps(policy, rows[m], pad_id, device, cfg)
-            loss, stats = OBJECTIVES["grpo"].compute(OnlineInputs(
-                logps, logps.detach() if old is None else old[k], advantages[m], mask,
+            loss, stats = OBJECTIVES[cfg.loss_names[0]].compute(OnlineInputs(
+                logps, logps.detach() if cfg.grpo_iterations == 1 else old[k][0], advantages[m], mask,
                 None if ref is None else ref[k], divisor), cfg)
             if not torch.isfinite(loss):
-                raise NonFiniteError(f"step {step + 1}: non-finite GRPO loss")
+                raise NonFiniteError(f"step {step + 1}: non-finite {cfg.loss} loss")
             loss.backward()
             sums["loss"] += loss.item()  # micro-batch losses add up to the batch's (shared divisor)
-            for key, value in stats.items():  # token means → token-weighted over the micro-batches
-                sums[key] += value.item() * mask.sum().item()
+            weight = mask.shape[0] if rloo else mask.sum().item()  # RLOO's stats: per completion; GRPO's: per token
+            for key, value in stats.items():
+                sums[key] += value.item() * weight
         done = update(policy.parameters(), optimizer, scheduler, cfg.max_grad_norm, step=step + 1)
     mu = cfg.grpo_iterations
-    record = {"loss": sums.pop("loss") / mu, **{k: v / (tokens * mu) for k, v in sums.items()}}
+    record.update({"loss": sums.pop("loss") / mu, **{k: v / ((n_rows if rloo else tokens) * mu)
+                                                      for k, v in sums.items()}})
     record.update({"advantage_std": advantages.std().item(), "lr": done.lr, "grad_norm": done.grad_norm})
-    return record  # loss, clip fractions, ratio and kl: means over the μ updates
+    return record  # loss, clip fractions, ratio and GRPO's kl: means over the μ updates
 
 
 def online_dpo_step(policy, reference, samples, rewards, cfg, optimizer, scheduler, pad_id, device, step) -> dict:

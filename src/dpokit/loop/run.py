@@ -1,7 +1,7 @@
 """`train`: the one entry point. It chooses how the config trains — offline on a data file (loop/train.py),
 a reward model (loop/reward_model.py, `dpokit train-rm`),
-online on the policy's own samples (loop/online.py: GRPO, online DPO) or iterative DPO (loop/iterative.py) —
-and calls that loop; no loop calls another back through here."""
+online on the policy's own samples (loop/online.py: GRPO, RLOO, online DPO; PPO with loop/ppo.py's step) or
+iterative DPO (loop/iterative.py) — and calls that loop; no loop calls another back through here."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from dpokit.logprobs.attention import attention_kind
 from dpokit.loop.checkpoint import deterministic_kernels
 from dpokit.loop.iterative import iterative_dpo
 from dpokit.loop.online import train_online
+from dpokit.loop.ppo import ppo_method
 from dpokit.loop.result import TrainResult
 from dpokit.loop.reward_model import train_reward_model
 from dpokit.loop.train import train_offline
@@ -31,4 +32,6 @@ def train(config: TrainConfig | None = None, log=print, **overrides) -> TrainRes
     with deterministic_kernels(cfg.deterministic), attention_kind(cfg.attention, log):
         if cfg.memory_check:
             log("memory check: not available for online runs (sampling is not modelled; docs/PERFORMANCE.md)")
-        return iterative_dpo(cfg, log) if cfg.rounds else train_online(cfg, log)
+        if cfg.rounds:
+            return iterative_dpo(cfg, log)
+        return train_online(cfg, log, ppo_method if cfg.loss_names == ["ppo"] else None)

@@ -1,8 +1,8 @@
 """Stage 4 — objectives: preference losses as pure functions of per-sequence log-probs.
 
-paired.py: with a reference (DPO family); reference_free.py: CPO, SimPO, ORPO; kto.py (unpaired) and grpo.py
-(online); modifiers.py: f-divergences and WPO weights; registry.py: every objective by name — its data, reference,
-options and traits — and the combined loss the loop calls.
+paired.py: with a reference (DPO family); reference_free.py: CPO, SimPO, ORPO; kto.py (unpaired); grpo.py,
+rloo.py and ppo.py (online); modifiers.py: f-divergences and WPO weights; registry.py: every objective by name —
+its data, reference, options and traits — and the combined loss the loop calls.
 """
 
 from dpokit.objectives.registry import (OBJECTIVES, Objective, OnlineInputs, UnpairedInputs, combined_loss,

@@ -38,6 +38,16 @@ def grpo_loss(*args):
     return grpo_loss(*args)
 
 
+def rloo_loss(*args):
+    from dpokit.objectives.rloo import rloo_loss
+    return rloo_loss(*args)
+
+
+def ppo_loss(*args):
+    from dpokit.objectives.ppo import ppo_loss
+    return ppo_loss(*args)
+
+
 def f_divergence_scores(*args):
     from dpokit.objectives.modifiers import f_divergence_scores
     return f_divergence_scores(*args)
@@ -91,14 +101,19 @@ class UnpairedInputs:
 
 @dataclass
 class OnlineInputs:
-    """GRPO's, per micro-batch of sampled completions: per-token log-probs [B, T] under π_θ, π_old and π_ref
-    (None: no KL term), the mask [B, T], advantages [B] and the divisor of the whole batch (grpo.normalizer)."""
+    """GRPO's and RLOO's, per micro-batch of sampled completions: per-token log-probs [B, T] under π_θ, π_old
+    and π_ref (None: no KL term), the mask [B, T], advantages [B] and the divisor of the whole batch
+    (grpo.normalizer). PPO's: advantages [B, T] per token, and the value model's values [B, T] (with grad),
+    old_values (at sampling time) and the GAE returns."""
     logps: Tensor
     old_logps: Tensor
     advantages: Tensor
     mask: Tensor
     ref_logps: Tensor | None
     normalizer: float | None = None
+    values: Tensor | None = None
+    old_values: Tensor | None = None
+    returns: Tensor | None = None
 
 
 def _scores(pol: PairLogps, ref: PairLogps, cfg) -> tuple[Tensor, Tensor]:
@@ -205,6 +220,18 @@ OBJECTIVES: dict[str, Objective] = {o.name: o for o in [
                                     x.normalizer),
            ["grpo_iterations", "epsilon_low", "epsilon_high", "kl_coef", "grpo_aggregation", "scale_rewards"],
            reference="kl_coef", data="online"),
+    _entry("rloo", "RLOO: REINFORCE with a leave-one-out baseline over k samples, KL to π_ref in the reward, "
+           "clipped sequence ratio (--loss rloo --reward R)", "Ahmadian et al. 2024 (arXiv:2402.14740)",
+           lambda x, cfg: rloo_loss(x.logps, x.old_logps, x.advantages, x.mask, cfg.epsilon_low, cfg.epsilon_high,
+                                    x.normalizer),
+           ["grpo_iterations", "epsilon_low", "epsilon_high", "kl_coef"], reference="kl_coef", data="online"),
+    _entry("ppo", "PPO (RLHF): value model, GAE, whitened advantages, clipped policy and value losses, KL penalty "
+           "in the reward (--loss ppo --reward R)",
+           "Ziegler et al. 2019 (arXiv:1909.08593); Stiennon 2020; Ouyang 2022; TRL's PPOTrainer",
+           lambda x, cfg: ppo_loss(x.logps, x.old_logps, x.advantages, x.mask, x.values, x.old_values, x.returns,
+                                   cfg.epsilon_low, cfg.epsilon_high, cfg.cliprange_value, cfg.vf_coef, x.normalizer),
+           ["epsilon_low", "epsilon_high", "kl_coef", "num_ppo_epochs", "num_mini_batches", "cliprange_value",
+            "vf_coef", "gamma", "lam", "whiten_rewards"], reference="kl_coef", data="online"),
 ]}
 
 

@@ -1,0 +1,211 @@
+"""PPO, the classic RLHF step (`dpokit train --loss ppo --reward R`; Ziegler et al. 2019, arXiv:1909.08593;
+Stiennon et al. 2020, arXiv:2009.01325; Ouyang et al. 2022, arXiv:2203.02155; TRL's PPOTrainer as it was before
+TRL removed it). The objective's tensor functions are objectives/ppo.py; the loop around this step (prompts,
+sampling, rewards, metrics, final/) is loop/online.py's `train_online`, which run.py hands `ppo_method`.
+
+Four models, as in the papers: the policy π_θ (trained), the reference π_ref (frozen; loaded when kl_coef > 0),
+the reward model R (--reward: any reward spec, frozen) and the value model V (trained).
+
+The value model is a separate model, as TRL's: a sequence-classification backbone with a one-output head
+(`AutoModelForSequenceClassification`, num_labels = 1), read at every completion token rather than only at the
+last one. It starts
+  * from the reward model, when --reward is a single classifier folder with one label that reads the policy's
+    tokens (same vocabulary): TRL's recipe (the value then starts near the score of the whole completion);
+  * else from the policy's own weights with a fresh head, drawn from N(0, initializer_range²) seeded by --seed.
+A reward folder with several labels and no #LABEL is refused: which logit is the reward is then a guess.
+Policy and value model share one optimizer (one parameter list, one schedule, one gradient-norm clip over
+both), as TRL's PolicyAndValueWrapper, and one backward of L_policy + vf_coef · L_value per micro-batch.
+
+One step (one rollout batch of batch_size × grad_accum prompts × num_generations samples):
+  1. no-grad passes, in the micro-batches of the first PPO epoch (so that on a CPU, whose kernels repeat
+     themselves, that epoch's first update sees ρ = 1 exactly): log π_old, log π_ref and V_old per token;
+  2. per-token rewards (KL penalty everywhere, score at the last token), optionally whitened (whiten_rewards);
+     GAE(γ, λ) advantages and returns; advantages whitened over the batch's tokens;
+  3. num_ppo_epochs passes; each pass shuffles the rows (seeded by seed, step and pass) into num_mini_batches
+     mini-batches, each accumulated over micro-batches of batch_size × num_generations rows and applied by
+     loop/update.py's `update`. A micro-batch's loss is divided by its mini-batch's token count, so the
+     micro-batches add up to the mini-batch's loss exactly.
+
+Differences from TRL's PPOTrainer: the score is the reward of the last real token (TRL added it one position
+later, on the first padding token, which its value mask included and its policy mask did not); the value loss
+and the advantages use the same tokens as the policy loss; micro-batches are summed over a shared divisor
+(TRL averaged their means); no missing_eos_penalty, stop_token or response truncation options; the k1 KL only.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from dpokit.batches import pad_rows
+from dpokit.config import ConfigError
+from dpokit.logprobs import compute_precision
+from dpokit.loop.online import token_logps
+from dpokit.loop.steps import NonFiniteError
+from dpokit.loop.update import update
+from dpokit.models.lora import disable_dropout
+from dpokit.objectives import OBJECTIVES, OnlineInputs
+from dpokit.objectives.ppo import explained_variance, gae, token_rewards, whiten
+
+
+def ppo_method(cfg, policy, tokenizer, device, log):
+    """train_online's `method` for --loss ppo: (step function, policy + value parameters, updates per step)."""
+    value_model = load_value_model(cfg, policy, tokenizer, device, log)
+    params = [p for p in policy.parameters()] + [p for p in value_model.parameters()]
+
+    def step_fn(policy, reference, samples, rewards, cfg, optimizer, scheduler, pad_id, device, step):
+        return ppo_step(policy, value_model, params, reference, samples, rewards, cfg, optimizer, scheduler, pad_id,
+                        device, step)
+    return step_fn, params, cfg.num_ppo_epochs * cfg.num_mini_batches
+
+
+def _reward_folder(cfg) -> tuple[Path, str] | None:
+    """(folder, label) when --reward is one classifier folder (`DIR` or `DIR#LABEL`), else None."""
+    if len(cfg.reward_specs) != 1:
+        return None
+    folder, _, label = cfg.reward_specs[0].partition("#")
+    return (Path(folder), label) if Path(folder).is_dir() else None
+
+
+def load_value_model(cfg, policy, tokenizer, device, log):
+    """The value model of the module docstring, in the policy's dtype, set up for training as the policy is."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    dtype = next(policy.parameters()).dtype
+    source = _reward_folder(cfg)
+    if source is not None:
+        folder, label = source
+        try:  # AutoConfig, not config.json: transformers leaves the default two labels out of the file
+            labels = AutoConfig.from_pretrained(folder, trust_remote_code=False).id2label or {}
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"reward = {cfg.reward!r}: cannot read {folder / 'config.json'}: {e}") from None
+        if len(labels) > 1 and not label:
+            raise ConfigError(f"reward = {cfg.reward!r}: {folder} is a classifier with {len(labels)} labels "
+                              f"({', '.join(map(str, labels.values()))}): name the reward's label as DIR#LABEL, or "
+                              "give a one-label reward model (`dpokit train-rm`)")
+        theirs = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+        same_tokens = theirs.get_vocab() == tokenizer.get_vocab()
+        if len(labels) <= 1 and same_tokens:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                folder, num_labels=1, use_safetensors=True, trust_remote_code=False, dtype=dtype)
+            log(f"value model: initialised from the reward model {folder}")
+            return _set_up(model.to(device), cfg, policy)
+        log(f"value model: the reward model {folder} " + ("has several labels" if same_tokens else
+            "reads other tokens than the policy") + "; initialised from the policy with a fresh head instead")
+    config = copy.deepcopy(policy.config)
+    config.num_labels = 1
+    model = AutoModelForSequenceClassification.from_config(config, dtype=dtype)
+    if not hasattr(model, "score"):
+        raise ConfigError(f"--loss ppo: {type(model).__name__} has no `score` head to read values from; use a "
+                          "decoder model (Llama, Qwen, Mistral, GPT-2, …) or a one-label reward model folder")
+    model.base_model.load_state_dict(policy.base_model.state_dict())
+    generator = torch.Generator().manual_seed(cfg.seed)
+    with torch.no_grad():
+        for p in model.score.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * getattr(config, "initializer_range", 0.02)
+                    if p.dim() > 1 else torch.zeros(p.shape))
+    log("value model: initialised from the policy's weights with a fresh head")
+    return _set_up(model.to(device), cfg, policy)
+
+
+def _set_up(model, cfg, policy):
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = policy.config.pad_token_id
+    model.eval()  # dropout off, as the policy
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        disable_dropout(model)
+        model.train()
+    return model.requires_grad_(True)
+
+
+def token_values(value_model, rows: list[tuple[list[int], list[int]]], pad_id: int, device, cfg) -> torch.Tensor:
+    """V(s_t) for each completion token t of each row, [B, T] right-padded (0 at padding): the head read at the
+    position whose logits predict token t (the state before it, as TRL's values[:, context_length − 1 : −1])."""
+    batch = {k: v.to(device) for k, v in pad_rows(rows, pad_id).items()}
+    index = ([i for i, (_, c) in enumerate(rows) for _ in c], [len(p) - 1 + t for p, c in rows for t in range(len(c))])
+    with compute_precision(device, cfg.dtype):
+        hidden = value_model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                        use_cache=False).last_hidden_state
+        scores = value_model.score(hidden[index]).float().squeeze(-1)
+    out = scores.new_zeros(len(rows), max(len(c) for _, c in rows))
+    return out.index_put((torch.tensor(index[0], device=out.device),
+                          torch.tensor([t for _, c in rows for t in range(len(c))], device=out.device)), scores)
+
+
+def layout(n_rows: int, cfg, step: int, epoch: int) -> list[list[list[int]]]:
+    """The mini-batches of PPO pass `epoch` of step `step`, each a list of micro-batches of row indices: a
+    permutation seeded by (seed, step, epoch), cut into num_mini_batches near-equal parts (empty ones dropped)."""
+    generator = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 101 + epoch)
+    order = torch.randperm(n_rows, generator=generator)
+    per_micro = cfg.batch_size * cfg.num_generations
+    minis = [part.tolist() for part in order.tensor_split(cfg.num_mini_batches) if len(part)]
+    return [[mini[i:i + per_micro] for i in range(0, len(mini), per_micro)] for mini in minis]
+
+
+def rollout(policy, value_model, reference, rows, micro, pad_id, device, cfg):
+    """No-grad passes over the rollout: (log π_old, log π_ref or None, V_old, mask), each [N, T]."""
+    n, width = len(rows), max(len(c) for _, c in rows)
+    old, values, mask = (torch.zeros(n, width, device=device) for _ in range(3))
+    ref = torch.zeros(n, width, device=device) if reference is not None else None
+    with torch.no_grad():
+        for m in micro:
+            part = [rows[i] for i in m]
+            logps, part_mask = token_logps(policy, part, pad_id, device, cfg)
+            w = logps.shape[1]
+            old[m, :w], mask[m, :w] = logps, part_mask
+            values[m, :w] = token_values(value_model, part, pad_id, device, cfg)
+            if ref is not None:
+                ref[m, :w] = token_logps(reference, part, pad_id, device, cfg)[0]
+    return old, ref, values, mask
+
+
+def ppo_step(policy, value_model, params, reference, samples, rewards, cfg, optimizer, scheduler, pad_id, device,
+             step) -> dict:
+    """Rollout passes, rewards, GAE, then num_ppo_epochs × num_mini_batches updates (module docstring)."""
+    rows = list(zip(samples.prompt_ids, samples.completion_ids))
+    passes = [layout(len(rows), cfg, step, epoch) for epoch in range(cfg.num_ppo_epochs)]
+    old, ref, old_values, mask = rollout(policy, value_model, reference, rows, [m for mini in passes[0] for m in mini],
+                                         pad_id, device, cfg)
+    scores = torch.tensor(rewards, dtype=torch.float32, device=device)
+    token_r, non_score = token_rewards(scores, old, ref, mask, cfg.kl_coef)
+    if cfg.whiten_rewards:
+        token_r = whiten(token_r, mask, shift_mean=False)
+    advantages, returns = gae(token_r, old_values, mask, cfg.gamma, cfg.lam)
+    advantages = whiten(advantages, mask)
+
+    sums: dict[str, float] = defaultdict(float)
+    updates = 0
+    for mini_batches in passes:
+        for mini in mini_batches:
+            tokens = float(sum(mask[m].sum().item() for m in mini))
+            for m in mini:
+                part = [rows[i] for i in m]
+                logps, part_mask = token_logps(policy, part, pad_id, device, cfg)
+                values = token_values(value_model, part, pad_id, device, cfg)
+                w = logps.shape[1]
+                loss, stats = OBJECTIVES["ppo"].compute(OnlineInputs(
+                    logps, old[m, :w], advantages[m, :w], part_mask, None, tokens, values, old_values[m, :w],
+                    returns[m, :w]), cfg)
+                if not torch.isfinite(loss):
+                    raise NonFiniteError(f"step {step + 1}: non-finite PPO loss")
+                loss.backward()
+                sums["loss"] += loss.item()  # the micro-batches' losses add up to the mini-batch's
+                sums["loss/policy"] += stats.pop("loss/policy").item()
+                sums["loss/value"] += stats.pop("loss/value").item()
+                for key, value in stats.items():  # token means → token-weighted over the whole step
+                    sums[key] += value.item() * part_mask.sum().item()
+            done = update(params, optimizer, scheduler, cfg.max_grad_norm, step=step + 1)
+            updates += 1
+    losses = {k: sums.pop(k) / updates for k in ("loss", "loss/policy", "loss/value")}
+    total_tokens = mask.sum().item() * cfg.num_ppo_epochs
+    kl = ((old - ref) * mask).sum(1) if ref is not None else torch.zeros_like(scores)
+    non_score_sum = non_score.sum(1)
+    return {**losses, **{k: v / total_tokens for k, v in sums.items()},
+            "kl": kl.mean().item(), "non_score_reward": non_score_sum.mean().item(),
+            "rlhf_reward": (scores + non_score_sum).mean().item(),
+            "value": (old_values * mask).sum().item() / mask.sum().item(),
+            "explained_variance": explained_variance(old_values, returns, mask),
+            "lr": done.lr, "grad_norm": done.grad_norm}
