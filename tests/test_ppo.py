@@ -312,6 +312,19 @@ def test_the_value_model_starts_from_a_one_label_reward_model_else_from_the_poli
     assert "several labels" in said[-2] and "from the policy" in said[-1]
 
 
+def test_cli_ppo_against_a_reward_model_from_train_rm(tmp_path, tiny_model_dir, prompts_file, explicit_rows, capsys):
+    from dpokit.cli import main
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", explicit_rows)
+    assert main(["train-rm", "--model", tiny_model_dir, "--data", pairs, "--max-steps", "1", "--batch-size", "2",
+                 "--output-dir", str(tmp_path / "rm"), "--no-progress", "--no-memory-check"]) == 0
+    assert main(["train", "--model", tiny_model_dir, "--loss", "ppo", "--reward", str(tmp_path / "rm" / "final"),
+                 "--kl-coef", "0.05", "--prompts", prompts_file, "--max-steps", "1", "--num-generations", "1",
+                 "--batch-size", "3", "--max-new-tokens", "4", "--output-dir", str(tmp_path / "ppo"),
+                 "--no-progress"]) == 0
+    assert "value model: initialised from the reward model" in capsys.readouterr().out
+    assert "loss/value" in _metrics(tmp_path / "ppo")[0] and (tmp_path / "ppo" / "final" / "config.json").is_file()
+
+
 @pytest.mark.parametrize("options, message", [
     (dict(loss="ppo,sigmoid"), r"ppo is an online objective on its own"),
     (dict(loss="rloo,sigmoid"), r"rloo is an online objective on its own"),
