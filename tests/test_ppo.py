@@ -175,6 +175,48 @@ def test_rloo_loss_is_reinforce_at_ratio_one_and_clips_the_sequence_ratio():
         pytest.approx(1 / 3)
 
 
+def _trl_rloo_loss(logps, old, mask, adv, eps_low, eps_high):
+    """TRL 1.16's RLOOTrainer._compute_loss, called unbound on a stand-in `self` holding only what it reads (one
+    process, no aux loss), with the model's log-prob pass replaced by `logps`."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+    trainer = pytest.importorskip("trl.trainer.rloo_trainer")
+    batch, length = logps.shape
+    identity = SimpleNamespace(gather=lambda x: x, reduce=lambda x, reduction: x, gather_for_metrics=lambda x: x)
+    stand_in = SimpleNamespace(
+        _get_per_token_logps_and_entropies=lambda *a, **k: (logps, torch.zeros_like(logps), None),
+        aux_loss_enabled=False, epsilon_low=eps_low, epsilon_high=eps_high, model=SimpleNamespace(training=True),
+        accelerator=identity, _metrics={"train": defaultdict(list)})
+    m = mask.to(logps.dtype)
+    inputs = {"prompt_ids": torch.zeros(batch, 2, dtype=torch.long), "prompt_mask": torch.ones(batch, 2),
+              "completion_ids": torch.zeros(batch, length, dtype=torch.long), "completion_mask": m,
+              "advantages": adv, "old_logps": (old * m).sum(1)}
+    loss = trainer.RLOOTrainer._compute_loss(stand_in, None, inputs)
+    return loss, {k: v[-1] for k, v in stand_in._metrics["train"].items()}
+
+
+def test_rloo_loss_trl_parity():
+    """Loss, gradient and clip fractions equal TRL 1.16's RLOOTrainer._compute_loss, with sequence ratios below,
+    inside and above an asymmetric clip range and garbage in the padding."""
+    logps = -_rand(11, 4, 5).abs()
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 0, 0]])
+    shift = torch.tensor([[0.1, 0.1, 0.1, 0.1, 0.1], [-0.25, -0.25, 9, 9, 9], [0.05, 0.05, -0.05, 0.05, 9],
+                          [0.2, 0.1, 0.05, 9, 9]], dtype=torch.float64)
+    old = logps - shift
+    adv = torch.tensor([1.0, -2.0, 0.5, 0.7], dtype=torch.float64)
+    ours_in, trl_in = logps.clone().requires_grad_(True), logps.clone().requires_grad_(True)
+    ours, stats = rloo_loss(ours_in, old, adv, mask, 0.2, 0.28)
+    theirs, metrics = _trl_rloo_loss(trl_in, old, mask, adv, 0.2, 0.28)
+    assert ours.item() == pytest.approx(theirs.item(), rel=1e-12)
+    ours.backward()
+    theirs.backward()
+    torch.testing.assert_close(ours_in.grad, trl_in.grad, rtol=1e-12, atol=1e-15)
+    assert stats["clip_fraction/low"].item() == pytest.approx(metrics["clip_ratio/low_mean"], rel=1e-12)
+    assert stats["clip_fraction/high"].item() == pytest.approx(metrics["clip_ratio/high_mean"], rel=1e-12)
+    assert stats["clip_fraction"].item() == pytest.approx(metrics["clip_ratio/region_mean"], rel=1e-12)
+    assert stats["clip_fraction"].item() > 0
+
+
 # ---- micro-batch additivity on the tiny model ---------------------------------------------------------------
 def test_micro_batch_gradients_add_up_to_the_batch_gradient(tokenizer):
     from dpokit.loop.online import token_logps
