@@ -80,8 +80,9 @@ def _not_read_by(run: str, runs: tuple[str, ...], loss) -> str:
     if runs == (REWARD_MODEL,):
         return "only applies to `dpokit train-rm` (a reward model)"
     if run == REWARD_MODEL:  # a Bradley–Terry classifier on the pairs file (loop/reward_model.py)
-        return ("is not read by `dpokit train-rm`: a reward model has no --loss, reference, sampling, prompt cap, "
-                "packing or attention kernels of its own (padded prompt+completion rows), and always merges LoRA")
+        return ("is not read by `dpokit train-rm`: a reward model has no --loss, reference or sampling; it trains in "
+                "one process on padded prompt+completion rows (no prompt cap, packing, attention kernels or "
+                "--pure-half) and always merges LoRA into final/")
     if run == OFFLINE:
         return "only applies to online training: add --loss grpo, rloo or ppo, or --online-dpo"
     if runs == (ONLINE_OBJECTIVE,):
