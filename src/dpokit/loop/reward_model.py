@@ -137,6 +137,7 @@ class RMRun:
     optimizer: torch.optim.Optimizer | None = None
     scheduler: object = None
     scaler: torch.amp.GradScaler | None = None
+    fp16_skipped: int = 0  # steps the fp16 scaler skipped for overflowing gradients
 
 
 def train_reward_model(cfg: TrainConfig, log=print) -> TrainResult:
@@ -184,7 +185,7 @@ def _load(cfg: TrainConfig, log) -> RMRun:
     train_set = load_reward_pairs(train_path, cfg, tokenizer, "train", log)
     eval_set = load_reward_pairs(eval_path, cfg, tokenizer, "eval", log) if eval_path else []
     if cfg.memory_check:
-        log("memory check: not available for reward-model runs (not modelled yet; docs/PERFORMANCE.md)")
+        log("memory check: not available for reward-model runs (not modelled yet)")
     warn_half_on_cpu(device, cfg.model_dtype, log)
     model = build_reward_model(cfg, tokenizer, device)
     keep_master_copy(model, cfg)  # fp32 trained weights (and optimizer state) unless --model-dtype fp32 already
@@ -274,8 +275,9 @@ def optimizer_step(run: RMRun, step: int) -> dict:
             sums["tokens"] += sum(len(r.chosen_ids) + len(r.rejected_ids) for r in rows)
     done = update(run.model.parameters(), run.optimizer, run.scheduler, cfg.max_grad_norm, run.scaler, step + 1,
                   lambda: [run.train_set[i].source for m in micro for i in m])
-    if done.skipped:
-        return {"step": step + 1, "fp16_overflow_skipped": 1, "loss_scale": done.loss_scale}
+    if done.skipped:  # fp16 overflow: expected now and then, the scaler adapts
+        run.fp16_skipped += 1
+        return {"step": step + 1, "fp16_overflow_skipped": run.fp16_skipped, "loss_scale": done.loss_scale}
     seconds = time.perf_counter() - t0
     tokens = sums.pop("tokens")
     record = {"step": step + 1, "epoch": round((step + 1) / run.batches.steps_per_epoch, 4)}
