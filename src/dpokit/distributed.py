@@ -83,8 +83,8 @@ def check_launch(online: bool, losses: list[str]) -> None:
     if world <= 1:
         return
     if online:
-        raise DistributedError("online training (grpo, --online-dpo) runs in one process for now: launch it "
-                               "without torchrun")
+        raise DistributedError("online training (grpo, rloo, ppo, --online-dpo) runs in one process for now: "
+                               "launch it without torchrun")
     coupled = [n for n in losses if n in ("aot", "aot_unpaired")]
     if coupled:
         raise DistributedError(f"loss {','.join(coupled)} sorts the log-ratios of the whole micro-batch, which "

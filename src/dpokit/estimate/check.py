@@ -136,8 +136,8 @@ def report(cfg, processes: int, device) -> tuple[str, bool, Estimate]:
 
     from dpokit.config import ConfigError
     if cfg.online:
-        raise ConfigError("dpokit estimate: online runs (--loss grpo, --online-dpo) are not modelled (sampling "
-                          "num_generations completions and its KV cache); train does not check them either")
+        raise ConfigError("dpokit estimate: online runs (--loss grpo, rloo, ppo, --online-dpo) are not modelled "
+                          "(sampling num_generations completions and its KV cache); train does not check them either")
     device = torch.device(device)
     pairs = data_for(cfg)
     tokens = micro_batch_tokens(cfg, pairs)

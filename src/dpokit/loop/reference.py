@@ -166,7 +166,8 @@ def cache_reference(config: TrainConfig | None = None, log=print, **overrides) -
     would use, and stop. Training then starts without loading or running the reference."""
     cfg = TrainConfig.from_dict({**(config.to_dict() if config else {}), **overrides})
     if cfg.online:
-        raise ConfigError("nothing to cache: online training (grpo, --online-dpo) samples new completions every step")
+        raise ConfigError("nothing to cache: online training (grpo, rloo, ppo, --online-dpo) samples new completions "
+                          "every step")
     unpaired = any(OBJECTIVES[n].data == "unpaired" for n in cfg.loss_names)
     if unpaired or cfg.sync_ref_every or not cfg.ref_cache:
         raise ConfigError("nothing to cache: kto, TR-DPO (--sync-ref-every) and --no-ref-cache run the reference live")
