@@ -65,6 +65,16 @@ def test_margin_is_read_and_a_bad_one_is_a_data_error(tmp_path):
     assert len(pairs) == 1 and report.skipped["wrong_type"] == 1
 
 
+def test_ranked_rows_give_their_pairs_kept_together(tmp_path, tokenizer):
+    ranked = [{"prompt": "Name a fruit.", "completions": [" An apple.", " A chair.", " Pear."], "scores": [3, 1, 2]},
+              {"prompt": "Say hi.", "completions": [" Hi!", " No."], "scores": [1, 0]}]
+    cfg = TrainConfig.from_dict({"stage": "reward_model", "ranked_pairs": "best-rest"})
+    rows = load_reward_pairs(write_jsonl(tmp_path / "r.jsonl", ranked), cfg, tokenizer, "train", lambda *_: None)
+    assert [(r.chosen, r.rejected) for r in rows] == [(" An apple.", " Pear."), (" An apple.", " A chair."),
+                                                      (" Hi!", " No.")]
+    assert rows[0].group == rows[1].group != rows[2].group  # BatchSchedule keeps a row's pairs together
+
+
 @pytest.mark.parametrize("key,value", [("beta", 0.2), ("loss", "ipo"), ("ref_model", "x"), ("reward", "sentiment"),
                                        ("prefix_sharing", False), ("max_prompt_length", 64), ("fsdp", True)])
 def test_options_a_reward_model_does_not_read_are_refused(key, value):
