@@ -17,7 +17,7 @@ from dpokit import ConfigError, TrainConfig, train
 from dpokit.data import builtin_path
 from dpokit.evaluation.rewards import RewardError
 from dpokit.objectives import OBJECTIVES, OnlineInputs
-from dpokit.objectives.ppo import gae, ppo_policy_loss, ppo_value_loss, token_rewards, whiten
+from dpokit.objectives.ppo import explained_variance, gae, ppo_policy_loss, ppo_value_loss, token_rewards, whiten
 from dpokit.objectives.rloo import rloo_advantages, rloo_loss
 
 REWARD = "conftest:letter_reward"
@@ -78,6 +78,15 @@ def test_whiten_over_real_tokens():
     assert out[MASK == 0].abs().sum() == 0
     kept = whiten(x, MASK, shift_mean=False)
     assert kept[MASK == 1].tolist() == pytest.approx([(v - mean) / std + mean for v in real], abs=1e-12)
+
+
+def test_explained_variance():
+    returns = _rand(12, 3, 5)
+    assert explained_variance(returns, returns, MASK) == 1.0
+    real = returns[MASK == 1]
+    mean_only = torch.full_like(returns, real.mean().item())
+    assert explained_variance(mean_only, returns, MASK) == pytest.approx(0.0, abs=1e-12)
+    assert explained_variance(returns, torch.ones_like(returns), MASK) is None  # returns that do not vary
 
 
 # ---- the clipped losses ---------------------------------------------------------------------------------------

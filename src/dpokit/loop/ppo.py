@@ -203,9 +203,10 @@ def ppo_step(policy, value_model, params, reference, samples, rewards, cfg, opti
     total_tokens = mask.sum().item() * cfg.num_ppo_epochs
     kl = ((old - ref) * mask).sum(1) if ref is not None else torch.zeros_like(scores)
     non_score_sum = non_score.sum(1)
+    explained = explained_variance(old_values, returns, mask)
     return {**losses, **{k: v / total_tokens for k, v in sums.items()},
             "kl": kl.mean().item(), "non_score_reward": non_score_sum.mean().item() + 0.0,  # not -0.0
             "rlhf_reward": (scores + non_score_sum).mean().item(),
             "value": (old_values * mask).sum().item() / mask.sum().item(),
-            "explained_variance": explained_variance(old_values, returns, mask),
+            **({"explained_variance": explained} if explained is not None else {}),  # no NaN in metrics.jsonl
             "lr": done.lr, "grad_norm": done.grad_norm}

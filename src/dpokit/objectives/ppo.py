@@ -121,13 +121,14 @@ def ppo_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Te
     return loss, stats
 
 
-def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float | None:
     """1 − Var(G − V) / Var(G) over real tokens: 1 when the value model predicts the returns, ≤ 0 when it is no
-    better than their mean (nan if the returns do not vary)."""
+    better than their mean; None when the returns do not vary (undefined)."""
     mask = mask.to(values.dtype)
     n = mask.sum()
     var = lambda x: (((x - (x * mask).sum() / n) ** 2) * mask).sum() / n  # noqa: E731
-    return float(1 - var(returns - values) / var(returns))
+    spread = var(returns)
+    return float(1 - var(returns - values) / spread) if spread > 0 else None
 
 
 def ppo_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tensor, values: Tensor, old_values: Tensor,
