@@ -63,13 +63,18 @@ def test_stop_during_pairs_then_resume_skips_what_is_done(tmp_path, tiny_model_d
         raise AssertionError("the signal should have stopped the demo")
 
     monkeypatch.setattr(dpokit.loop, "train", stop)
-    assert main(_demo(tiny_model_dir, out, "--minutes", "3")) == 128 + signal.SIGINT
-    err = capsys.readouterr().err.strip()
+    # make demo's --started-at: a minute spent on the install comes out of the budget
+    assert main(_demo(tiny_model_dir, out, "--minutes", "3", "--started-at", str(time.time() - 60))) == \
+        128 + signal.SIGINT
+    printed = capsys.readouterr()
+    assert "1.0 of the 3 minutes went before the demo started (install): planning for 2.0" in printed.out
+    err = printed.err.strip()
     assert err == f"dpokit demo: stopped during training; continue with: dpokit demo --resume --output-dir {out}"
     record = json.loads((out / "demo.json").read_text())
     assert record["done"] == ["measure", "pairs"] and record["options"]["minutes"] == 3
     plan = record["plan"]
     assert plan["train_prompts"] == 4 and plan["samples"] == 3 and plan["predicted_s"]["total_s"] > 0
+    assert plan["minutes"] == pytest.approx(2.0, abs=0.1)
     assert record["machine"]["matmul_gflops"] > 0 and record["actual_s"]["pairs_s"] > 0
     pairs_written = (out / "pairs_train.jsonl").stat().st_mtime_ns
     monkeypatch.undo()

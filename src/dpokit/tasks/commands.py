@@ -115,6 +115,7 @@ def cmd_demo(args) -> int:
     task, overrides = task_from_args(args)
     try:
         run_demo(args.output_dir, task, minutes=args.minutes, resume=args.resume, progress=args.progress,
+                 started_at=args.started_at,
                  **overrides)
     except DemoInterrupted as e:  # one line, no traceback: the user asked it to stop
         print(f"dpokit demo: {e}", file=sys.stderr)
@@ -170,6 +171,8 @@ def add_commands(sub) -> None:
     p.add_argument("--minutes", type=float, default=15.0, help="time budget: the demo measures the machine "
                    "(~2 s), then sizes training steps, training prompts and evaluation to fit it and prints the "
                    "plan (default: 15)")
+    p.add_argument("--started-at", type=float, default=None, help="Unix time the budget counts from (`make demo` "
+                   "passes the time before its install, so the install comes out of --minutes; default: now)")
     p.add_argument("--resume", action="store_true", help="continue the demo recorded in --output-dir "
                    "(demo.json): reuse its pairs, resume training from the newest checkpoint, redo what is "
                    "missing; options not given are taken from the record, different ones are refused")

@@ -119,14 +119,17 @@ def headline(g: dict) -> str:
 
 
 def run_demo(output_dir: str | Path = "runs/demo", task: SentimentTask | None = None, log=print,
-             minutes: float = 15.0, resume: bool = False, **train_overrides) -> dict:
+             minutes: float = 15.0, resume: bool = False, started_at: float | None = None,
+             **train_overrides) -> dict:
     """Measure, plan, make pairs, train DPO, evaluate, write eval.json and report.html; returns the eval
-    result. `resume`: continue the demo recorded in output_dir (demo_state). A signal raises DemoInterrupted."""
+    result. `resume`: continue the demo recorded in output_dir (demo_state). A signal raises DemoInterrupted.
+    `started_at` (Unix time): the budget began then (before `make demo`'s install), so the plan gets what is left."""
     from dpokit.loop import train
     from dpokit.loop.signals import TrainingInterrupted
     from dpokit.report import write_report
     from dpokit.tasks import demo_plan
     from dpokit.tasks.demo_state import DemoInterrupted, DemoState, stop_on_signals
+    spent = max(0.0, time.time() - started_at) / 60 if started_at is not None else 0.0
     task, out = task or SentimentTask(), Path(output_dir)
     options = {"task": asdict(task), "train": {k: v for k, v in train_overrides.items() if k != "progress"},
                "minutes": minutes}
@@ -139,7 +142,11 @@ def run_demo(output_dir: str | Path = "runs/demo", task: SentimentTask | None = 
                 models = load_tokenizer(task.model), load_model(task.model)
                 machine = demo_plan.measure(models[1], models[0], train_prompts, log)
             cfg = demo_train_config(out, task, **train_overrides)
-            plan = demo_plan.make_plan(minutes, machine, len(train_prompts), task.samples, len(eval_prompts), task.k,
+            if spent >= 0.05:
+                log(f"{spent:.1f} of the {minutes:g} minutes went before the demo started (install): planning for "
+                    f"{minutes - spent:.1f}")
+            plan = demo_plan.make_plan(max(minutes - spent, 0.1), machine, len(train_prompts), task.samples,
+                                       len(eval_prompts), task.k,
                                        cfg.batch_size, cfg.epochs, task.max_new_tokens, task.pairing)
             state.record_plan(plan.to_dict(), asdict(machine))
         else:
