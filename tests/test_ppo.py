@@ -230,7 +230,7 @@ def test_rloo_loss_trl_parity():
 def test_micro_batch_gradients_add_up_to_the_batch_gradient(tokenizer):
     from dpokit.loop.online import token_logps
     from dpokit.loop.ppo import token_values
-    cfg = TrainConfig.from_dict({"loss": "ppo", "device": "cpu"})
+    cfg = TrainConfig.from_dict({"loss": "ppo", "kl_coef": 0.05, "device": "cpu"})
     policy = make_tiny_model(len(tokenizer), seed=1)
     value_model = _value_model(tokenizer)
     rows = [([5, 6, 7], [8, 9, 10, 11]), ([12, 13], [14]), ([15, 16, 17, 18], [19, 20, 21]), ([3], [4, 5])]
@@ -307,7 +307,7 @@ def test_ppo_runs_logs_moves_the_weights_and_is_deterministic(tmp_path, tiny_mod
 
 def test_ppo_first_pass_ratio_is_exactly_one(tmp_path, tiny_model_dir, prompts_file):
     # lr 0, one pass, one mini-batch: π_θ = π_old and V = V_old in the micro-batches the rollout passes used
-    result = _run(tiny_model_dir, prompts_file, tmp_path / "run", loss="ppo", lr=0.0, num_ppo_epochs=1,
+    result = _run(tiny_model_dir, prompts_file, tmp_path / "run", loss="ppo", kl_coef=0.05, lr=0.0, num_ppo_epochs=1,
                   num_generations=1, batch_size=3)
     for m in _metrics(result.output_dir):
         assert m["ratio"] == 1.0 and m["clip_fraction"] == 0.0 and m["approx_kl"] == 0.0
@@ -325,7 +325,8 @@ def test_rloo_runs_with_the_sentiment_reward_and_logs(tmp_path, tiny_model_dir, 
 
 
 def test_rloo_first_pass_ratio_is_one(tmp_path, tiny_model_dir, prompts_file):
-    result = _run(tiny_model_dir, prompts_file, tmp_path / "run", loss="rloo", lr=0.0, grpo_iterations=2)
+    result = _run(tiny_model_dir, prompts_file, tmp_path / "run", loss="rloo", kl_coef=0.0, lr=0.0,
+                  grpo_iterations=2)
     assert all(m["ratio"] == 1.0 and m["clip_fraction"] == 0.0 for m in _metrics(result.output_dir))
 
 
@@ -346,20 +347,18 @@ def test_the_value_model_starts_from_a_one_label_reward_model_else_from_the_poli
     from dpokit.models import load_model
     policy = load_model(tiny_model_dir)
     rm = _classifier_dir(tmp_path, tokenizer, 1)
-    said = []
-    value = load_value_model(TrainConfig.from_dict({"loss": "ppo", "reward": rm}), policy, tokenizer, "cpu",
-                             said.append)
+    said, ppo = [], {"loss": "ppo", "kl_coef": 0.0}
+    value = load_value_model(TrainConfig.from_dict({**ppo, "reward": rm}), policy, tokenizer, "cpu", said.append)
     assert "reward model" in said[-1]
     assert torch.equal(value.score.weight, load_file(f"{rm}/model.safetensors")["score.weight"])
-    value = load_value_model(TrainConfig.from_dict({"loss": "ppo"}), policy, tokenizer, "cpu", said.append)
+    value = load_value_model(TrainConfig.from_dict(ppo), policy, tokenizer, "cpu", said.append)
     assert "from the policy" in said[-1]
     theirs = policy.base_model.state_dict()
     assert all(torch.equal(v, theirs[k]) for k, v in value.base_model.state_dict().items())
     two = _classifier_dir(tmp_path, tokenizer, 2)
     with pytest.raises((ConfigError, RewardError), match=r"2 labels"):  # refused by the reward, or the value model
-        _run(tiny_model_dir, prompts_file, tmp_path / "x", loss="ppo", reward=two)
-    load_value_model(TrainConfig.from_dict({"loss": "ppo", "reward": two + "#LABEL_1"}), policy, tokenizer, "cpu",
-                     said.append)
+        _run(tiny_model_dir, prompts_file, tmp_path / "x", loss="ppo", kl_coef=0.0, reward=two)
+    load_value_model(TrainConfig.from_dict({**ppo, "reward": two + "#LABEL_1"}), policy, tokenizer, "cpu", said.append)
     assert "several labels" in said[-2] and "from the policy" in said[-1]
 
 
@@ -390,6 +389,8 @@ def test_cli_ppo_against_a_reward_model_from_train_rm(tmp_path, tiny_model_dir, 
     (dict(loss="ppo", lam=1.5), r"lam = 1.5 is out of range"),
     (dict(loss="rloo", num_generations=1), r"num_generations = 1 is out of range: must be >= 2"),
     (dict(loss="ppo", num_generations=0), r"num_generations = 0 is out of range"),
+    (dict(loss="ppo"), r"loss ppo: set --kl-coef, the weight of the KL penalty in the reward: 0.05 is TRL's"),
+    (dict(loss="rloo", reward="sentiment"), r"loss rloo: set --kl-coef"),
 ])
 def test_refusals(options, message):
     with pytest.raises(ConfigError, match=message):
@@ -397,7 +398,7 @@ def test_refusals(options, message):
 
 
 def test_ppo_accepts_one_sample_per_prompt_and_the_losses_list_them(capsys):
-    assert TrainConfig.from_dict({"loss": "ppo", "num_generations": 1}).num_generations == 1
+    assert TrainConfig.from_dict({"loss": "ppo", "kl_coef": 0.05, "num_generations": 1}).num_generations == 1
     from dpokit.cli import main
     assert main(["losses"]) == 0
     out = capsys.readouterr().out

@@ -117,8 +117,9 @@ class TrainConfig:
                                                         "ε_low; DAPO: 0.28)", valid="> 0 (or null)",
                                                         runs=(ONLINE_OBJECTIVE,))
     kl_coef: float = opt("objective", 0.0, "grpo: weight of the k3 KL(π‖π_ref) penalty per token (DeepSeekMath: 0.04); "
-                                           "rloo, ppo: β_KL of the penalty log π_old − log π_ref in the reward (TRL: "
-                                           "0.05); 0: no reference is loaded", valid=">= 0", runs=(ONLINE_OBJECTIVE,))
+                                           "rloo, ppo (required there): β_KL of the penalty log π_old − log π_ref in "
+                                           "the reward (TRL: 0.05); 0: no reference is loaded", valid=">= 0",
+                                           runs=(ONLINE_OBJECTIVE,))
     # PPO (loop/ppo.py), TRL's PPOConfig names
     num_ppo_epochs: int = opt("objective", 4, "ppo: passes over each rollout batch", valid=">= 1",
                               runs=(ONLINE_OBJECTIVE,))

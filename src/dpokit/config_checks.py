@@ -178,6 +178,10 @@ def online_combinations(cfg) -> Iterator[str]:
     if cfg.online and cfg.num_generations < 2 and cfg.loss_names != ["ppo"]:  # PPO's rollouts need no group
         yield (f"num_generations = {cfg.num_generations} is out of range: must be >= 2 (a group, or a pair, needs "
                "two; only ppo samples one completion per prompt)")
+    if cfg.loss_names in (["ppo"], ["rloo"]) and cfg.given is not None and "kl_coef" not in cfg.given:
+        # kl_coef's default 0 is GRPO's (TRL 1.16's beta); PPO and RLOO without the penalty are not RLHF
+        yield (f"loss {cfg.loss_names[0]}: set --kl-coef, the weight of the KL penalty in the reward: 0.05 is TRL's "
+               "default; 0 trains on the raw reward with no reference loaded")
     if cfg.rounds and cfg.run_kind == ONLINE_OBJECTIVE:
         yield f"rounds = {cfg.rounds} is iterative DPO: it needs --online-dpo, not --loss {cfg.loss}"
     if cfg.reward_weights is not None:
