@@ -391,6 +391,9 @@ def test_cli_ppo_against_a_reward_model_from_train_rm(tmp_path, tiny_model_dir, 
     (dict(loss="ppo", num_generations=0), r"num_generations = 0 is out of range"),
     (dict(loss="ppo"), r"loss ppo: set --kl-coef, the weight of the KL penalty in the reward: 0.05 is TRL's"),
     (dict(loss="rloo", reward="sentiment"), r"loss rloo: set --kl-coef"),
+    (dict(loss="ppo", kl_coef=0.05, batch_size=2, num_generations=3, num_mini_batches=4),
+     r"num_mini_batches = 4 does not divide the 6 rows of a rollout batch \(batch_size 2 × grad_accum 1 × "
+     r"num_generations 3\)"),
 ])
 def test_refusals(options, message):
     with pytest.raises(ConfigError, match=message):

@@ -123,8 +123,11 @@ class TrainConfig:
     # PPO (loop/ppo.py), TRL's PPOConfig names
     num_ppo_epochs: int = opt("objective", 4, "ppo: passes over each rollout batch", valid=">= 1",
                               runs=(ONLINE_OBJECTIVE,))
-    num_mini_batches: int = opt("objective", 1, "ppo: mini-batches (optimizer updates) per pass over the rollout "
-                                                "batch, shuffled each pass", valid=">= 1", runs=(ONLINE_OBJECTIVE,))
+    num_mini_batches: int = opt("objective", 1, "ppo: split each rollout batch (batch_size × grad_accum × "
+                                                "num_generations rows, reshuffled each pass) into this many equal "
+                                                "mini-batches, one optimizer update each; must divide the rows (TRL's "
+                                                "num_mini_batches multiplied the rollout instead)", valid=">= 1",
+                                runs=(ONLINE_OBJECTIVE,))
     cliprange_value: float = opt("objective", 0.2, "ppo: clip the value prediction to V_old ± this", valid="> 0",
                                  runs=(ONLINE_OBJECTIVE,))
     vf_coef: float = opt("objective", 0.1, "ppo: weight of the value loss", valid=">= 0", runs=(ONLINE_OBJECTIVE,))

@@ -182,6 +182,12 @@ def online_combinations(cfg) -> Iterator[str]:
         # kl_coef's default 0 is GRPO's (TRL 1.16's beta); PPO and RLOO without the penalty are not RLHF
         yield (f"loss {cfg.loss_names[0]}: set --kl-coef, the weight of the KL penalty in the reward: 0.05 is TRL's "
                "default; 0 trains on the raw reward with no reference loaded")
+    rows = cfg.batch_size * cfg.grad_accum * cfg.num_generations  # one rollout batch; the scheduler counts its
+    if cfg.loss_names == ["ppo"] and rows % cfg.num_mini_batches:  # num_mini_batches updates per pass: equal parts
+        yield (f"num_mini_batches = {cfg.num_mini_batches} does not divide the {rows} rows of a rollout batch "
+               f"(batch_size {cfg.batch_size} × grad_accum {cfg.grad_accum} × num_generations {cfg.num_generations}): "
+               "each PPO pass splits them into equal mini-batches, one optimizer update each; use a divisor of "
+               f"{rows}")
     if cfg.rounds and cfg.run_kind == ONLINE_OBJECTIVE:
         yield f"rounds = {cfg.rounds} is iterative DPO: it needs --online-dpo, not --loss {cfg.loss}"
     if cfg.reward_weights is not None:

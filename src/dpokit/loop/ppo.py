@@ -22,9 +22,9 @@ One step (one rollout batch of batch_size × grad_accum prompts × num_generatio
   2. per-token rewards (KL penalty everywhere, score at the last token), optionally whitened (whiten_rewards);
      GAE(γ, λ) advantages and returns; advantages whitened over the batch's tokens;
   3. num_ppo_epochs passes; each pass shuffles the rows (seeded by seed, step and pass) into num_mini_batches
-     mini-batches, each accumulated over micro-batches of batch_size × num_generations rows and applied by
-     loop/update.py's `update`. A micro-batch's loss is divided by its mini-batch's token count, so the
-     micro-batches add up to the mini-batch's loss exactly.
+     equal mini-batches (config_checks: it divides the rows), each accumulated over micro-batches of
+     batch_size × num_generations rows and applied by loop/update.py's `update`. A micro-batch's loss is
+     divided by its mini-batch's token count, so the micro-batches add up to the mini-batch's loss exactly.
 
 Differences from TRL's PPOTrainer: the score is the reward of the last real token (TRL added it one position
 later, on the first padding token, which its value mask included and its policy mask did not); the value loss
@@ -137,11 +137,12 @@ def token_values(value_model, rows: list[tuple[list[int], list[int]]], pad_id: i
 
 def layout(n_rows: int, cfg, step: int, epoch: int) -> list[list[list[int]]]:
     """The mini-batches of PPO pass `epoch` of step `step`, each a list of micro-batches of row indices: a
-    permutation seeded by (seed, step, epoch), cut into num_mini_batches near-equal parts (empty ones dropped)."""
+    permutation seeded by (seed, step, epoch), cut into num_mini_batches equal parts (config_checks refuses a
+    num_mini_batches that does not divide the rows: the scheduler counts num_mini_batches updates per pass)."""
     generator = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 101 + epoch)
     order = torch.randperm(n_rows, generator=generator)
     per_micro = cfg.batch_size * cfg.num_generations
-    minis = [part.tolist() for part in order.tensor_split(cfg.num_mini_batches) if len(part)]
+    minis = [part.tolist() for part in order.tensor_split(cfg.num_mini_batches)]
     return [[mini[i:i + per_micro] for i in range(0, len(mini), per_micro)] for mini in minis]
 
 
