@@ -283,9 +283,18 @@ def _metrics(out) -> list[dict]:
     return [json.loads(line) for line in open(out / "metrics.jsonl", encoding="utf-8")]
 
 
-PPO_KEYS = ("loss", "loss/policy", "loss/value", "reward", "kl", "non_score_reward", "rlhf_reward", "clip_fraction",
-            "clip_fraction/low", "clip_fraction/high", "value_clip_fraction", "ratio", "approx_kl",
+PPO_KEYS = ("loss", "loss/policy", "loss/value", "reward", "kl", "kl_seq", "non_score_reward", "rlhf_reward",
+            "clip_fraction", "clip_fraction/low", "clip_fraction/high", "value_clip_fraction", "ratio", "approx_kl",
             "explained_variance", "value", "lr", "grad_norm", "completion_length", "generation_s", "step_s")
+
+
+def _check_kl(metrics, kl_coef):
+    """kl: the k1 per-token mean over the step's completion tokens (as GRPO's, a token mean); kl_seq: its sum per
+    completion, averaged over completions; so kl = kl_seq / mean completion length."""
+    for m in metrics:
+        assert m["kl"] == pytest.approx(m["kl_seq"] / m["completion_length"], rel=1e-5, abs=1e-12)
+        assert m["non_score_reward"] == pytest.approx(-kl_coef * m["kl_seq"], rel=1e-5, abs=1e-12)
+    assert metrics[0]["kl_seq"] == 0.0 and metrics[-1]["kl_seq"] != 0.0  # π_ref = the start; then the policy moved
 
 
 def test_ppo_runs_logs_moves_the_weights_and_is_deterministic(tmp_path, tiny_model_dir, prompts_file):
@@ -296,6 +305,7 @@ def test_ppo_runs_logs_moves_the_weights_and_is_deterministic(tmp_path, tiny_mod
     for key in PPO_KEYS:
         assert all(key in m and math.isfinite(m[key]) for m in metrics), key
     assert metrics[0]["kl"] == 0.0  # the reference is the starting policy
+    _check_kl(metrics, 0.05)
     assert (runs[0].final_dir / "model.safetensors").is_file()
     a, b, start = (load_file(f"{p}/model.safetensors") for p in (runs[0].final_dir, runs[1].final_dir, tiny_model_dir))
     assert any(not torch.equal(a[k], start[k]) for k in a)
@@ -318,9 +328,10 @@ def test_rloo_runs_with_the_sentiment_reward_and_logs(tmp_path, tiny_model_dir, 
     result = _run(tiny_model_dir, prompts_file, tmp_path / "run", loss="rloo", reward="sentiment", kl_coef=0.05,
                   grpo_iterations=2, num_generations=3)
     metrics = _metrics(result.output_dir)
-    for key in ("loss", "reward", "kl", "non_score_reward", "clip_fraction", "ratio", "advantage_std", "lr",
-                "grad_norm", "frac_reward_zero_std"):
+    for key in ("loss", "reward", "kl", "kl_seq", "non_score_reward", "clip_fraction", "ratio", "advantage_std",
+                "lr", "grad_norm", "frac_reward_zero_std"):
         assert all(key in m for m in metrics), key
+    _check_kl(metrics, 0.05)
     assert (result.final_dir / "model.safetensors").is_file()
 
 

@@ -192,7 +192,9 @@ def grpo_step(policy, reference, samples, rewards, cfg, optimizer, scheduler, pa
         advantages, _ = rloo_advantages(scores, cfg.num_generations, kl, cfg.kl_coef)
         divisor = float(n_rows)  # a mean over completions
         if kl is not None:
-            record = {"kl": kl.mean().item(), "non_score_reward": -cfg.kl_coef * kl.mean().item() + 0.0}  # not -0.0
+            # kl per token over the completion tokens, as GRPO's (there k3, here k1); kl_seq per completion
+            record = {"kl": kl.sum().item() / sum(mask.sum().item() for _, mask in old), "kl_seq": kl.mean().item(),
+                      "non_score_reward": -cfg.kl_coef * kl.mean().item() + 0.0}  # not -0.0
         ref = None  # RLOO's KL is in the reward, not in the loss
     else:
         advantages = group_advantages(scores, cfg.num_generations, cfg.scale_rewards)

@@ -202,11 +202,13 @@ def ppo_step(policy, value_model, params, reference, samples, rewards, cfg, opti
             updates += 1
     losses = {k: sums.pop(k) / updates for k in ("loss", "loss/policy", "loss/value")}
     total_tokens = mask.sum().item() * cfg.num_ppo_epochs
-    kl = ((old - ref) * mask).sum(1) if ref is not None else torch.zeros_like(scores)
+    kl_seq = ((old - ref) * mask).sum(1) if ref is not None else torch.zeros_like(scores)  # k1, per completion
     non_score_sum = non_score.sum(1)
     explained = explained_variance(old_values, returns, mask)
     return {**losses, **{k: v / total_tokens for k, v in sums.items()},
-            "kl": kl.mean().item(), "non_score_reward": non_score_sum.mean().item() + 0.0,  # not -0.0
+            # kl: per token over the batch's completion tokens, as GRPO's; kl_seq: per completion
+            "kl": kl_seq.sum().item() / mask.sum().item(), "kl_seq": kl_seq.mean().item(),
+            "non_score_reward": non_score_sum.mean().item() + 0.0,  # not -0.0
             "rlhf_reward": (scores + non_score_sum).mean().item(),
             "value": (old_values * mask).sum().item() / mask.sum().item(),
             **({"explained_variance": explained} if explained is not None else {}),  # no NaN in metrics.jsonl
