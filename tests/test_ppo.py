@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from conftest import make_tiny_model, write_jsonl
 from dpokit import ConfigError, TrainConfig, train
 from dpokit.data import builtin_path
-from dpokit.evaluation.rewards import RewardError
+from dpokit.evaluation.rewards import RewardError, load_reward
 from dpokit.objectives import OBJECTIVES, OnlineInputs
 from dpokit.objectives.ppo import explained_variance, gae, ppo_policy_loss, ppo_value_loss, token_rewards, whiten
 from dpokit.objectives.rloo import rloo_advantages, rloo_loss
@@ -371,6 +371,18 @@ def test_the_value_model_starts_from_a_one_label_reward_model_else_from_the_poli
         _run(tiny_model_dir, prompts_file, tmp_path / "x", loss="ppo", kl_coef=0.0, reward=two)
     load_value_model(TrainConfig.from_dict({**ppo, "reward": two + "#LABEL_1"}), policy, tokenizer, "cpu", said.append)
     assert "several labels" in said[-2] and "from the policy" in said[-1]
+
+
+def test_a_folder_named_sentiment_is_not_a_reward_model(tmp_path, monkeypatch):
+    """load_reward and the value model read --reward alike (evaluation/rewards.py's classifier_folder): `sentiment`
+    is VADER even where a folder of that name exists."""
+    from dpokit.evaluation.rewards import classifier_folder
+    from dpokit.loop.ppo import _reward_folder
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sentiment").mkdir()
+    assert classifier_folder("sentiment") is None and classifier_folder("sentiment#X") == ("sentiment", "X")
+    assert _reward_folder(TrainConfig.from_dict({"loss": "ppo", "kl_coef": 0.0, "reward": "sentiment"})) is None
+    assert load_reward("sentiment")(["A"], [" great movie"])[0] > 0
 
 
 def test_cli_ppo_against_a_reward_model_from_train_rm(tmp_path, tiny_model_dir, prompts_file, explicit_rows, capsys):

@@ -135,14 +135,23 @@ def callable_reward(spec: str) -> RewardFn:
     return fn
 
 
+def classifier_folder(spec: str) -> tuple[str, str | None] | None:
+    """(folder, label or None) when `spec` names a classifier folder (`DIR` or `DIR#LABEL`), else None. What
+    load_reward and PPO's value model (loop/ppo.py) both read it as: `sentiment` is the built-in reward, even
+    where a folder of that name exists."""
+    if spec == "sentiment":
+        return None
+    folder, _, label = spec.partition("#")
+    return (folder, label or None) if Path(folder).is_dir() else None
+
+
 def load_reward(spec: str, device: str = "cpu") -> RewardFn:
     """A reward function from a spec: `sentiment`, a classifier folder (`dir` or `dir#LABEL`), or
     `module:function`. The result checks what the function returns (one finite float per row)."""
-    folder, _, label = spec.partition("#")
     if spec == "sentiment":
         fn = sentiment_reward()
-    elif Path(folder).is_dir():
-        fn = classifier_reward(folder, label or None, device)
+    elif (source := classifier_folder(spec)) is not None:
+        fn = classifier_reward(*source, device)
     elif ":" in spec:
         fn = callable_reward(spec)
     else:

@@ -42,6 +42,7 @@ import torch
 
 from dpokit.batches import pad_rows
 from dpokit.config import ConfigError
+from dpokit.evaluation.rewards import classifier_folder
 from dpokit.logprobs import compute_precision
 from dpokit.loop.online import token_logps
 from dpokit.loop.steps import NonFiniteError
@@ -62,12 +63,11 @@ def ppo_method(cfg, policy, tokenizer, device, log):
     return step_fn, params, cfg.num_ppo_epochs * cfg.num_mini_batches
 
 
-def _reward_folder(cfg) -> tuple[Path, str] | None:
-    """(folder, label) when --reward is one classifier folder (`DIR` or `DIR#LABEL`), else None."""
-    if len(cfg.reward_specs) != 1:
-        return None
-    folder, _, label = cfg.reward_specs[0].partition("#")
-    return (Path(folder), label) if Path(folder).is_dir() else None
+def _reward_folder(cfg) -> tuple[Path, str | None] | None:
+    """(folder, label or None) when --reward is one classifier folder (`DIR` or `DIR#LABEL`) as load_reward reads
+    it, else None."""
+    source = classifier_folder(cfg.reward_specs[0]) if len(cfg.reward_specs) == 1 else None
+    return None if source is None else (Path(source[0]), source[1])
 
 
 def load_value_model(cfg, policy, tokenizer, device, log):
