@@ -80,6 +80,23 @@ def test_classifier_folder_reward(tmp_path, tokenizer):
         load_reward(f"{tmp_path}#HAPPY")
 
 
+def test_a_classifier_says_how_many_rows_it_cut_at_model_max_length(tmp_path, tokenizer):
+    import warnings
+    from transformers import AutoTokenizer
+    from dpokit.evaluation.rewards import RewardTruncationWarning
+    _classifier_folder(tmp_path, tokenizer, tokenizer.pad_token_id, chat_template=False)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    tok.model_max_length = 6
+    tok.save_pretrained(tmp_path)
+    reward = load_reward(f"{tmp_path}#POSITIVE")
+    with pytest.warns(RewardTruncationWarning, match=r"1 of 2 rows reached its tokenizer's model_max_length of 6 "
+                                                     r"tokens and were cut on the right: their scores miss the end"):
+        reward(["Hi", "How do I boil an egg? Tell me step by step."], [" yes", " Simmer it for ten minutes."])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RewardTruncationWarning)
+        reward(["Hi"], [" yes"])  # nothing cut: nothing said
+
+
 def test_classifier_without_pad_token_id_scores_batches(tmp_path, tokenizer):
     """A reward model whose config has no pad_token_id: HF refuses batches > 1 unless it is set (from the
     tokenizer), and each row then scores as it does alone."""

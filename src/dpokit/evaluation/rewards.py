@@ -14,7 +14,9 @@ turns a spec into one:
   list prompt, plus the assistant turn) rendered by that template, as chat reward models are trained;
   otherwise the plain text prompt + completion. Token ids: `reward_model_ids` (truncated to the tokenizer's
   model_max_length, which train-rm sets to its --max-length), batches right-padded by `reward_model_batch`;
-  `dpokit train-rm` trains on exactly these, so its scores in training are the scores here.
+  `dpokit train-rm` trains on exactly these, so its scores in training are the scores here. Each call that
+  scores rows reaching model_max_length says so in one warning (RewardTruncationWarning: how many rows, the
+  limit, the side cut): a cut row is scored without its end, so its reward is not the whole completion's.
 - `module:function`: any importable Python callable with the signature above.
 """
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -30,6 +33,10 @@ RewardFn = Callable[[list, list[str]], list[float]]
 
 class RewardError(ValueError):
     """A reward spec that cannot be loaded, or a reward function that returned something unusable."""
+
+
+class RewardTruncationWarning(UserWarning):
+    """A reward model scored rows cut at its tokenizer's model_max_length (one warning per call, with the count)."""
 
 
 def _text(prompt) -> str:
@@ -116,6 +123,14 @@ def classifier_reward(folder: str, label: str | None = None, device: str = "cpu"
     @torch.no_grad()
     def classifier(prompts: list, completions: list[str]) -> list[float]:
         ids = reward_model_ids(tokenizer, prompts, completions)
+        cut = sum(len(x) >= tokenizer.model_max_length for x in ids)  # counted as train-rm counts its rows
+        if cut:
+            warnings.warn(f"reward model {folder}: {cut} of {len(ids)} rows reached its tokenizer's model_max_length "
+                          f"of {tokenizer.model_max_length} tokens and were cut on the {tokenizer.truncation_side}: "
+                          "their scores miss the " + ("end of the completion" if tokenizer.truncation_side == "right"
+                                                      else "start of the prompt") + "; raise model_max_length in "
+                          f"{folder}/tokenizer_config.json (train-rm sets it to its --max-length) or shorten the "
+                          "prompts or --max-new-tokens", RewardTruncationWarning, stacklevel=2)
         scores = []
         for i in range(0, len(ids), batch_size):
             scores += model(**reward_model_batch(tokenizer, ids[i:i + batch_size], device)).logits[:, index].float() \
