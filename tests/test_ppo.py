@@ -316,12 +316,15 @@ def test_ppo_runs_logs_moves_the_weights_and_is_deterministic(tmp_path, tiny_mod
 
 
 def test_ppo_first_pass_ratio_is_exactly_one(tmp_path, tiny_model_dir, prompts_file):
-    # lr 0, one pass, one mini-batch: π_θ = π_old and V = V_old in the micro-batches the rollout passes used
-    result = _run(tiny_model_dir, prompts_file, tmp_path / "run", loss="ppo", kl_coef=0.05, lr=0.0, num_ppo_epochs=1,
-                  num_generations=1, batch_size=3)
-    for m in _metrics(result.output_dir):
+    # lr > 0, one pass, one mini-batch: each step's one update is taken at π_θ = π_old and V = V_old exactly (the
+    # micro-batches the rollout passes used), and the policy moves between steps
+    result = _run(tiny_model_dir, prompts_file, tmp_path / "run", loss="ppo", kl_coef=0.05, num_ppo_epochs=1,
+                  num_mini_batches=1, num_generations=1, batch_size=3)
+    metrics = _metrics(result.output_dir)
+    for m in metrics:
         assert m["ratio"] == 1.0 and m["clip_fraction"] == 0.0 and m["approx_kl"] == 0.0
-        assert m["value_clip_fraction"] == 0.0 and "kl" in m and m["kl"] == 0.0 and "reward_std" in m
+        assert m["value_clip_fraction"] == 0.0 and "reward_std" in m
+    assert metrics[0]["kl"] == 0.0 and metrics[1]["kl"] != 0.0  # π_ref is the start; step 1's update moved π
 
 
 def test_rloo_runs_with_the_sentiment_reward_and_logs(tmp_path, tiny_model_dir, prompts_file):
@@ -335,10 +338,22 @@ def test_rloo_runs_with_the_sentiment_reward_and_logs(tmp_path, tiny_model_dir, 
     assert (result.final_dir / "model.safetensors").is_file()
 
 
-def test_rloo_first_pass_ratio_is_one(tmp_path, tiny_model_dir, prompts_file):
-    result = _run(tiny_model_dir, prompts_file, tmp_path / "run", loss="rloo", kl_coef=0.0, lr=0.0,
-                  grpo_iterations=2)
-    assert all(m["ratio"] == 1.0 and m["clip_fraction"] == 0.0 for m in _metrics(result.output_dir))
+def test_rloo_first_pass_ratio_is_exactly_one(tmp_path, tiny_model_dir, prompts_file, monkeypatch):
+    """μ = 2, lr > 0: the first pass over each batch is at ρ = 1 exactly (π_old taken in the same micro-batches),
+    the second is not (the first pass's update moved π)."""
+    import dataclasses
+    rloo, ratios = OBJECTIVES["rloo"], []
+
+    def compute(inputs, cfg):
+        loss, stats = rloo.compute(inputs, cfg)
+        ratios.append((stats["ratio"].item(), stats["clip_fraction"].item()))
+        return loss, stats
+    monkeypatch.setitem(OBJECTIVES, "rloo", dataclasses.replace(rloo, compute=compute))
+    result = _run(tiny_model_dir, prompts_file, tmp_path / "run", loss="rloo", kl_coef=0.05, grpo_iterations=2,
+                  num_generations=3)
+    assert len(ratios) == 4  # 2 steps × 2 passes × one micro-batch
+    assert all(r == (1.0, 0.0) for r in ratios[0::2]) and all(r[0] != 1.0 for r in ratios[1::2])
+    assert _metrics(result.output_dir)[0]["kl"] == 0.0
 
 
 def _classifier_dir(tmp_path, tokenizer, labels: int) -> str:
