@@ -327,6 +327,22 @@ def test_ppo_first_pass_ratio_is_exactly_one(tmp_path, tiny_model_dir, prompts_f
     assert metrics[0]["kl"] == 0.0 and metrics[1]["kl"] != 0.0  # π_ref is the start; step 1's update moved π
 
 
+def test_a_ppo_update_does_not_depend_on_the_micro_batch_size(tmp_path, tiny_model_dir, prompts_file):
+    """One update (one pass, one mini-batch) on the same rollout of 2 prompts × 2 samples, accumulated over two
+    micro-batches (batch_size 1, grad_accum 2) or one (batch_size 2): ppo_step divides each micro-batch's loss by
+    its mini-batch's token count, so the gradients and the updated weights agree."""
+    runs = [_run(tiny_model_dir, prompts_file, tmp_path / f"b{b}", loss="ppo", kl_coef=0.05, batch_size=b,
+                 grad_accum=2 // b, num_ppo_epochs=1, max_steps=1, lr=1e-4) for b in (1, 2)]
+    metrics = [_metrics(r.output_dir)[0] for r in runs]
+    for key in ("reward", "completion_length"):  # the same rollout
+        assert metrics[0][key] == metrics[1][key], key
+    assert metrics[0]["grad_norm"] == pytest.approx(metrics[1]["grad_norm"], rel=1e-5)
+    assert metrics[0]["loss"] == pytest.approx(metrics[1]["loss"], rel=1e-5, abs=1e-7)
+    small, big, start = (load_file(f"{p}/model.safetensors") for p in (*(r.final_dir for r in runs), tiny_model_dir))
+    assert any((small[k] - start[k]).abs().max() > 5e-5 for k in small)  # the update moved the weights
+    assert all(torch.allclose(small[k], big[k], rtol=0, atol=1e-5) for k in small)
+
+
 def test_rloo_runs_with_the_sentiment_reward_and_logs(tmp_path, tiny_model_dir, prompts_file):
     result = _run(tiny_model_dir, prompts_file, tmp_path / "run", loss="rloo", reward="sentiment", kl_coef=0.05,
                   grpo_iterations=2, num_generations=3)
