@@ -1,7 +1,7 @@
-"""PPO and RLOO (objectives/ppo.py, objectives/rloo.py, loop/ppo.py, loop/online.py's group step): GAE and returns
-against a float64 loop by hand, whitening, both sides of the policy and value clips, the KL-penalty bookkeeping, the
-first pass at ratio 1, micro-batch additivity, RLOO's leave-one-out advantages, short runs on a tiny model
-(metrics, final/, determinism, the value model's start) and the refusals."""
+"""PPO (objectives/ppo.py, loop/ppo.py) and RLOO runs (loop/online.py's group step): GAE and returns against a
+float64 loop by hand, whitening, both sides of the policy and value clips, the KL-penalty bookkeeping, the first pass
+at ratio 1, micro-batch additivity, short runs on a tiny model (metrics, final/, determinism, the value model's
+start) and the refusals. RLOO's tensor functions: tests/test_rloo.py."""
 
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ from dpokit.data import builtin_path
 from dpokit.evaluation.rewards import RewardError, load_reward
 from dpokit.objectives import OBJECTIVES, OnlineInputs
 from dpokit.objectives.ppo import explained_variance, gae, ppo_policy_loss, ppo_value_loss, token_rewards, whiten
-from dpokit.objectives.rloo import rloo_advantages, rloo_loss
 
 REWARD = "conftest:letter_reward"
 CPU = torch.device("cpu")
@@ -151,79 +150,6 @@ def test_kl_penalty_at_every_token_and_the_score_at_the_last_real_token():
     assert rewards.sum(1).tolist() == pytest.approx((scores - 0.05 * kl).tolist(), abs=1e-12)
     rewards, non_score = token_rewards(scores, old, None, MASK, 0.05)  # no reference: the score alone
     assert non_score.abs().sum() == 0 and rewards.sum(1).tolist() == pytest.approx(scores.tolist())
-
-
-# ---- RLOO --------------------------------------------------------------------------------------------------
-def test_rloo_advantages_by_hand():
-    scores = torch.tensor([1.0, 2.0, 6.0, 0.0, 0.0, 3.0], dtype=torch.float64)
-    kl = torch.tensor([0.5, -1.0, 2.0, 0.0, 4.0, 1.0], dtype=torch.float64)
-    advantages, rewards = rloo_advantages(scores, 3, kl, 0.1)
-    r = [s - 0.1 * k for s, k in zip(scores.tolist(), kl.tolist())]
-    expected = [r[i] - sum(r[j] for j in range(3 * (i // 3), 3 * (i // 3) + 3) if j != i) / 2 for i in range(6)]
-    assert advantages.tolist() == pytest.approx(expected, abs=1e-12) and rewards.tolist() == pytest.approx(r)
-    assert rloo_advantages(scores, 2)[0][:2].tolist() == pytest.approx([-1.0, 1.0])
-    with pytest.raises(ValueError, match="group size"):
-        rloo_advantages(scores, 4)
-
-
-def test_rloo_loss_is_reinforce_at_ratio_one_and_clips_the_sequence_ratio():
-    logps = _rand(10, 3, 5).requires_grad_(True)
-    adv = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
-    loss, stats = rloo_loss(logps, logps.detach(), adv, MASK)
-    loss.backward()
-    assert torch.allclose(logps.grad, -adv[:, None] * MASK / 3, atol=1e-15) and stats["ratio"].item() == 1.0
-    # sequence log-ratios 0.5 (A > 0: ρ = 1.65 above 1.2, clipped), −0.5 (A < 0: ρ = 0.61 below 0.8, clipped), 0.1
-    # spread over the tokens: one ratio per completion
-    shift = torch.tensor([[0.1, 0.1, 0.1, 0.1, 0.1], [-0.25, -0.25, 9, 9, 9], [0.05, 0.05, -0.05, 0.05, 9]],
-                         dtype=torch.float64)
-    loss, stats = rloo_loss(logps.detach(), logps.detach() - shift, adv, MASK)
-    rho = [math.exp(0.5), math.exp(-0.5), math.exp(0.1)]
-    expected = sum(-min(r * a, min(max(r, 0.8), 1.2) * a) for r, a in zip(rho, adv.tolist())) / 3
-    assert loss.item() == pytest.approx(expected, abs=1e-12)
-    assert stats["clip_fraction/high"].item() == pytest.approx(1 / 3) and stats["clip_fraction/low"].item() == \
-        pytest.approx(1 / 3)
-
-
-def _trl_rloo_loss(logps, old, mask, adv, eps_low, eps_high):
-    """TRL 1.16's RLOOTrainer._compute_loss, called unbound on a stand-in `self` holding only what it reads (one
-    process, no aux loss), with the model's log-prob pass replaced by `logps`."""
-    from collections import defaultdict
-    from types import SimpleNamespace
-    trainer = pytest.importorskip("trl.trainer.rloo_trainer")
-    batch, length = logps.shape
-    identity = SimpleNamespace(gather=lambda x: x, reduce=lambda x, reduction: x, gather_for_metrics=lambda x: x)
-    stand_in = SimpleNamespace(
-        _get_per_token_logps_and_entropies=lambda *a, **k: (logps, torch.zeros_like(logps), None),
-        aux_loss_enabled=False, epsilon_low=eps_low, epsilon_high=eps_high, model=SimpleNamespace(training=True),
-        accelerator=identity, _metrics={"train": defaultdict(list)})
-    m = mask.to(logps.dtype)
-    inputs = {"prompt_ids": torch.zeros(batch, 2, dtype=torch.long), "prompt_mask": torch.ones(batch, 2),
-              "completion_ids": torch.zeros(batch, length, dtype=torch.long), "completion_mask": m,
-              "advantages": adv, "old_logps": (old * m).sum(1)}
-    loss = trainer.RLOOTrainer._compute_loss(stand_in, None, inputs)
-    return loss, {k: v[-1] for k, v in stand_in._metrics["train"].items()}
-
-
-def test_rloo_loss_trl_parity():
-    """Loss, gradient and clip fractions equal TRL 1.16's RLOOTrainer._compute_loss, with sequence ratios below,
-    inside and above an asymmetric clip range and garbage in the padding."""
-    logps = -_rand(11, 4, 5).abs()
-    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 0, 0]])
-    shift = torch.tensor([[0.1, 0.1, 0.1, 0.1, 0.1], [-0.25, -0.25, 9, 9, 9], [0.05, 0.05, -0.05, 0.05, 9],
-                          [0.2, 0.1, 0.05, 9, 9]], dtype=torch.float64)
-    old = logps - shift
-    adv = torch.tensor([1.0, -2.0, 0.5, 0.7], dtype=torch.float64)
-    ours_in, trl_in = logps.clone().requires_grad_(True), logps.clone().requires_grad_(True)
-    ours, stats = rloo_loss(ours_in, old, adv, mask, 0.2, 0.28)
-    theirs, metrics = _trl_rloo_loss(trl_in, old, mask, adv, 0.2, 0.28)
-    assert ours.item() == pytest.approx(theirs.item(), rel=1e-12)
-    ours.backward()
-    theirs.backward()
-    torch.testing.assert_close(ours_in.grad, trl_in.grad, rtol=1e-12, atol=1e-15)
-    assert stats["clip_fraction/low"].item() == pytest.approx(metrics["clip_ratio/low_mean"], rel=1e-12)
-    assert stats["clip_fraction/high"].item() == pytest.approx(metrics["clip_ratio/high_mean"], rel=1e-12)
-    assert stats["clip_fraction"].item() == pytest.approx(metrics["clip_ratio/region_mean"], rel=1e-12)
-    assert stats["clip_fraction"].item() > 0
 
 
 # ---- micro-batch additivity on the tiny model ---------------------------------------------------------------
