@@ -145,7 +145,7 @@ def run_demo(output_dir: str | Path = "runs/demo", task: SentimentTask | None = 
             if spent >= 0.05:
                 log(f"{spent:.1f} of the {minutes:g} minutes went before the demo started (install): planning for "
                     f"{minutes - spent:.1f}")
-            plan = demo_plan.make_plan(max(minutes - spent, 0.1), machine, len(train_prompts), task.samples,
+            plan = demo_plan.make_plan(round(max(minutes - spent, 0.1), 1), machine, len(train_prompts), task.samples,
                                        len(eval_prompts), task.k,
                                        cfg.batch_size, cfg.epochs, task.max_new_tokens, task.pairing)
             state.record_plan(plan.to_dict(), asdict(machine))
