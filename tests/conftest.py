@@ -101,3 +101,21 @@ def wait_for_checkpoint(proc, out: Path, at_least: int, seconds: float = 120) ->
             raise AssertionError((err.decode() if isinstance(err, bytes) else err)[-3000:])
         time.sleep(0.005)
     raise AssertionError("no checkpoint appeared")
+
+
+@pytest.fixture
+def bench_in_process(tmp_path, monkeypatch):
+    """`dpokit bench` with its workers in this process (it spawns one process per tool, and per length with
+    --prompt-tokens) and a 1 GFLOP/s 'peak': the same code path otherwise, at a test's speed."""
+    import argparse
+
+    from dpokit import bench, bench_tools
+    monkeypatch.setenv("DPOKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(bench_tools, "matmul_peak", lambda *a, **k: 1.0)
+
+    def in_process(tool, pairs, args, batch_size, max_length, tmp):
+        ns = argparse.Namespace(tool=tool, pairs=pairs, model=args.model, steps=args.steps, batch_size=batch_size,
+                                max_length=max_length, dtype=args.dtype, tmp=str(tmp / "run"))
+        return bench.worker(ns), ""
+    monkeypatch.setattr(bench_tools, "spawn", in_process)
+    return bench

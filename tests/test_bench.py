@@ -1,24 +1,14 @@
 """`dpokit bench` on pairs (the HH table): each tool's line states its share of the floor with its reference pass
 counted, since the floor's FLOPs include the reference forward that a cached run computes before its steps."""
 
-import argparse
 import json
 import re
 
-from dpokit import bench, bench_tools
+from dpokit import bench
 from dpokit.data import builtin_path
 
 
-def test_bench_counts_the_reference_pass_in_the_floor_share(tmp_path, tiny_model_dir, monkeypatch, capsys):
-    """Workers in-process here (the bench spawns one process per tool); same code path otherwise."""
-    monkeypatch.setenv("DPOKIT_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(bench_tools, "matmul_peak", lambda *a, **k: 1.0)
-
-    def in_process(tool, pairs, args, batch_size, max_length, tmp):
-        ns = argparse.Namespace(tool=tool, pairs=pairs, model=args.model, steps=args.steps, batch_size=batch_size,
-                                max_length=max_length, dtype=args.dtype, tmp=str(tmp / "run"))
-        return bench.worker(ns), ""
-    monkeypatch.setattr(bench_tools, "spawn", in_process)
+def test_bench_counts_the_reference_pass_in_the_floor_share(tmp_path, tiny_model_dir, bench_in_process, capsys):
     out = tmp_path / "hh.json"
     bench.main(["--steps", "3", "--batch-size", "2", "--max-length", "128", "--tools", "trl,dpokit",
                 "--model", tiny_model_dir, "--data", str(builtin_path("helpful_train")), "--json", str(out)])

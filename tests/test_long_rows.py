@@ -3,14 +3,13 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
 import torch
 
 from conftest import make_tiny_model, write_jsonl
-from dpokit import bench, bench_tools, train
+from dpokit import bench, train
 from dpokit.batches import TOKENS_PER_PAIR, batch_tokens, eval_batches, tokenize_pairs
 from dpokit.data import builtin_path, load_pairs
 from dpokit.data.long_pairs import long_pairs
@@ -106,16 +105,7 @@ def test_memory_fit_and_trl_skip():
     assert trl_skip(1024, 1300, [(300, 2.0), (600, 2.1)], 2048) == ""
 
 
-def test_bench_prompt_tokens_prints_the_table_and_fit(tmp_path, tiny_model_dir, monkeypatch, capsys):
-    """Workers in-process here (the bench spawns one process per tool and length); same code path otherwise."""
-    monkeypatch.setenv("DPOKIT_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(bench_tools, "matmul_peak", lambda *a, **k: 1.0)
-
-    def in_process(tool, pairs, args, batch_size, max_length, tmp):
-        ns = argparse.Namespace(tool=tool, pairs=pairs, model=args.model, steps=args.steps, batch_size=batch_size,
-                                max_length=max_length, dtype=args.dtype, tmp=str(tmp / "run"))
-        return bench.worker(ns), ""
-    monkeypatch.setattr(bench_tools, "spawn", in_process)
+def test_bench_prompt_tokens_prints_the_table_and_fit(tmp_path, tiny_model_dir, bench_in_process, capsys):
     out = tmp_path / "long.json"
     bench.main(["--prompt-tokens", "48,96,160", "--steps", "1", "--tools", "dpokit-dense,dpokit-segments",
                 "--model", tiny_model_dir, "--data", BUILTIN, "--json", str(out)])
