@@ -22,29 +22,27 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from dpokit.batches.inputs import data_paths, pair_groups
 from dpokit.config import ConfigError, TrainConfig
 from dpokit.data import DataError, load_pairs
 from dpokit.evaluation.rewards import reward_model_batch, reward_model_ids
 from dpokit.logprobs import compute_precision
-from dpokit.loop.checkpoint import (check_same_run, check_writable, complete_checkpoints, deterministic_kernels,
+from dpokit.loop.checkpoint import (check_same_run, check_writable, deterministic_kernels,
                                     find_checkpoint, keep_metrics_until, load_training_state, load_weights,
                                     rng_state, save_checkpoint)
 from dpokit.loop.optim import build_optimizer, build_scheduler
 from dpokit.loop.result import TrainResult, pick_device
 from dpokit.loop.schedule import BatchSchedule
-from dpokit.loop.signals import StopSignals, TrainingInterrupted
 from dpokit.loop.steps import NonFiniteError
-from dpokit.loop.update import NonFiniteSteps, update
+from dpokit.loop.train import run_steps
+from dpokit.loop.update import update
 from dpokit.models import load_tokenizer
 from dpokit.models.load import ModelError, keep_master_copy, resolve, save_final, torch_dtype, warn_half_on_cpu
 from dpokit.models.lora import add_lora, disable_dropout
@@ -221,34 +219,10 @@ def _start(run: RMRun, total_steps: int) -> int:
 
 
 def _train_steps(run: RMRun, start_step: int, total_steps: int, metrics) -> None:
-    cfg = run.cfg
-    bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, disable=not cfg.progress,
-               desc="reward model", dynamic_ncols=True)
-
-    def last_checkpoint() -> str:
-        last = complete_checkpoints(cfg.output_dir)
-        return f"weights not updated; last checkpoint: {last[-1] if last else 'none'}"
-    nonfinite = NonFiniteSteps(cfg.on_nonfinite, run.log, last_checkpoint)
-    with StopSignals() as stop:
-        for step in bar:
-            try:
-                record = optimizer_step(run, step)
-            except NonFiniteError as e:
-                record = {"step": step + 1, **nonfinite.handle(e, run.optimizer)}
-            if "loss" in record and run.eval_set and cfg.eval_every and (step + 1) % cfg.eval_every == 0 \
-                    and step + 1 < total_steps:
-                record.update(evaluate(run))
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
-            if "loss" in record:
-                bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.2f}")
-            if stop.received is not None:
-                bar.close()
-                metrics.close()
-                raise TrainingInterrupted(stop.received or signal.SIGTERM, checkpoint(run, step + 1))
-            if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total_steps:
-                checkpoint(run, step + 1)
-    bar.close()
+    run_steps(run.cfg, start_step, total_steps, "reward model", lambda step: optimizer_step(run, step),
+              (lambda: evaluate(run)) if run.eval_set else None, lambda step: checkpoint(run, step), metrics,
+              lambda r: {"loss": f"{r['loss']:.4f}", "acc": f"{r['accuracy']:.2f}"}, run.optimizer, run.log,
+              show=run.cfg.progress)
 
 
 def optimizer_step(run: RMRun, step: int) -> dict:

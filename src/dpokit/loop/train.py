@@ -193,39 +193,53 @@ def _announce(run: Run, start_step: int, total_steps: int) -> None:
 
 
 def _train_steps(run: Run, start_step: int, total_steps: int, metrics_file) -> None:
-    """Steps start_step … total_steps − 1: update, metrics, held-out evaluation and checkpoints every N steps; on
-    SIGINT/SIGTERM a checkpoint, then TrainingInterrupted."""
     cfg, ctx = run.cfg, run.ctx
-    bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps,
-               disable=not (cfg.progress and ctx.is_main), desc="dpo", dynamic_ncols=True)
+    run_steps(cfg, start_step, total_steps, "dpo", lambda step: optimizer_step(run, step),
+              (lambda: evaluate(run)) if run.eval_set else None, lambda step: checkpoint(run, step), metrics_file,
+              lambda r: {"loss": f"{r['loss']:.4f}", **({"acc": f"{r['rewards/accuracies']:.2f}",
+                                                          "margin": f"{r['rewards/margins']:.3f}"} if not run.unpaired
+                                                        else {})},
+              run.optimizer, run.log, show=cfg.progress and ctx.is_main,
+              stop_all=lambda received: any_across(received, ctx),  # every rank stops at the same step
+              skip_hint=" (--on-nonfinite skip skips such steps)")
+
+
+def run_steps(cfg: TrainConfig, start_step: int, total_steps: int, desc: str, take_step: Callable[[int], dict],
+              evaluate_fn: Callable[[], dict] | None, save: Callable[[int], object], metrics_file,
+              postfix: Callable[[dict], dict], optimizer, log, show: bool = True,
+              stop_all: Callable[[bool], bool] = bool, skip_hint: str = "") -> None:
+    """Steps start_step … total_steps − 1 of a step loop (offline DPO, `dpokit train-rm`): `take_step(step)` → its
+    metrics (a NonFiniteError is handled per --on-nonfinite), held-out `evaluate_fn()` every --eval-every steps, one
+    metrics.jsonl line, `save(step)` every --save-every steps; on SIGINT/SIGTERM (`stop_all` agrees across
+    processes) `save`, then TrainingInterrupted naming what it saved."""
+    bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, disable=not show, desc=desc,
+               dynamic_ncols=True)
 
     def last_checkpoint() -> str:
         last = complete_checkpoints(cfg.output_dir)
-        return (f"weights not updated; last checkpoint: {last[-1] if last else 'none'} (--on-nonfinite skip skips "
-                "such steps)")
-    nonfinite = NonFiniteSteps(cfg.on_nonfinite, run.log, last_checkpoint)
+        return f"weights not updated; last checkpoint: {last[-1] if last else 'none'}{skip_hint}"
+    nonfinite = NonFiniteSteps(cfg.on_nonfinite, log, last_checkpoint)
     with StopSignals() as stop:
         for step in bar:
             try:
-                record = optimizer_step(run, step)
+                record = take_step(step)
             except NonFiniteError as e:
-                record = {"step": step + 1, **nonfinite.handle(e, run.optimizer)}
-            if "loss" in record and run.eval_set and cfg.eval_every and (step + 1) % cfg.eval_every == 0 \
+                record = {"step": step + 1, **nonfinite.handle(e, optimizer)}
+            if "loss" in record and evaluate_fn and cfg.eval_every and (step + 1) % cfg.eval_every == 0 \
                     and step + 1 < total_steps:
-                record.update(evaluate(run))
+                record.update(evaluate_fn())
             if metrics_file:
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
             if "loss" in record:
-                bar.set_postfix(loss=f"{record['loss']:.4f}", **({"acc": f"{record['rewards/accuracies']:.2f}",
-                                "margin": f"{record['rewards/margins']:.3f}"} if not run.unpaired else {}))
-            if any_across(stop.received is not None, ctx):  # every rank stops at the same step
+                bar.set_postfix(**postfix(record))
+            if stop_all(stop.received is not None):
                 bar.close()
                 if metrics_file:
                     metrics_file.close()
-                raise TrainingInterrupted(stop.received or signal.SIGTERM, checkpoint(run, step + 1))
+                raise TrainingInterrupted(stop.received or signal.SIGTERM, save(step + 1))
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total_steps:
-                checkpoint(run, step + 1)
+                save(step + 1)
     bar.close()
 
 
