@@ -62,7 +62,7 @@ class TrainConfig:
                                                                  runs=ON_FILES, needs=("paired",))
 
     # ---- lora ------------------------------------------------------------------------------------------------
-    lora_r: int = opt("lora", 0, "LoRA rank (0: train all weights)", valid=">= 0 (0: no LoRA)", runs=ON_FILES)
+    lora_r: int = opt("lora", 0, "LoRA rank (0: train all weights)", valid=">= 0 (0: no LoRA)")
     lora_alpha: float = opt("lora", 16.0, "LoRA scaling α (update scaled by α / r)", needs=("lora",))
     lora_dropout: float = opt("lora", 0.0, "dropout on the LoRA path (note: makes log-prob ratios stochastic)",
                                            valid="[0, 1)", needs=("lora",))

@@ -90,7 +90,7 @@ def _not_read_by(run: str, runs: tuple[str, ...], loss) -> str:
     if run == ONLINE_OBJECTIVE and ONLINE_DPO in runs:
         return f"has no effect on loss {loss} (its KL weight is --kl-coef)"
     return ("is not used by online training (it samples its own data from --prompts; no held-out pairs, "
-            "checkpoints, LoRA or multi-process training yet)")
+            "checkpoints or multi-process training yet)")
 
 
 def _needs_lora(cfg, key: str) -> str | None:
@@ -190,6 +190,9 @@ def online_combinations(cfg) -> Iterator[str]:
                f"{rows}")
     if cfg.rounds and cfg.run_kind == ONLINE_OBJECTIVE:
         yield f"rounds = {cfg.rounds} is iterative DPO: it needs --online-dpo, not --loss {cfg.loss}"
+    if cfg.rounds and cfg.lora_r and not cfg.merge_lora:  # loop/iterative.py: each round loads the last one's final/
+        yield (f"rounds = {cfg.rounds} with LoRA needs --merge-lora: each round samples from and trains the previous "
+               "round's model, so every round saves its adapters merged into a whole model")
     if cfg.reward_weights is not None:
         try:
             weights = [float(w) for w in as_list(cfg.reward_weights)]

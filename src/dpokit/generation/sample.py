@@ -71,6 +71,7 @@ def next_token(logits: torch.Tensor, temperature: float, top_p: float, generator
 def cache_keyword(model) -> str:
     """The name of the KV cache in a causal LM's forward arguments and outputs: `cache` in current transformers
     (5.24 deprecates `past_key_values`, to be removed in 5.40), `past_key_values` in earlier 5.x releases."""
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT's forward takes **kwargs
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 

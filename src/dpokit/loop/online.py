@@ -52,12 +52,12 @@ from dpokit.logprobs import compute_precision
 from dpokit.logprobs.sequence import batch_token_logps
 from dpokit.loop.checkpoint import check_writable
 from dpokit.loop.optim import build_optimizer, build_scheduler
-from dpokit.loop.reference import load_ref_model, sync_reference
+from dpokit.loop.reference import AdaptersOff, load_ref_model, reference_forward, sync_reference
 from dpokit.loop.schedule import BatchSchedule
 from dpokit.loop.steps import NonFiniteError, paired_step
 from dpokit.loop.update import NonFiniteSteps, update
 from dpokit.loop.result import TrainResult, pick_device
-from dpokit.models.lora import disable_dropout
+from dpokit.models.lora import add_lora, disable_dropout
 from dpokit.models import load_model, load_tokenizer
 from dpokit.models.load import keep_master_copy, save_final, stalled_weights_note, torch_dtype, warn_half_on_cpu
 from dpokit.objectives import OBJECTIVES, OnlineInputs, needs_reference
@@ -121,7 +121,9 @@ def train_online(cfg: TrainConfig, log=print, method=None) -> TrainResult:
     bar.close()
     metrics_file.close()
     final = out / "final"
-    save_final(policy, final, cfg)  # in --model-dtype, config.json saying so
+    if cfg.lora_r and cfg.merge_lora:
+        policy = policy.merge_and_unload()  # a plain transformers model again, adapters folded in
+    save_final(policy, final, cfg)  # in --model-dtype, config.json saying so (LoRA: the adapter alone)
     tokenizer.save_pretrained(final)
     log(f"saved {final} (load it with AutoModelForCausalLM.from_pretrained); metrics in {out / 'metrics.jsonl'}")
     return TrainResult(out, total_steps, None, None, final)
@@ -143,14 +145,17 @@ def _load_online(cfg: TrainConfig, device, log):
     warn_half_on_cpu(device, cfg.model_dtype, log)
     policy = load_model(cfg.model, device, cfg.allow_pickle, cfg.trust_remote_code, cfg.model_dtype)
     policy.eval()  # dropout off: log π_θ − log π_old must compare the same deterministic function
+    if cfg.lora_r:  # before the reference: a LoRA run's is this very model with its adapters off (AdaptersOff)
+        policy = add_lora(policy, cfg, log)  # train mode only with --lora-dropout; sample() runs in eval mode
     reference = load_reference(cfg, policy, tokenizer, device, cfg.kl_coef > 0 if not cfg.online_dpo else
                                needs_reference(cfg.loss_names), log)
-    keep_master_copy(policy, cfg)  # as the offline loop: the reference copy stays in --model-dtype
+    keep_master_copy(policy, cfg)  # as the offline loop: the reference copy stays in --model-dtype (LoRA: no-op)
     if cfg.pure_half:
         log(stalled_weights_note(policy, cfg))
     if cfg.gradient_checkpointing:  # as the offline loop: checkpoint in train mode, with every dropout zeroed
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        disable_dropout(policy)
+        if not cfg.lora_r:  # (add_lora already zeroed the base's dropout and keeps --lora-dropout)
+            disable_dropout(policy)
         policy.train()
     return tokenizer, prompts, reward_fn, policy, reference
 
@@ -258,7 +263,8 @@ def token_logps(model, rows: list[tuple[list[int], list[int]]], pad_id: int, dev
     π_ref alike (as TRL 1.16's GRPOTrainer): at T ≠ 1, T = 1 log-probs would make ρ and the KL those of a model
     other than the one that sampled, and μ = 1 would no longer be on-policy."""
     batch = {k: v.to(device) for k, v in pad_rows(rows, pad_id).items()}
-    with compute_precision(device, cfg.dtype):
+    model, adapters = reference_forward(model)  # a LoRA run's reference: the policy with its adapters off
+    with compute_precision(device, cfg.dtype), adapters:
         tok = batch_token_logps(model, batch, temperature=cfg.temperature)
     shape, index = (len(rows), max(len(c) for _, c in rows)), (tok.rows, tok.positions)
     logps = tok.values.new_zeros(shape).index_put(index, tok.values)  # keeps the graph to tok.values
@@ -283,11 +289,14 @@ def load_online_prompts(cfg: TrainConfig, tokenizer, log) -> list:
 
 
 def load_reference(cfg: TrainConfig, policy, tokenizer, device, needed: bool, log):
-    """The frozen reference: --ref-model, else a copy of the starting policy; None (nothing loaded) if unused."""
+    """The frozen reference: --ref-model, else a copy of the starting policy (a LoRA policy: itself with its
+    adapters off, `AdaptersOff`, no copy); None (nothing loaded) if unused."""
     if not needed:
         log("no reference model loaded (" + ("kl_coef = 0" if not cfg.online_dpo else f"loss {cfg.loss} is "
                                               "reference-free") + ")")
         return None
     if cfg.ref_model:
         return load_ref_model(cfg, tokenizer, device, policy)
+    if cfg.lora_r:
+        return AdaptersOff(policy)
     return copy.deepcopy(policy).requires_grad_(False).eval()

@@ -15,6 +15,11 @@ last one. It starts
 A reward folder with several labels and no #LABEL is refused: which logit is the reward is then a guess.
 Policy and value model share one optimizer (one parameter list, one schedule, one gradient-norm clip over
 both), as TRL's PolicyAndValueWrapper, and one backward of L_policy + vf_coef · L_value per micro-batch.
+With --lora-r the value model stays a separate model but trains as the policy does: its own LoRA adapters (the
+same r, α and targets) and its head in full, its backbone frozen in --model-dtype — a fully trained value model
+would bring back the gradients and AdamW state of a whole model that LoRA saves on the policy. (It does not share
+the policy's frozen base: one model with two adapters would save the second copy of the weights, at the price of
+switching adapters between every policy and value pass.)
 
 One step (one rollout batch of batch_size × grad_accum prompts × num_generations samples):
   1. no-grad passes, in the micro-batches of the first PPO epoch (so that on a CPU, whose kernels repeat
@@ -47,7 +52,7 @@ from dpokit.logprobs import compute_precision
 from dpokit.loop.online import token_logps
 from dpokit.loop.steps import NonFiniteError
 from dpokit.loop.update import update
-from dpokit.models.lora import disable_dropout
+from dpokit.models.lora import add_lora, base_weights, disable_dropout
 from dpokit.objectives import OBJECTIVES, OnlineInputs
 from dpokit.objectives.ppo import explained_variance, gae, token_rewards, whiten
 
@@ -91,7 +96,7 @@ def load_value_model(cfg, policy, tokenizer, device, log):
             model = AutoModelForSequenceClassification.from_pretrained(
                 folder, num_labels=1, use_safetensors=True, trust_remote_code=False, dtype=dtype)
             log(f"value model: initialised from the reward model {folder}")
-            return _set_up(model.to(device), cfg, policy)
+            return _set_up(model.to(device), cfg, policy, log)
         log(f"value model: the reward model {folder} " + ("has several labels" if same_tokens else
             "reads other tokens than the policy") + "; initialised from the policy with a fresh head instead")
     config = copy.deepcopy(policy.config)
@@ -100,25 +105,33 @@ def load_value_model(cfg, policy, tokenizer, device, log):
     if not hasattr(model, "score"):
         raise ConfigError(f"--loss ppo: {type(model).__name__} has no `score` head to read values from; use a "
                           "decoder model (Llama, Qwen, Mistral, GPT-2, …) or a one-label reward model folder")
-    model.base_model.load_state_dict(policy.base_model.state_dict())
+    plain = policy.get_base_model() if cfg.lora_r else policy  # the transformers model under PEFT's wrapper
+    model.base_model.load_state_dict(base_weights(plain.base_model))  # the policy's weights without adapters
     generator = torch.Generator().manual_seed(cfg.seed)
     with torch.no_grad():
         for p in model.score.parameters():
             p.copy_(torch.randn(p.shape, generator=generator) * getattr(config, "initializer_range", 0.02)
                     if p.dim() > 1 else torch.zeros(p.shape))
     log("value model: initialised from the policy's weights with a fresh head")
-    return _set_up(model.to(device), cfg, policy)
+    return _set_up(model.to(device), cfg, policy, log)
 
 
-def _set_up(model, cfg, policy):
+def _set_up(model, cfg, policy, log):
+    """Trainable as the policy is: in full, or with --lora-r its own adapters (the policy's r, α, targets) and the
+    head in full (PEFT's SEQ_CLS task: modules_to_save), so the backbone gets no gradients or optimizer state."""
     if model.config.pad_token_id is None:
         model.config.pad_token_id = policy.config.pad_token_id
     model.eval()  # dropout off, as the policy
+    if cfg.lora_r:
+        model = add_lora(model, cfg, lambda line: log(f"value model: {line}"), task_type="SEQ_CLS")
+    else:
+        model.requires_grad_(True)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        disable_dropout(model)
+        if not cfg.lora_r:  # (add_lora already zeroed the base's dropout and keeps --lora-dropout)
+            disable_dropout(model)
         model.train()
-    return model.requires_grad_(True)
+    return model
 
 
 def token_values(value_model, rows: list[tuple[list[int], list[int]]], pad_id: int, device, cfg) -> torch.Tensor:
@@ -126,6 +139,8 @@ def token_values(value_model, rows: list[tuple[list[int], list[int]]], pad_id: i
     position whose logits predict token t (the state before it, as TRL's values[:, context_length − 1 : −1])."""
     batch = {k: v.to(device) for k, v in pad_rows(rows, pad_id).items()}
     index = ([i for i, (_, c) in enumerate(rows) for _ in c], [len(p) - 1 + t for p, c in rows for t in range(len(c))])
+    # under PEFT: the wrapped classifier (its layers carry the adapters, its score is the trained copy)
+    value_model = value_model.get_base_model() if hasattr(value_model, "get_base_model") else value_model
     with compute_precision(device, cfg.dtype):
         hidden = value_model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                         use_cache=False).last_hidden_state

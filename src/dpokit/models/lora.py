@@ -32,3 +32,10 @@ def disable_dropout(model) -> None:
             module.p = 0.0
         if isinstance(getattr(module, "attention_dropout", None), float):
             module.attention_dropout = 0.0
+
+
+def base_weights(module) -> dict:
+    """The state dict `module` (a PEFT-wrapped model or one of its submodules) had before adapters were added: the
+    LoRA weights left out, each wrapped layer's `base_layer` named as the plain layer was. A plain module's own."""
+    state = module.state_dict()
+    return {k.replace(".base_layer.", "."): v for k, v in state.items() if ".lora_" not in k}
