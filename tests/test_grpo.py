@@ -162,10 +162,11 @@ def test_bad_aggregation_and_missing_length_are_refused():
 TRL_LOSS_TYPE = {"dapo": "dapo", "grpo": "grpo", "dr_grpo": "dr_grpo"}  # the same names, the same formulas
 
 
-def _trl_grpo_loss(logps, old, ref, mask, adv, loss_type, beta, eps_low, eps_high, max_len):
+def _trl_grpo_loss(logps, old, ref, mask, adv, loss_type, beta, eps_low, eps_high, max_len, level="token"):
     """TRL 1.16 computes the GRPO loss inline in GRPOTrainer._compute_loss. Called unbound on a stand-in `self`
-    holding only what that method reads for the plain configuration (token-level ratios, no vLLM, no entropy
-    mask or bonus, one process, no accumulation), with the model's log-prob pass replaced by `logps`."""
+    holding only what that method reads for the plain configuration (token-level ratios, or GSPO's sequence
+    ratio with level "sequence"; no vLLM, no entropy mask or bonus, one process, no accumulation), with the
+    model's log-prob pass replaced by `logps`."""
     from collections import defaultdict
     from types import SimpleNamespace
     trainer = pytest.importorskip("trl.trainer.grpo_trainer")
@@ -175,7 +176,7 @@ def _trl_grpo_loss(logps, old, ref, mask, adv, loss_type, beta, eps_low, eps_hig
     stand_in = SimpleNamespace(
         _get_per_token_logps_and_entropies=lambda *a, **k: (logps, torch.zeros_like(logps), None),
         top_entropy_quantile=1.0, aux_loss_enabled=False, off_policy_mask_threshold=None,
-        importance_sampling_level="token", beta=beta, loss_type=loss_type, epsilon_low=eps_low,
+        importance_sampling_level=level, beta=beta, loss_type=loss_type, epsilon_low=eps_low,
         epsilon_high=eps_high, use_vllm=False, vllm_importance_sampling_correction=False,
         model=SimpleNamespace(training=True), current_gradient_accumulation_steps=1, max_completion_length=max_len,
         accelerator=identity, _entropy_bonus_enabled=False, _metrics={"train": defaultdict(list)},

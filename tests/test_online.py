@@ -211,8 +211,8 @@ def test_grpo_trains_on_the_sampled_ids_and_adds_no_eos_to_cut_samples(tmp_path,
     drawn, scored = [], []
     original_sample, original_logps = online.sample, online.token_logps
     monkeypatch.setattr(online, "sample", lambda *a, **k: drawn.append(original_sample(*a, **k)) or drawn[-1])
-    monkeypatch.setattr(online, "token_logps", lambda model, rows, *a: scored.append(rows) or original_logps(
-        model, rows, *a))
+    monkeypatch.setattr(online, "token_logps", lambda model, rows, *a, **k: scored.append(rows) or original_logps(
+        model, rows, *a, **k))
     train(**_common(tiny_model_dir, prompts_file, tmp_path / "run", loss="grpo", max_steps=1, num_generations=2))
     s = drawn[0]
     assert scored[0] == list(zip(s.prompt_ids, s.completion_ids))

@@ -142,6 +142,14 @@ class TrainConfig:
     scale_rewards: str = opt("objective", "group", "grpo: divide advantages by the group's reward std, the batch's, or "
                                                    "'none' (Dr. GRPO)", ("group", "batch", "none"),
                                                    runs=(ONLINE_OBJECTIVE,))
+    importance_sampling_level: str = opt("objective", "token", "grpo: the ratio π_θ/π_old per 'token', or per "
+                                                               "'sequence' (GSPO, Zheng 2025: exp of the mean "
+                                                               "token log-ratio of a completion, clipped as one; "
+                                                               "the paper aggregates with --grpo-aggregation grpo)",
+                                         ("token", "sequence"), runs=(ONLINE_OBJECTIVE,))
+    mask_truncated_completions: bool = opt("objective", False, "grpo, rloo: leave completions cut at --max-new-tokens "
+                                                               "(no EOS) out of the loss (DAPO's overlong filtering)",
+                                           runs=(ONLINE_OBJECTIVE,))
     center_rewards_coefficient: float | None = opt("objective", None, "train-rm: weight c of TRL's term "
                                                                   "c·mean((r_c + r_r)²), which keeps rewards "
                                                                   "centred on 0 (null: off)", valid=">= 0",

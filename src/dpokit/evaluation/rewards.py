@@ -195,17 +195,46 @@ def checked(fn: RewardFn, name: str) -> RewardFn:
     return reward
 
 
+class Scores(list):
+    """The weighted rewards of a batch, one float per row (a list), carrying each reward function's own
+    unweighted rewards by name in `columns`: online runs log them as rewards/<name>/mean and /std (TRL's)."""
+
+    def __init__(self, values, columns: dict[str, list[float]]):
+        super().__init__(values)
+        self.columns = columns
+
+
+def reward_names(specs: list[str]) -> list[str]:
+    """A short name per spec, as TRL names reward functions: the function's name for `module:function`, the
+    folder's name (and #label) for a classifier, `sentiment`; a repeated name gets _2, _3, … after it."""
+    names: list[str] = []
+    for spec in specs:
+        if (source := classifier_folder(spec)) is not None:
+            base = Path(source[0]).resolve().name + (f"#{source[1]}" if source[1] else "")
+        else:
+            base = spec.rpartition(":")[2] or spec
+        name, k = base, 1
+        while name in names:
+            k += 1
+            name = f"{base}_{k}"
+        names.append(name)
+    return names
+
+
 def combine(specs: list[str], weights: list[float] | None = None, device: str = "cpu") -> RewardFn:
-    """Σ_i w_i · r_i(prompt, completion) over several reward specs (all weights 1 by default)."""
+    """Σ_i w_i · r_i(prompt, completion) over several reward specs (all weights 1 by default). Several specs
+    or a weight ≠ 1: the result is `Scores`, each function's column named by `reward_names`."""
     weights = weights or [1.0] * len(specs)
     if len(weights) != len(specs):
         raise RewardError(f"{len(specs)} rewards but {len(weights)} weights")
     fns = [load_reward(s, device) for s in specs]
     if len(fns) == 1 and weights[0] == 1.0:
         return fns[0]
+    names = reward_names(specs)
 
-    def weighted(prompts: list, completions: list[str]) -> list[float]:
+    def weighted(prompts: list, completions: list[str]) -> Scores:
         columns = [fn(prompts, completions) for fn in fns]
-        return [sum(w * c[i] for w, c in zip(weights, columns)) for i in range(len(completions))]
+        return Scores([sum(w * c[i] for w, c in zip(weights, columns)) for i in range(len(completions))],
+                      dict(zip(names, columns)))
     weighted.__name__ = "+".join(f"{w:g}*{s}" for w, s in zip(weights, specs))
     return weighted

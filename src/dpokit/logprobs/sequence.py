@@ -49,6 +49,7 @@ class TokenLogps:
     positions: torch.Tensor   # 0-based index of the token inside its completion
     log_sum_sq: torch.Tensor | None  # log Σ_v π(v | ·)², detached (for WPO), when asked for
     n_rows: int
+    entropy: torch.Tensor | None = None  # H(π(· | prefix)) at each scored position, detached, when asked for
 
     def sums(self, weights: torch.Tensor | None = None) -> torch.Tensor:
         values = self.values if weights is None else self.values * weights
@@ -71,7 +72,8 @@ class TokenLogps:
         offsets = torch.arange(rows.numel(), device=rows.device) - (new_counts.cumsum(0) - new_counts)[rows]
         idx = order[starts[seq_map][rows] + offsets]
         return TokenLogps(self.values[idx], rows, self.positions[idx],
-                          None if self.log_sum_sq is None else self.log_sum_sq[idx], self.n_rows)
+                          None if self.log_sum_sq is None else self.log_sum_sq[idx], self.n_rows,
+                          None if self.entropy is None else self.entropy[idx])
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
@@ -94,16 +96,21 @@ def _head_logits(head, device_type: str):
     return lambda states: F.linear(_at_least_fp32(states), weight32, bias32)
 
 
-def _token_stats(states: torch.Tensor, head, targets: torch.Tensor, with_sq: bool, temperature: float = 1.0):
+def _token_stats(states: torch.Tensor, head, targets: torch.Tensor, with_sq: bool, temperature: float = 1.0,
+                 with_entropy: bool = False):
     logits = head(states)  # `_head_logits`: fp32 or wider
     if temperature != 1.0:
         logits = logits / temperature
     lse = torch.logsumexp(logits, dim=-1)
     logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
-    if not with_sq:
-        return logps, None
-    with torch.no_grad():
-        return logps, torch.logsumexp(2 * logits.detach(), dim=-1) - 2 * lse.detach()
+    sq = entropy = None
+    with torch.no_grad():  # from the chunk's logits already there: no second pass over the head
+        if with_sq:
+            sq = torch.logsumexp(2 * logits.detach(), dim=-1) - 2 * lse.detach()
+        if with_entropy:  # H = −Σ_v p_v log p_v = lse − Σ_v p_v z_v, z the (tempered) logits
+            z = logits.detach()
+            entropy = lse.detach() - (torch.softmax(z, dim=-1) * z).sum(-1)
+    return logps, sq, entropy
 
 
 # The fast path's decision, cached on the model instance (PEFT forwards attribute look-ups to the model it
@@ -196,9 +203,11 @@ def additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Ten
 
 
 def batch_token_logps(model, batch: dict[str, torch.Tensor], with_sq: bool = False,
-                      temperature: float = 1.0) -> TokenLogps:
+                      temperature: float = 1.0, with_entropy: bool = False) -> TokenLogps:
     """Log-probs of every scored completion token of a batch from `collate` (padded) or
-    `collate_packed` (prefix-shared, packed); under softmax(logits / temperature) when it is not 1 (GRPO)."""
+    `collate_packed` (prefix-shared, packed); under softmax(logits / temperature) when it is not 1 (GRPO).
+    with_entropy: also the entropy of that distribution at each scored position (GRPO's `entropy` metric),
+    computed under no_grad from each head chunk's logits in the same pass."""
     index = batch if "score_seq" in batch else padded_score_index(batch["completion_mask"], batch.get("row_seqs"),
                                                                   batch.get("n_seqs"))
     ids, segments = batch["input_ids"], batch_segments(batch)
@@ -223,15 +232,16 @@ def batch_token_logps(model, batch: dict[str, torch.Tensor], with_sq: bool = Fal
     chunk = max(1, CHUNK_ELEMENTS // width)
     head = _head_logits(head, states.device.type)
     if states.shape[0] <= chunk:
-        values, sq = _token_stats(states, head, targets, with_sq, temperature)
+        values, sq, entropy = _token_stats(states, head, targets, with_sq, temperature, with_entropy)
     else:
         recompute = torch.is_grad_enabled()
-        parts = [checkpoint(_token_stats, s, head, t, with_sq, temperature, use_reentrant=False) if recompute
-                 else _token_stats(s, head, t, with_sq, temperature)
+        parts = [checkpoint(_token_stats, s, head, t, with_sq, temperature, with_entropy, use_reentrant=False)
+                 if recompute else _token_stats(s, head, t, with_sq, temperature, with_entropy)
                  for s, t in zip(states.split(chunk), targets.split(chunk))]
         values = torch.cat([p[0] for p in parts])
         sq = torch.cat([p[1] for p in parts]) if with_sq else None
-    return TokenLogps(values, index["score_seq"], index["score_pos"], sq, int(index["n_seqs"]))
+        entropy = torch.cat([p[2] for p in parts]) if with_entropy else None
+    return TokenLogps(values, index["score_seq"], index["score_pos"], sq, int(index["n_seqs"]), entropy)
 
 
 class TokenLogpsModule(torch.nn.Module):

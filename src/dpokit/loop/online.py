@@ -61,7 +61,7 @@ from dpokit.models.lora import add_lora, disable_dropout
 from dpokit.models import load_model, load_tokenizer
 from dpokit.models.load import keep_master_copy, save_final, stalled_weights_note, torch_dtype, warn_half_on_cpu
 from dpokit.objectives import OBJECTIVES, OnlineInputs, needs_reference
-from dpokit.objectives.grpo import group_advantages, normalizer
+from dpokit.objectives.grpo import SEQUENCE_STATS, group_advantages, normalizer
 from dpokit.objectives.rloo import rloo_advantages
 from dpokit.generation.pairs import select_pairs
 
@@ -162,32 +162,51 @@ def _load_online(cfg: TrainConfig, device, log):
 
 def _step_record(cfg: TrainConfig, step: int, steps_per_epoch: int, record: dict, samples, rewards: list[float],
                  reward_s: float, seconds: float) -> dict:
-    """One line of metrics.jsonl: the update's values, then the step's rewards, lengths and timings."""
+    """One line of metrics.jsonl: the update's values, then the step's rewards, lengths and timings. Several
+    rewards (evaluation/rewards.combine's `Scores`): each function's unweighted mean and std too, as TRL logs
+    them (rewards/<name>/mean, /std); `truncated`: the share of completions cut at max_new_tokens."""
     groups = [rewards[i:i + cfg.num_generations] for i in range(0, len(rewards), cfg.num_generations)]
+    per_function = {}
+    for name, column in getattr(rewards, "columns", {}).items():
+        per_function[f"rewards/{name}/mean"] = statistics.fmean(column)
+        if len(column) > 1:
+            per_function[f"rewards/{name}/std"] = statistics.stdev(column)
     return {"step": step + 1, "epoch": round((step + 1) / steps_per_epoch, 4), **record,
             "reward": statistics.fmean(rewards), **({"reward_std": statistics.stdev(rewards)} if len(rewards) > 1
                                                     else {}),
             **({"frac_reward_zero_std": sum(max(g) == min(g) for g in groups) / len(groups)}
                if cfg.num_generations > 1 else {}),  # PPO may sample one completion per prompt: no groups
-            "completion_length": statistics.fmean(samples.lengths), "generation_s": samples.seconds,
+            **per_function, "completion_length": statistics.fmean(samples.lengths),
+            **({"truncated": statistics.fmean(samples.truncated)} if samples.truncated is not None else {}),
+            "generation_s": samples.seconds,
             "generation_share": samples.seconds / seconds, "reward_s": reward_s, "step_s": seconds}
 
 
 def grpo_step(policy, reference, samples, rewards, cfg, optimizer, scheduler, pad_id, device, step) -> dict:
     """GRPO's and RLOO's step: π_old and π_ref per-token log-probs once, the advantages, then μ updates on the
     sampled batch. RLOO (objectives/rloo.py) differs in its advantages (leave-one-out, with the KL to π_ref in
-    the reward rather than in the loss) and its loss (one ratio per completion, divided by the completions)."""
+    the reward rather than in the loss) and its loss (one ratio per completion, divided by the completions).
+    mask_truncated_completions (TRL 1.16's; DAPO's overlong filtering, Yu 2025): a completion that stopped at
+    max_new_tokens without EOS keeps its reward in its group's advantages, as TRL, but its tokens' mask is 0:
+    out of the loss, the KL, the token count of the divisor and the logged token means."""
     rloo = cfg.loss_names == ["rloo"]
     n_rows = len(samples.texts)
     rows = list(zip(samples.prompt_ids, samples.completion_ids))
     per_micro = cfg.batch_size * cfg.num_generations  # whole groups per micro-batch
     micro = [slice(i, min(i + per_micro, n_rows)) for i in range(0, n_rows, per_micro)]
-    tokens = sum(samples.lengths)
+    if cfg.mask_truncated_completions and samples.truncated is None:
+        raise ValueError("mask_truncated_completions: these samples do not say which completions were truncated")
+    cut = samples.truncated if cfg.mask_truncated_completions else [False] * n_rows
+    kept = torch.tensor([[0.0 if c else 1.0] for c in cut], device=device)  # [B, 1]
+
+    def masked(m: slice, out: tuple) -> tuple:  # (logps, mask, …) of micro-batch m, truncated rows' mask 0
+        return (out[0], out[1] * kept[m], *out[2:])
+    tokens = sum(n for n, c in zip(samples.lengths, cut) if not c)
     with torch.no_grad():
         # With μ = 1 the weights are still π_old when the loss is taken, so π_old's log-probs would be exactly
         # the pass's own (detached): skip that forward pass, as TRL does, unless RLOO's reward needs them.
         need_old = cfg.grpo_iterations > 1 or rloo and reference is not None
-        old = [token_logps(policy, rows[m], pad_id, device, cfg) for m in micro] if need_old else None
+        old = [masked(m, token_logps(policy, rows[m], pad_id, device, cfg)) for m in micro] if need_old else None
         ref = [token_logps(reference, rows[m], pad_id, device, cfg)[0] for m in micro] if reference is not None \
             else None
     record = {}
@@ -206,9 +225,11 @@ def grpo_step(policy, reference, samples, rewards, cfg, optimizer, scheduler, pa
         divisor = normalizer(cfg.grpo_aggregation, tokens, n_rows, cfg.max_new_tokens)  # of the whole batch
     advantages = advantages.float().to(device)
     sums: dict[str, float] = defaultdict(float)
+    counts: dict[str, float] = defaultdict(float)  # what each stat is a mean over: tokens, or completions
     for _ in range(cfg.grpo_iterations):
         for k, m in enumerate(micro):
-            logps, mask = token_logps(policy, rows[m], pad_id, device, cfg)
+            # the entropy of π_θ(· | prefix) at each token comes from the same pass's logits (no_grad, TRL's metric)
+            logps, mask, entropy = masked(m, token_logps(policy, rows[m], pad_id, device, cfg, entropy=True))
             loss, stats = OBJECTIVES[cfg.loss_names[0]].compute(OnlineInputs(
                 logps, logps.detach() if cfg.grpo_iterations == 1 else old[k][0], advantages[m], mask,
                 None if ref is None else ref[k], divisor), cfg)
@@ -216,15 +237,20 @@ def grpo_step(policy, reference, samples, rewards, cfg, optimizer, scheduler, pa
                 raise NonFiniteError(f"step {step + 1}: non-finite {cfg.loss} loss")
             loss.backward()
             sums["loss"] += loss.item()  # micro-batch losses add up to the batch's (shared divisor)
-            weight = mask.shape[0] if rloo else mask.sum().item()  # RLOO's stats: per completion; GRPO's: per token
+            # RLOO's stats and GSPO's ratio stats are per completion; GRPO's, the KL and the entropy per token
+            per_completion = set(stats) if rloo else set(SEQUENCE_STATS) \
+                if cfg.importance_sampling_level == "sequence" else set()
+            stats["entropy"] = (entropy * mask).sum() / mask.sum().clamp(min=1)
             for key, value in stats.items():
+                weight = mask.shape[0] if key in per_completion else mask.sum().item()
                 sums[key] += value.item() * weight
+                counts[key] += weight
         done = update(policy.parameters(), optimizer, scheduler, cfg.max_grad_norm, step=step + 1)
     mu = cfg.grpo_iterations
-    record.update({"loss": sums.pop("loss") / mu, **{k: v / ((n_rows if rloo else tokens) * mu)
+    record.update({"loss": sums.pop("loss") / mu, **{k: v / counts[k] if counts[k] else 0.0
                                                       for k, v in sums.items()}})
     record.update({"advantage_std": advantages.std().item(), "lr": done.lr, "grad_norm": done.grad_norm})
-    return record  # loss, clip fractions, ratio and GRPO's kl: means over the μ updates
+    return record  # loss, clip fractions, ratio, entropy and GRPO's kl: means over the μ updates
 
 
 def online_dpo_step(policy, reference, samples, rewards, cfg, optimizer, scheduler, pad_id, device, step) -> dict:
@@ -256,8 +282,9 @@ def best_vs_worst(samples, rewards, step: int) -> tuple[list[TokenizedPair], dic
     return pairs, {"ties": stats.ties, "identical": stats.identical}
 
 
-def token_logps(model, rows: list[tuple[list[int], list[int]]], pad_id: int, device, cfg):
-    """Per-token log-probs of each row's completion tokens, [B, T] right-padded, and the mask of real tokens.
+def token_logps(model, rows: list[tuple[list[int], list[int]]], pad_id: int, device, cfg, entropy: bool = False):
+    """Per-token log-probs of each row's completion tokens, [B, T] right-padded, and the mask of real tokens;
+    entropy=True: a third tensor, the entropy of the (tempered) distribution at each of them, detached.
 
     Under softmax(logits / cfg.temperature), the distribution the tokens were sampled from, for π_θ, π_old and
     π_ref alike (as TRL 1.16's GRPOTrainer): at T ≠ 1, T = 1 log-probs would make ρ and the KL those of a model
@@ -265,10 +292,13 @@ def token_logps(model, rows: list[tuple[list[int], list[int]]], pad_id: int, dev
     batch = {k: v.to(device) for k, v in pad_rows(rows, pad_id).items()}
     model, adapters = reference_forward(model)  # a LoRA run's reference: the policy with its adapters off
     with compute_precision(device, cfg.dtype), adapters:
-        tok = batch_token_logps(model, batch, temperature=cfg.temperature)
+        tok = batch_token_logps(model, batch, temperature=cfg.temperature, with_entropy=entropy)
     shape, index = (len(rows), max(len(c) for _, c in rows)), (tok.rows, tok.positions)
     logps = tok.values.new_zeros(shape).index_put(index, tok.values)  # keeps the graph to tok.values
     mask = torch.zeros(shape, device=tok.values.device).index_put(index, torch.ones_like(tok.values).detach())
+    if entropy:
+        return logps, mask, torch.zeros(shape, device=mask.device, dtype=tok.entropy.dtype).index_put(index,
+                                                                                                    tok.entropy)
     return logps, mask
 
 

@@ -14,6 +14,17 @@ and every token t of y_i gets A_i. The clipped surrogate of PPO (Schulman et al.
     k3_it = π_ref/π_θ − log(π_ref/π_θ) − 1 ≥ 0                                 (k3_kl, Schulman 2020)
 
 k3 is an unbiased, always non-negative per-token estimate of KL(π_θ‖π_ref) on samples from π_θ.
+
+GSPO (Zheng et al. 2025, "Group Sequence Policy Optimization", arXiv:2507.18071; importance_sampling_level
+"sequence", TRL 1.16's name) replaces the token ratio by one ratio per completion, the geometric mean of its
+token ratios (length-normalised, so that long and short completions' ratios live on one scale):
+
+    s_i = exp( 1/|y_i| Σ_t (log π_θ(y_it | ·) − log π_old(y_it | ·)) )
+    ℓ_it = −min(s_i A_i, clip(s_i, 1 − ε_low, 1 + ε_high) A_i) + β_KL · k3_it   for every token t of y_i
+
+so a whole completion is clipped or kept together: a token-level ratio weights each token by one noisy
+sample of its own, which the paper finds to destabilise long-sequence and MoE training. The paper aggregates
+with "grpo" (one term per sequence); "dapo" and "dr_grpo" weigh sequence i by |y_i| (as TRL, which warns).
 """
 
 from __future__ import annotations
@@ -23,6 +34,9 @@ from torch import Tensor
 
 AGGREGATIONS = ("dapo", "grpo", "dr_grpo")
 SCALES = ("group", "batch", "none")
+LEVELS = ("token", "sequence")  # importance_sampling_level: GRPO's token ratios, GSPO's sequence ratio
+# the stats that are means over completions, not tokens, at the sequence level (as TRL 1.16 logs them)
+SEQUENCE_STATS = ("clip_fraction/low", "clip_fraction/high", "clip_fraction", "ratio")
 
 
 def group_advantages(rewards: Tensor, group_size: int, scale: str = "group") -> Tensor:
@@ -77,7 +91,8 @@ def normalizer(aggregation: str, tokens: int, sequences: int, max_completion_len
 def grpo_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tensor, ref_logps: Tensor | None = None,
               epsilon_low: float = 0.2, epsilon_high: float | None = None, kl_coef: float = 0.0,
               aggregation: str = "dapo", max_completion_length: int | None = None,
-              normalizer_value: float | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+              normalizer_value: float | None = None,
+              importance_sampling_level: str = "token") -> tuple[Tensor, dict[str, Tensor]]:
     """The GRPO objective of a batch of B completions (module docstring for ℓ_it).
 
     logps, old_logps, ref_logps: [B, T] per-token log-probs of the sampled completion tokens under π_θ (with
@@ -93,16 +108,25 @@ def grpo_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tensor
     less: a length bias that lets wrong answers grow (Liu 2025, §3.1). "dapo" removes it; "dr_grpo"
     removes also the batch-to-batch variation of the divisor, but ties the loss scale (and so the
     learning rate) to the chosen L. `normalizer_value` overrides the divisor (see `normalizer`).
+    importance_sampling_level "sequence": GSPO's ratio s_i for every token of y_i (module docstring); a row
+    whose mask is all 0 (a masked truncated completion) gets s_i = 1 and contributes nothing.
 
     Returns (scalar loss, detached stats over real tokens: clip_fraction/low — ρ < 1 − ε_low with A < 0,
     clip_fraction/high — ρ > 1 + ε_high with A > 0 (the tokens whose gradient the clip removes, as TRL
-    counts them), clip_fraction (their sum), ratio (mean ρ), and kl (mean k3) when ref_logps is given).
+    counts them), clip_fraction (their sum), ratio (mean ρ), and kl (mean k3) when ref_logps is given). At the
+    sequence level the SEQUENCE_STATS are means over the B completions instead (TRL 1.16's clip_ratio).
     """
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"aggregation must be one of {', '.join(AGGREGATIONS)}, got {aggregation!r}")
+    if importance_sampling_level not in LEVELS:
+        raise ValueError(f"importance_sampling_level must be one of {', '.join(LEVELS)}, got "
+                         f"{importance_sampling_level!r}")
     epsilon_high = epsilon_low if epsilon_high is None else epsilon_high
     mask = mask.to(logps.dtype)
-    ratio = torch.exp(logps - old_logps)
+    log_ratio = logps - old_logps
+    if importance_sampling_level == "sequence":  # [B, 1]: one ratio per completion, broadcast over its tokens
+        log_ratio = ((log_ratio * mask).sum(1) / mask.sum(1).clamp(min=1)).unsqueeze(1)
+    ratio = torch.exp(log_ratio)
     a = advantages.to(logps.dtype).unsqueeze(1)                                  # [B, 1]: one per completion
     per_token = -torch.min(ratio * a, torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high) * a)
     kl = None
@@ -123,6 +147,8 @@ def grpo_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tensor
 
     with torch.no_grad():
         def token_mean(x: Tensor) -> Tensor:
+            if x.shape[1] == 1 and importance_sampling_level == "sequence":  # s_i: a mean over completions
+                return x.to(mask.dtype).mean()
             return (x.to(mask.dtype) * mask).sum() / tokens.clamp(min=1)
         low = (ratio < 1 - epsilon_low) & (a < 0)
         high = (ratio > 1 + epsilon_high) & (a > 0)
