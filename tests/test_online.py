@@ -129,7 +129,7 @@ def test_cli_routes_grpo_and_refuses_reward_without_an_online_method(tmp_path, t
     (dict(loss="grpo", reward="a:b,c:d", reward_weights="1"), r"need one weight per --reward"),
     (dict(online_dpo=True, kl_coef=0.1), r"kl_coef = 0.1 only applies to --loss grpo"),
     (dict(online_dpo=True, loss="kto"), r"kto \(unpaired\) does not apply"),
-    (dict(online_dpo=True, save_every=5), r"save_every = 5 is not used by online training"),
+    (dict(online_dpo=True, rounds=2, eval_every=5), r"eval_every = 5 is not read by iterative DPO \(--rounds\)"),
 ])
 def test_meaningless_combinations_are_refused(options, message):
     with pytest.raises(ConfigError, match=message):

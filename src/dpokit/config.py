@@ -15,8 +15,9 @@ from typing import Any
 
 import yaml
 
-from dpokit.options import (ITERATIVE_DPO, OFFLINE, ON_FILES, ON_PAIRS, ONLINE_DPO, ONLINE_OBJECTIVE, POLICY_RUNS,
-                            REWARD_MODEL, SAMPLING, ConfigError, as_list, coerce, opt)
+from dpokit.options import (CHECKPOINTED, ITERATIVE_DPO, OFFLINE, ON_FILES, ON_PAIRS, ON_STEPS, ONLINE_DPO,
+                            ONLINE_OBJECTIVE, ONLINE_STEPS, POLICY_RUNS, REWARD_MODEL, SAMPLING, ConfigError, as_list,
+                            coerce, opt)
 
 
 @dataclass
@@ -268,15 +269,16 @@ class TrainConfig:
     # ---- bookkeeping -----------------------------------------------------------------------------------------
     output_dir: str = opt("bookkeeping", "runs/dpo", "where metrics.jsonl, config.yaml, checkpoints and final/ are "
                                                      "written")
-    eval_every: int = opt("bookkeeping", 0, "evaluate on --eval-data every N steps (0: only before and after training)",
-                                            valid=">= 0", runs=ON_FILES)
+    eval_every: int = opt("bookkeeping", 0, "evaluate on --eval-data (online: --eval-prompts) every N steps (0: only "
+                                            "before and after training; online: after)",
+                                            valid=">= 0", runs=ON_STEPS)
     save_every: int = opt("bookkeeping", 0, "write a resumable checkpoint every N steps (0: only the final model; a "
                                             "SIGTERM or Ctrl-C always checkpoints before stopping)", valid=">= 0",
-                                            runs=ON_FILES)
+                                            runs=CHECKPOINTED)
     keep_last: int = opt("bookkeeping", 0, "keep only the newest N checkpoints, pruned after a new one is complete (0: "
-                                           "keep all)", valid=">= 0 (0: keep all)", runs=ON_FILES)
+                                           "keep all)", valid=">= 0 (0: keep all)", runs=CHECKPOINTED)
     resume: str | None = opt("bookkeeping", None, "resume from a checkpoint folder, or 'auto' for the newest in "
-                                                  "--output-dir", runs=ON_FILES)
+                                                  "--output-dir", runs=CHECKPOINTED)
     progress: bool = opt("bookkeeping", True, "show a progress bar on the terminal")
     memory_check: bool = opt("bookkeeping", True, "before loading the model, estimate the run's peak memory (`dpokit "
                                                   "estimate`) and refuse if it exceeds the available memory by over a "

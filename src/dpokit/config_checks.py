@@ -18,7 +18,7 @@ from dataclasses import fields
 from typing import Iterator
 
 from dpokit.objectives.registry import DATA, OBJECTIVES, needs_reference
-from dpokit.options import OFFLINE, ONLINE_DPO, ONLINE_OBJECTIVE, REWARD_MODEL, as_list, in_range
+from dpokit.options import ITERATIVE_DPO, OFFLINE, ONLINE_DPO, ONLINE_OBJECTIVE, REWARD_MODEL, as_list, in_range
 
 
 def problems(cfg) -> Iterator[str]:
@@ -89,8 +89,11 @@ def _not_read_by(run: str, runs: tuple[str, ...], loss) -> str:
         return "only applies to --loss grpo, rloo or ppo, not --online-dpo"
     if run == ONLINE_OBJECTIVE and ONLINE_DPO in runs:
         return f"has no effect on loss {loss} (its KL weight is --kl-coef)"
-    return ("is not used by online training (it samples its own data from --prompts; no held-out pairs, "
-            "checkpoints or multi-process training yet)")
+    if run == ITERATIVE_DPO and ONLINE_DPO in runs:  # held-out prompts: per-step online runs only
+        return ("is not read by iterative DPO (--rounds) yet: its rounds do not evaluate on --eval-prompts; "
+                "per-step online DPO (--online-dpo without --rounds) does")
+    return ("is not used by online training (it samples its own data from --prompts and evaluates on "
+            "--eval-prompts; no held-out pairs or multi-process training yet)")
 
 
 def _needs_lora(cfg, key: str) -> str | None:

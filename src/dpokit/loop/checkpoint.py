@@ -55,8 +55,11 @@ def _fsync(path: Path) -> None:
 
 def save_checkpoint(output_dir: str, step: int, policy, tokenizer, optimizer_state: dict, scheduler,
                     config_yaml: str, reference=None, keep_last: int = 0, model_state=None, world: int = 1,
-                    scaler_state: dict | None = None, rng: list[dict] | None = None, device_type: str = "cpu") -> Path:
+                    scaler_state: dict | None = None, rng: list[dict] | None = None, device_type: str = "cpu",
+                    extra_models: dict | None = None) -> Path:
     """Write a complete checkpoint atomically. `reference` is saved only when it moves (TR-DPO).
+    `extra_models`: other trained models, name → module, each saved as NAME.safetensors (PPO's value model);
+    `load_extra_weights` reads them back.
     `model_state`: whole weights gathered from an FSDP-sharded policy (else the policy's own);
     `world`: the number of processes, which fixes the global batch and so the data order;
     `rng`: every rank's `rng_state()` in rank order (default: this process's)."""
@@ -71,6 +74,8 @@ def save_checkpoint(output_dir: str, step: int, policy, tokenizer, optimizer_sta
     tokenizer.save_pretrained(tmp)
     if reference is not None:
         save_model(reference, str(tmp / REFERENCE))  # drops tied duplicates (embeddings = lm_head)
+    for name, model in (extra_models or {}).items():
+        save_model(model, str(tmp / f"{name}.safetensors"))
     torch.save({
         "step": step,
         "optimizer": optimizer_state,
@@ -143,6 +148,12 @@ def load_weights(path: Path, policy, reference=None) -> None:
         if reference is None:
             raise CheckpointError(f"{path}: holds a moving (TR-DPO) reference but this run has none")
         _load_weights(reference, path / REFERENCE)
+
+
+def load_extra_weights(path: Path, extra_models: dict) -> None:
+    """The weights of save_checkpoint's `extra_models` (name → module), each from NAME.safetensors."""
+    for name, model in extra_models.items():
+        _load_weights(model, path / f"{name}.safetensors")
 
 
 def rng_state(device: torch.device) -> dict:

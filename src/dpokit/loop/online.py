@@ -40,7 +40,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from dpokit.batches import TokenizedPair, pad_rows
 from dpokit.config import TrainConfig
@@ -51,11 +50,13 @@ from dpokit.generation.sample import prompt_token_ids
 from dpokit.logprobs import compute_precision
 from dpokit.logprobs.sequence import batch_token_logps
 from dpokit.loop.checkpoint import check_writable
-from dpokit.loop.optim import build_optimizer, build_scheduler
+from dpokit.loop.online_eval import OnlineEval, cap_prompts, eval_prompts_path, format_online_eval
+from dpokit.loop.online_resume import save_online, start_online
 from dpokit.loop.reference import AdaptersOff, load_ref_model, reference_forward, sync_reference
 from dpokit.loop.schedule import BatchSchedule
 from dpokit.loop.steps import NonFiniteError, paired_step
-from dpokit.loop.update import NonFiniteSteps, update
+from dpokit.loop.train import run_steps
+from dpokit.loop.update import update
 from dpokit.loop.result import TrainResult, pick_device
 from dpokit.models.lora import add_lora, disable_dropout
 from dpokit.models import load_model, load_tokenizer
@@ -81,26 +82,25 @@ def train_online(cfg: TrainConfig, log=print, method=None) -> TrainResult:
 
     tokenizer, prompts, reward_fn, policy, reference = _load_online(cfg, device, log)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    step_fn, params, updates_per_step = (method or _group_method)(cfg, policy, tokenizer, device, log)
+    step_fn, params, updates_per_step, *extra = (method or _group_method)(cfg, policy, tokenizer, device, log)
+    extra_models = extra[0] if extra else {}
+    evaluator = _online_eval(cfg, tokenizer, reward_fn, pad_id, policy, reference, log)  # before resume loads weights
 
     # ---- schedule: a step = one sampled batch of batch_size × grad_accum prompts, in the offline loop's order;
     # GRPO and RLOO make μ optimizer updates on it, PPO num_ppo_epochs × num_mini_batches
     order = BatchSchedule(len(prompts), cfg.batch_size, cfg.grad_accum, cfg.seed, cfg.shuffle)
     steps_per_epoch = order.steps_per_epoch
     total_steps = order.total_steps(cfg.epochs, cfg.max_steps)
-    optimizer = build_optimizer(params, cfg.optimizer, cfg.lr, cfg.weight_decay)
-    scheduler = build_scheduler(optimizer, cfg.warmup_steps, total_steps * updates_per_step, cfg.lr_scheduler)
-    # No checkpoints here (an online run cannot resume yet): only final/ is written, in --model-dtype, plus 10 %
+    optimizer, scheduler, start_step = start_online(cfg, policy, reference, extra_models, params,
+                                                    total_steps * updates_per_step, device, log)
     final_bytes = sum(p.numel() for p in policy.parameters()) * torch_dtype(cfg.model_dtype).itemsize
-    check_writable(cfg.output_dir, int(final_bytes * 1.1), "the final model")
+    check_writable(cfg.output_dir, int(final_bytes * 1.1), "the final model")  # in --model-dtype, plus 10 %
 
     method = f"online {cfg.loss}" if cfg.online_dpo else cfg.loss
-    log(f"training {method} for {total_steps} steps × {cfg.batch_size * cfg.grad_accum} prompts × "
+    log(f"training {method} for {total_steps - start_step} steps × {cfg.batch_size * cfg.grad_accum} prompts × "
         f"{cfg.num_generations} samples ({len(prompts)} prompts, {steps_per_epoch} steps/epoch) on {device}")
-    metrics_file = open(out / "metrics.jsonl", "w", encoding="utf-8")
-    bar = tqdm(range(total_steps), disable=not cfg.progress, desc=method, dynamic_ncols=True)
-    nonfinite = NonFiniteSteps(cfg.on_nonfinite, log)  # 'stop' raises the error as it is
-    for step in bar:
+
+    def take_step(step: int) -> dict:
         t0 = time.perf_counter()
         batch = [prompts[i] for i in order.step_rows(step)]
         samples = sample(policy, tokenizer, batch, cfg.num_generations, cfg.max_new_tokens, cfg.temperature,
@@ -108,17 +108,22 @@ def train_online(cfg: TrainConfig, log=print, method=None) -> TrainResult:
         t_reward = time.perf_counter()
         rewards = reward_fn([samples.prompt_of(i) for i in range(len(samples.texts))], samples.texts)
         reward_s = time.perf_counter() - t_reward
-        try:
-            record = step_fn(policy, reference, samples, rewards, cfg, optimizer, scheduler, pad_id, device, step)
-        except NonFiniteError as e:  # not this update (with μ > 1 the batch's earlier ones stay)
-            record = nonfinite.handle(e, optimizer)
-        record = _step_record(cfg, step, steps_per_epoch, record, samples, rewards, reward_s,
-                              time.perf_counter() - t0)
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
-        bar.set_postfix(reward=f"{record['reward']:.3f}", **({"loss": f"{record['loss']:.4f}"} if "loss" in record
-                                                             else {}))
-    bar.close()
+        # a NonFiniteError goes to run_steps: not this update (with μ > 1 the batch's earlier ones stay)
+        record = step_fn(policy, reference, samples, rewards, cfg, optimizer, scheduler, pad_id, device, step)
+        return _step_record(cfg, step, steps_per_epoch, record, samples, rewards, reward_s, time.perf_counter() - t0)
+
+    metrics_file = open(out / "metrics.jsonl", "a" if start_step else "w", encoding="utf-8")
+    run_steps(cfg, start_step, total_steps, method, take_step,
+              (lambda: evaluator(policy, reference)) if evaluator else None,
+              lambda step: save_online(cfg, step, policy, reference, extra_models, tokenizer, optimizer, scheduler,
+                                       device), metrics_file,
+              lambda r: {"reward": f"{r['reward']:.3f}", "loss": f"{r['loss']:.4f}"}, optimizer, log,
+              show=cfg.progress)
+    eval_after = None
+    if evaluator:
+        eval_after = evaluator(policy, reference)
+        metrics_file.write(json.dumps({"step": total_steps, **eval_after}) + "\n")
+        log(f"held-out after training ({len(evaluator.prompts)} prompts): {format_online_eval(eval_after)}")
     metrics_file.close()
     final = out / "final"
     if cfg.lora_r and cfg.merge_lora:
@@ -126,7 +131,7 @@ def train_online(cfg: TrainConfig, log=print, method=None) -> TrainResult:
     save_final(policy, final, cfg)  # in --model-dtype, config.json saying so (LoRA: the adapter alone)
     tokenizer.save_pretrained(final)
     log(f"saved {final} (load it with AutoModelForCausalLM.from_pretrained); metrics in {out / 'metrics.jsonl'}")
-    return TrainResult(out, total_steps, None, None, final)
+    return TrainResult(out, total_steps, None, eval_after, final, start_step)
 
 
 def _group_method(cfg: TrainConfig, policy, tokenizer, device, log):
@@ -158,6 +163,19 @@ def _load_online(cfg: TrainConfig, device, log):
             disable_dropout(policy)
         policy.train()
     return tokenizer, prompts, reward_fn, policy, reference
+
+
+def _online_eval(cfg: TrainConfig, tokenizer, reward_fn, pad_id: int, policy, reference, log) -> OnlineEval | None:
+    """The held-out evaluation of loop/online_eval.py, its reference samples drawn now (from the starting model), or
+    None without eval prompts."""
+    path = eval_prompts_path(cfg)
+    if path is None:
+        return None
+    prompts = cap_prompts(load_online_prompts(cfg, tokenizer, log, path, "eval prompts"), cfg)
+    log(f"held-out evaluation: {len(prompts)} prompts × 1 sample, after training"
+        + (f" and every {cfg.eval_every} steps" if cfg.eval_every else ""))
+    return OnlineEval(cfg, tokenizer, prompts, reward_fn, pad_id).prepare(reference if reference is not None
+                                                                          else policy)
 
 
 def _step_record(cfg: TrainConfig, step: int, steps_per_epoch: int, record: dict, samples, rewards: list[float],
@@ -302,10 +320,10 @@ def token_logps(model, rows: list[tuple[list[int], list[int]]], pad_id: int, dev
     return logps, mask
 
 
-def load_online_prompts(cfg: TrainConfig, tokenizer, log) -> list:
-    """--prompts (default: the built-in sentiment prompts), without those too long to sample from: more than
-    max_prompt_length tokens, or leaving fewer than max_new_tokens of max_length."""
-    path = cfg.prompts or builtin_path("sentiment_train")
+def load_online_prompts(cfg: TrainConfig, tokenizer, log, path: str | None = None, what: str = "prompts") -> list:
+    """`path` (default: --prompts, else the built-in sentiment prompts), without those too long to sample from: more
+    than max_prompt_length tokens, or leaving fewer than max_new_tokens of max_length."""
+    path = path or cfg.prompts or builtin_path("sentiment_train")
     prompts, report = load_prompts(path, cfg.on_bad_row)
     log(f"prompts: {report.summary()}")
     limit = min(cfg.max_prompt_length or cfg.max_length, cfg.max_length - cfg.max_new_tokens)

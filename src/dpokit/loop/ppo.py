@@ -58,14 +58,15 @@ from dpokit.objectives.ppo import explained_variance, gae, token_rewards, whiten
 
 
 def ppo_method(cfg, policy, tokenizer, device, log):
-    """train_online's `method` for --loss ppo: (step function, policy + value parameters, updates per step)."""
+    """train_online's `method` for --loss ppo: (step function, policy + value parameters, updates per step, the value
+    model by name for checkpoints)."""
     value_model = load_value_model(cfg, policy, tokenizer, device, log)
     params = [p for p in policy.parameters()] + [p for p in value_model.parameters()]
 
     def step_fn(policy, reference, samples, rewards, cfg, optimizer, scheduler, pad_id, device, step):
         return ppo_step(policy, value_model, params, reference, samples, rewards, cfg, optimizer, scheduler, pad_id,
                         device, step)
-    return step_fn, params, cfg.num_ppo_epochs * cfg.num_mini_batches
+    return step_fn, params, cfg.num_ppo_epochs * cfg.num_mini_batches, {"value": value_model}  # checkpointed too
 
 
 def _reward_folder(cfg) -> tuple[Path, str | None] | None:

@@ -21,6 +21,9 @@ PANELS = [
     ("rewards: chosen vs rejected", ["rewards/chosen", "rewards/rejected"]),
     ("log-probs: chosen vs rejected", ["logps/chosen", "logps/rejected"]),
     ("KTO reference point (KL estimate)", ["kto/kl"]),
+    ("reward (online: samples of the step; eval: held-out prompts)", ["reward"]),  # loop/online_eval.py's eval/…
+    ("KL to the reference, per token", ["kl"]),
+    ("win rate vs the reference's samples (held-out)", ["win_rate"]),
 ]
 COLORS = ["tab:blue", "tab:red"]  # first and second key of a panel (chosen blue, rejected red)
 
@@ -99,7 +102,7 @@ def plot_training_curves(metrics_path, out_png) -> Path | None:
             if eval_steps:
                 ax.plot(eval_steps, eval_values, linestyle="none", marker="o", markersize=6, color=color,
                         markeredgecolor="black", label=f"eval {name}" if len(drawn) > 1 else "eval")
-        if title == "reward accuracy":
+        if title == "reward accuracy" or title.startswith("win rate"):
             ax.axhline(0.5, color="gray", linewidth=0.8, linestyle=":")  # chance level
         ax.set_title(title, fontsize=11)
         ax.set_xlabel("step")
