@@ -247,6 +247,14 @@ class TrainConfig:
     # ---- online ----------------------------------------------------------------------------------------------
     prompts: str | None = opt("online", None, "online: prompts file (a 'prompt' field per row; a pairs file works); "
                                               "default: the built-in sentiment-task prompts")
+    eval_prompts: str | None = opt("online", None, "online: held-out prompts, sampled and scored every --eval-every "
+                                                   "steps and after training (eval/reward, win rate vs the reference, "
+                                                   "KL); default: the built-in sentiment task's held-out prompts when "
+                                                   "--prompts is not given, else none", runs=ONLINE_STEPS,
+                                                   resume_may_change=True)
+    eval_max_prompts: int = opt("online", 64, "online: evaluate on at most N of --eval-prompts (a subset seeded by "
+                                              "--seed), one sample each (0: all)", valid=">= 0 (0: all)",
+                                              runs=ONLINE_STEPS, resume_may_change=True)
     reward: str | list | None = opt("online", None, "online: reward function(s), comma-separated: 'sentiment' (VADER), "
                                                     "a local HF classifier folder (DIR or DIR#LABEL) or "
                                                     "module:function; default: sentiment")

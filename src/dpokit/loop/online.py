@@ -71,8 +71,11 @@ def train_online(cfg: TrainConfig, log=print, method=None) -> TrainResult:
     """`dpokit train --loss grpo|rloo` or `--online-dpo` (module docstring). Called by loop/run.py's `train`.
 
     `method` (loop/ppo.py's `ppo_method`, which run.py passes for --loss ppo): (cfg, policy, tokenizer, device,
-    log) → (step function with grpo_step's signature, the trained parameters, optimizer updates per step); the
-    default is GRPO's and RLOO's `grpo_step` or `online_dpo_step` on the policy's parameters."""
+    log) → (step function with grpo_step's signature, the trained parameters, optimizer updates per step[, the
+    other trained models to checkpoint, name → module]); the default is GRPO's and RLOO's `grpo_step` or
+    `online_dpo_step` on the policy's parameters. The steps run in the offline loop's `run_steps` (non-finite
+    handling, --eval-every, --save-every, SIGINT/SIGTERM checkpoint); checkpoints and resume: loop/online_resume.py,
+    held-out evaluation: loop/online_eval.py."""
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -325,7 +328,7 @@ def load_online_prompts(cfg: TrainConfig, tokenizer, log, path: str | None = Non
     than max_prompt_length tokens, or leaving fewer than max_new_tokens of max_length."""
     path = path or cfg.prompts or builtin_path("sentiment_train")
     prompts, report = load_prompts(path, cfg.on_bad_row)
-    log(f"prompts: {report.summary()}")
+    log(f"{what}: {report.summary()}")
     limit = min(cfg.max_prompt_length or cfg.max_length, cfg.max_length - cfg.max_new_tokens)
     kept = [p for p in prompts if len(prompt_token_ids(p, tokenizer)) <= limit]
     if len(kept) < len(prompts):
