@@ -5,6 +5,7 @@ log-softmax by hand), and per-reward-function metrics (rewards/<name>/mean, /std
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 
@@ -12,11 +13,13 @@ import pytest
 import torch
 
 from conftest import make_tiny_model
+from dpokit import train
 from dpokit.config import ConfigError, TrainConfig
 from dpokit.evaluation.rewards import Scores, combine, reward_names
 from dpokit.generation.sample import Samples
 from dpokit.logprobs import sequence
 from dpokit.loop import online
+from dpokit.objectives import OBJECTIVES, OnlineInputs
 from dpokit.objectives.grpo import AGGREGATIONS, grpo_loss
 from test_grpo import _trl_grpo_loss
 
@@ -202,3 +205,23 @@ def test_reward_names_are_short_and_unique(tmp_path):
     (tmp_path / "rm").mkdir()
     assert reward_names(["sentiment", "pkg.mod:score", "other:score", f"{tmp_path}/rm#POSITIVE", "x:score_2"]) == \
         ["sentiment", "score", "score_2", "rm#POSITIVE", "score_2_2"]
+
+
+def test_the_registry_passes_the_level_and_a_run_logs_every_new_metric(tmp_path, tiny_model_dir):
+    logps, old, ref, mask, adv = _gspo_batch()
+    cfg = TrainConfig.from_dict({"loss": "grpo", "importance_sampling_level": "sequence", "grpo_aggregation": "grpo"})
+    got, _ = OBJECTIVES["grpo"].compute(OnlineInputs(logps, old, adv, mask, None), cfg)
+    assert got.item() == grpo_loss(logps, old, adv, mask, aggregation="grpo", max_completion_length=cfg.max_new_tokens,
+                                   importance_sampling_level="sequence")[0].item()
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "The film was"}\n{"prompt": "My day was"}\n', encoding="utf-8")
+    result = train(model=tiny_model_dir, prompts=str(prompts), output_dir=str(tmp_path / "run"), loss="grpo",
+                   reward="conftest:letter_reward,test_grpo_extras:length_reward", reward_weights="1,0.1",
+                   importance_sampling_level="sequence", mask_truncated_completions=True, grpo_iterations=2,
+                   num_generations=2, max_new_tokens=4, batch_size=2, max_steps=1, warmup_steps=0, progress=False,
+                   log=lambda *a: None)
+    record = json.loads((result.output_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()[0])
+    for key in ("entropy", "truncated", "rewards/letter_reward/mean", "rewards/letter_reward/std",
+                "rewards/length_reward/mean", "rewards/length_reward/std", "ratio", "clip_fraction"):
+        assert key in record, key
+    assert record["entropy"] >= 0 and 0 <= record["truncated"] <= 1
