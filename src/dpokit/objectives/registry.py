@@ -214,7 +214,8 @@ OBJECTIVES: dict[str, Objective] = {o.name: o for o in [
                                    cfg.kto_undesirable_weight),
            ["kto_desirable_weight", "kto_undesirable_weight"], data="unpaired", check=_needs_two_per_batch),
     _entry("grpo", "GRPO: group-relative advantages, clipped ratio, k3 KL (--loss grpo --reward R); DAPO and "
-           "Dr. GRPO normalisations", "Shao et al. 2024 (arXiv:2402.03300); DAPO: Yu 2025; Dr. GRPO: Liu 2025",
+           "Dr. GRPO normalisations; GSPO's sequence ratio", "Shao et al. 2024 (arXiv:2402.03300); DAPO: Yu 2025; "
+           "Dr. GRPO: Liu 2025; GSPO: Zheng 2025 (arXiv:2507.18071)",
            lambda x, cfg: grpo_loss(x.logps, x.old_logps, x.advantages, x.mask, x.ref_logps, cfg.epsilon_low,
                                     cfg.epsilon_high, cfg.kl_coef, cfg.grpo_aggregation, cfg.max_new_tokens,
                                     x.normalizer, cfg.importance_sampling_level),
