@@ -5,6 +5,8 @@ reference)."""
 from __future__ import annotations
 
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -48,7 +50,7 @@ def _same(a, b):
 @pytest.fixture
 def pair():
     plain, patched = make_tiny_model(600), make_tiny_model(600)
-    assert lean.install(patched) == 7  # 2 layers × (2 norms + MLP) + the final norm
+    assert lean.install(patched) == 9  # 2 layers × (2 norms + MLP + attention) + the final norm
     assert lean.install(patched) == 0  # idempotent
     return plain, patched
 
@@ -63,6 +65,22 @@ def test_values_and_gradients_bit_for_bit_with_fewer_bytes_kept(pair):
     assert _kept_bytes(patched, IDS) < 0.85 * _kept_bytes(plain, IDS)
     with torch.no_grad():  # no-grad passes (reference, sampling) run the original forward
         assert torch.equal(plain(input_ids=IDS).logits, patched(input_ids=IDS).logits)
+
+
+def test_norm_outputs_and_gated_product_are_rebuilt_not_kept(pair):
+    """The Linears' inputs that backward can rebuild (each norm's output, act(gate) * up) are freed after the
+    forward: only the recipe is kept. The stock model keeps them alive in the graph."""
+    for model, kept in zip(pair, (True, False)):
+        seen = []
+        layer = model.model.layers[0]
+        hooks = [m.register_forward_pre_hook(lambda m, args: seen.append(weakref.ref(args[0])))
+                 for m in (layer.self_attn.q_proj, layer.mlp.gate_proj, layer.mlp.down_proj)]
+        logits = model(input_ids=IDS).logits  # graph alive: nothing has been released by backward
+        gc.collect()
+        assert [r() is not None for r in seen] == [kept] * 3
+        for h in hooks:
+            h.remove()
+        logits.sum().backward()  # and backward still runs off the rebuilt values
 
 
 def test_under_gradient_checkpointing(pair):

@@ -14,6 +14,14 @@ under its own small `torch.utils.checkpoint` (non-reentrant): the norm keeps onl
 up. 2,688 fewer floats per token and layer (−24 % of the activations); the forward computes exactly the same ops,
 and backward recomputes them bit for bit, so values and gradients are unchanged (tests/test_lean.py).
 
+Three tensors a layer's Linears keep are rebuilt rather than kept, for the same reason: each RMSNorm's output (the
+input of q/k/v, and of gate/up) from the norm's input, and act(gate) * up (down_proj's input) from gate and up, all
+of which backward holds anyway. While a patched attention or MLP runs its Linears, a saved-tensor hook stores such
+a tensor as its recipe (`_Rebuilds`); backward rebuilds it once, with the same ops on the same inputs, and hands
+every Linear that kept it the same values. 2,688 more floats per token and layer (576 + 576 + 1,536); skipped when
+other saved-tensor hooks are active (gradient checkpointing, its recompute, activation offloading), which then
+decide what is kept.
+
 Installed by `models.load_model` on modules whose forward it reproduces — probed once per class: the patched
 forward must equal the original bit for bit on a random input, else the class is left alone. Active only while
 autograd records (no-grad passes — the reference, sampling — run the original forward).
@@ -22,6 +30,8 @@ autograd records (no-grad passes — the reference, sampling — run the origina
 from __future__ import annotations
 
 import types
+import weakref
+from contextlib import nullcontext
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -34,11 +44,72 @@ def _recording(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
+class _Rebuilds:
+    """Saved-tensor hooks that keep registered tensors as recipes: `register(t, rebuild)` while t is alive; a Linear
+    that saves t (or a view of it) then holds (recipe, view geometry), and backward's first unpack calls rebuild()
+    once for every holder. Matched by storage while the registered tensor is alive, so a later tensor at a freed
+    address is never taken for it."""
+
+    def __init__(self):
+        self.recipes: list[_Recipe] = []
+
+    def register(self, tensor: torch.Tensor, rebuild) -> None:
+        self.recipes = [r for r in self.recipes if r.tensor() is not None]
+        self.recipes.append(_Recipe(weakref.ref(tensor), rebuild))
+
+    def pack(self, t: torch.Tensor):
+        if not isinstance(t, torch.nn.Parameter):
+            storage = t.untyped_storage()
+            for r in self.recipes:
+                alive = r.tensor()
+                if alive is not None and alive.untyped_storage().data_ptr() == storage.data_ptr() \
+                        and alive.dtype == t.dtype and alive.untyped_storage().nbytes() == storage.nbytes():
+                    r.holders += 1
+                    return (r, t.size(), t.stride(), t.storage_offset())
+        return t
+
+    def unpack(self, packed):
+        if not isinstance(packed, tuple):
+            return packed
+        recipe, size, stride, offset = packed
+        if recipe.value is None:
+            with torch.no_grad():
+                recipe.value = recipe.rebuild()
+        value = recipe.value.as_strided(size, stride, offset)
+        recipe.holders -= 1
+        if recipe.holders <= 0:  # the last holder has it: free the rebuilt tensor with its use
+            recipe.value = None
+        return value
+
+    def hooks(self):
+        """Active only where no other saved-tensor hooks are (gradient checkpointing's would be overridden)."""
+        if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
+            return nullcontext()
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+
+
+class _Recipe:
+    __slots__ = ("tensor", "rebuild", "holders", "value")
+
+    def __init__(self, tensor, rebuild):
+        self.tensor, self.rebuild, self.holders, self.value = tensor, rebuild, 0, None
+
+
+_REBUILDS = _Rebuilds()
+
+
+def _own_hooks() -> bool:
+    return torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+
+
 def _norm_forward(self, hidden_states):
     original = getattr(self, _ORIGINAL)
     if not _recording(hidden_states, self.weight):
         return original(hidden_states)
-    return checkpoint(original, hidden_states, use_reentrant=False, preserve_rng_state=False)
+    out = checkpoint(original, hidden_states, use_reentrant=False, preserve_rng_state=False)
+    if _own_hooks():  # the Linears reading `out` keep it as a recipe (the checkpoint keeps hidden_states)
+        _REBUILDS.register(out, lambda: original(hidden_states))
+    return out
 
 
 def _gated(act, gate, up):
@@ -46,12 +117,22 @@ def _gated(act, gate, up):
 
 
 def _mlp_forward(self, x):
-    gate, up = self.gate_proj(x), self.up_proj(x)
+    with _REBUILDS.hooks():
+        gate, up = self.gate_proj(x), self.up_proj(x)
     if _recording(gate, up):
         hidden = checkpoint(_gated, self.act_fn, gate, up, use_reentrant=False, preserve_rng_state=False)
+        if _own_hooks():
+            _REBUILDS.register(hidden, lambda: _gated(self.act_fn, gate, up))
     else:
         hidden = self.act_fn(gate) * up
-    return self.down_proj(hidden)
+    with _REBUILDS.hooks():
+        return self.down_proj(hidden)
+
+
+def _attention_forward(self, *args, **kwargs):
+    """The original attention, its q/k/v projections keeping the input norm's output as a recipe."""
+    with _REBUILDS.hooks():
+        return getattr(self, _ORIGINAL)(*args, **kwargs)
 
 
 def _kind(module) -> str | None:
@@ -59,12 +140,16 @@ def _kind(module) -> str | None:
         return "norm"
     if all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")):
         return "mlp"
+    if all(isinstance(getattr(module, a, None), torch.nn.Module) for a in ("q_proj", "k_proj", "v_proj", "o_proj")):
+        return "attention"
     return None
 
 
 def _exact(module, kind: str) -> bool:
     """The patched forward gives the original's output bit for bit on a random input (with grad recording on, so
     the checkpointed path is the one compared)."""
+    if kind == "attention":  # its own forward under hooks that only change what backward keeps
+        return True
     cls = type(module)
     if cls not in _PROBED:
         width = module.weight.shape[0] if kind == "norm" else module.gate_proj.in_features
@@ -96,7 +181,8 @@ def install(model) -> int:
         if kind is None or "_dpokit_lean" in module.__dict__ or not _exact(module, kind):
             continue
         _with_original(module)
-        module.forward = types.MethodType(_norm_forward if kind == "norm" else _mlp_forward, module)
+        forward = {"norm": _norm_forward, "mlp": _mlp_forward, "attention": _attention_forward}[kind]
+        module.forward = types.MethodType(forward, module)
         module._dpokit_lean = True
         count += 1
     return count
