@@ -153,6 +153,8 @@ def test_eval_prompts_default_bad_file_and_refusals(tmp_path, tiny_model_dir, pr
         train(online_dpo=True, rounds=2, eval_every=2)
     with pytest.raises(ConfigError, match=r"eval_prompts = 'p.jsonl' only applies to online training"):
         train(eval_prompts="p.jsonl")
+    with pytest.raises(ConfigError, match=r"eval_every = 2 has no effect without held-out prompts"):
+        train(loss="grpo", prompts="p.jsonl", eval_every=2)
 
 
 def test_iterative_dpo_resumes_at_round_granularity(tmp_path, tiny_model_dir, prompts_file, monkeypatch):

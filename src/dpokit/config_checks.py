@@ -176,6 +176,10 @@ def objective_combinations(cfg) -> Iterator[str]:
 
 
 def online_combinations(cfg) -> Iterator[str]:
+    if cfg.online and not cfg.rounds and cfg.prompts and not cfg.eval_prompts:  # loop/online_eval.eval_prompts_path
+        for key in sorted({"eval_every", "eval_max_prompts"} & cfg.requested()):
+            yield (f"{key} = {getattr(cfg, key)} has no effect without held-out prompts: with --prompts given there is "
+                   "no default held-out set; add --eval-prompts")
     if cfg.online and cfg.dtype == "fp16":
         yield "dtype = 'fp16' is for offline training (it needs a loss scaler); online training takes fp32 or bf16"
     if cfg.online and cfg.num_generations < 2 and cfg.loss_names != ["ppo"]:  # PPO's rollouts need no group
