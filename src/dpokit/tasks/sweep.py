@@ -8,7 +8,7 @@ placed at (KL(π‖π_ref), mean reward). Baselines on the same axes, as in the 
 - Best-of-N from the reference (N = 1, 4, 16): reward of the best of N samples, KL log N − (N−1)/N.
 The reference's held-out samples are drawn once (max(N), k per prompt) and shared by every evaluation.
 Online methods (`--online grpo,online-dpo`, issue 8's comparison) train on their own samples of the
-training prompts and add their final models to the same axes.
+training prompts and add their checkpoints and final models to the same axes.
 Each finished run leaves RUN/points.json with the options it was trained with; a later sweep into the
 same folder reuses a run whose options match (e.g. adding online methods or a β to an existing sweep).
 Writes frontier.json, frontier.png and report.html in the sweep folder.
@@ -113,16 +113,16 @@ def run_sweep(output_dir: str | Path, axis: str, task: SentimentTask | None = No
     runs += [({"grpo": "GRPO", "online-dpo": "Online DPO"}[m], m, {}) for m in online]
     for method, series, options in runs:
         run_dir = out / series.replace("=", "-").replace("Preferred-FT", "preferred-ft")
-        if method in ("GRPO", "Online DPO"):  # no checkpoints in online training yet: the final model only
+        if method in ("GRPO", "Online DPO"):
             cfg = online_train_config(run_dir, task, method, online_steps,
                                       progress=train_overrides.get("progress", True))
             steps = online_steps
         else:
             cfg = demo_train_config(run_dir, task, out, **{**train_overrides, **options})
             steps = cfg.max_steps or cfg.epochs * -(-count_pairs(out / "pairs_train.jsonl", cfg) // cfg.batch_size)
-            # checkpoints evenly along the run: the frontier's points between the reference and the final
-            # model (rounded up, so the last checkpoint is not a near-copy of the final model)
-            cfg.save_every = max(1, -(-steps // (checkpoints + 1))) if checkpoints else 0
+        # checkpoints evenly along the run (online runs too): the frontier's points between the reference and the
+        # final model (rounded up, so the last checkpoint is not a near-copy of the final model)
+        cfg.save_every = max(1, -(-steps // (checkpoints + 1))) if checkpoints else 0
         saved = run_dir / "points.json"
         if saved.is_file() and json.loads(saved.read_text())["options"] == json.loads(json.dumps(_result_options(cfg))):
             points += json.loads(saved.read_text())["points"]
