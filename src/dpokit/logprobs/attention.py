@@ -117,22 +117,43 @@ def segment_attention(module, query, key, value, segments, dropout: float = 0.0,
     gqa = groups > 1 and device == "cpu"
     if groups > 1 and not gqa:
         key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
-    out = query.new_zeros(*query.shape[:3], value.shape[-1])
-    for r, p0, p1, q0, q1 in segments:
-        if q1 <= q0:
-            continue
-        q = query[r:r + 1, :, q0:q1]
-        k, v = key[r:r + 1, :, q0:q1], value[r:r + 1, :, q0:q1]
-        if p1 > p0:   # bottom-right causal over cat(prefix, own): query i sees the prefix and own keys ≤ i
-            k = torch.cat([key[r:r + 1, :, p0:p1], k], 2)
-            v = torch.cat([value[r:r + 1, :, p0:p1], v], 2)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(q1 - q0, k.shape[2]),
-                                               dropout_p=dropout, scale=scaling, enable_gqa=gqa)
-        else:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, scale=scaling,
-                                               enable_gqa=gqa)
-        out[r:r + 1, :, q0:q1] = o
-    return out.transpose(1, 2).contiguous()
+    B, H, T, _ = query.shape
+    by_row: dict[int, list] = {}
+    for seg in segments:
+        if seg[4] > seg[3]:
+            by_row.setdefault(seg[0], []).append(seg)
+    rows = []
+    for r in range(B):
+        segs = sorted(by_row.get(r, []), key=lambda s: s[3])
+        # cut the row at every boundary once: each segment's queries, prefix keys and own keys are then
+        # whole pieces, and backward concatenates the pieces' gradients instead of adding full-size zero tensors
+        cuts = sorted({0, T, *(x for s in segs for x in s[1:])})
+        sizes = [b - a for a, b in zip(cuts, cuts[1:])]
+        at = {a: i for i, a in enumerate(cuts[:-1])}
+        qs, ks, vs = (t[r:r + 1].split(sizes, 2) for t in (query, key, value))
+
+        def span(parts, a, b):
+            i, j = at[a], (at[b] if b in at else len(parts))
+            return parts[i] if j == i + 1 else torch.cat(parts[i:j], 2)
+        pieces, pos = [], 0
+        for _, p0, p1, q0, q1 in segs:
+            if q0 > pos:
+                pieces.append(query.new_zeros(1, q0 - pos, H, value.shape[-1]))
+            q, k, v = span(qs, q0, q1), span(ks, q0, q1), span(vs, q0, q1)
+            if p1 > p0:  # bottom-right causal over cat(prefix, own): query i sees the prefix and own keys ≤ i
+                k, v = torch.cat([span(ks, p0, p1), k], 2), torch.cat([span(vs, p0, p1), v], 2)
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(q1 - q0, k.shape[2]),
+                                                   dropout_p=dropout, scale=scaling, enable_gqa=gqa)
+            else:
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, scale=scaling,
+                                                   enable_gqa=gqa)
+            pieces.append(o.transpose(1, 2))  # [1, q, H, D]: concatenated, the row is already [T, H, D]
+            pos = q1
+        if pos < T:
+            pieces.append(query.new_zeros(1, T - pos, H, value.shape[-1]))
+        rows.append(pieces[0] if len(pieces) == 1 else torch.cat(pieces, 1))
+    out = rows[0] if B == 1 else torch.cat(rows, 0)
+    return out if out.is_contiguous() else out.contiguous()
 
 
 def _dispatcher(original: str, module_name: str):
