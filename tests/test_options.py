@@ -59,7 +59,8 @@ def test_every_objective_option_is_an_objective_field_read_by_the_objectives_run
 
 def test_derived_key_sets():
     assert BOOKKEEPING == set(group_keys("bookkeeping")) and BOOKKEEPING <= RESUME_MAY_CHANGE
-    assert RESUME_MAY_CHANGE - BOOKKEEPING == {"device", "eval_data", "on_nonfinite"}
+    # the held-out sets (offline pairs, online prompts), as the device's name and the non-finite policy
+    assert RESUME_MAY_CHANGE - BOOKKEEPING == {"device", "eval_data", "eval_prompts", "eval_max_prompts", "on_nonfinite"}
     assert "eval_batch_size" not in RESUME_MAY_CHANGE  # it changes the eval/* sums' last bits
     assert set(ONLINE_OPTIONS) == {k for k, f in FIELDS.items() if f.metadata["group"] == "online"}
     for key in ONLINE_OPTIONS:  # so resetting them leaves a config that trains offline
