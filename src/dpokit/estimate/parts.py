@@ -29,8 +29,9 @@ from dpokit.estimate.shape import Shape, micro_batch_tokens
 GiB = 2**30
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 # Measured (docs/memory_calibration.py, docs/PERFORMANCE.md): stored activation bytes per token and layer,
-# divided by 4 · (8·hidden + 3·intermediate + 3·kv width) — the tensors a Llama-style layer saves for backward
-# with models/lean.py's norms and SwiGLU (which keep 2·hidden + 1·intermediate less than stock transformers).
+# divided by 4 · (6·hidden + 2·intermediate + 3·kv width) — the tensors a Llama-style layer saves for backward
+# with models/lean.py (norms and SwiGLU recompute their elementwise ops, and the norms' outputs and act(gate) · up
+# are rebuilt rather than kept: 4·hidden + 2·intermediate less than stock transformers).
 ACTIVATION_FACTOR = 1.0
 # LoRA layers keep more per token: this fraction of 4 bytes × Σ(in + out) of the adapted Linears of a layer
 # (without / with gradient checkpointing), and its backward holds about two [vocab, hidden] fp32 buffers more.
@@ -64,7 +65,7 @@ def activation_bytes(shape: Shape, tokens: int, checkpointing: bool, half: bool,
     """Bytes kept for backward by the decoder: every layer's saved tensors, or with checkpointing one hidden
     state per layer plus one layer recomputed; plus embeddings, final norm and gradient buffers (6·hidden);
     plus, with LoRA, what the adapter paths keep (LORA_ACTIVATION)."""
-    layer = ACTIVATION_FACTOR * 4 * (8 * shape.hidden + 3 * shape.intermediate + 3 * shape.kv_width)
+    layer = ACTIVATION_FACTOR * 4 * (6 * shape.hidden + 2 * shape.intermediate + 3 * shape.kv_width)
     per_token = (4 * shape.layers * shape.hidden + layer) if checkpointing else shape.layers * layer
     per_token += 4 * 6 * shape.hidden
     if lora and shape.lora_rank:
