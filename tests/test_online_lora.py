@@ -164,3 +164,19 @@ def test_lora_options_are_read_by_online_runs():
                     dict(online_dpo=True, rounds=2)):
         TrainConfig.from_dict(dict(reward=REWARD, lora_r=8, lora_alpha=16, lora_dropout=0.1,
                                    lora_target_modules="q_proj,v_proj", merge_lora=True, **options))
+
+
+def test_a_lora_ppo_run_resumes_exactly(tmp_path, tiny_model_dir, prompts_file):
+    """The checkpoint holds the policy's and the value model's adapters (and head): a resume from step 2 of 3 ends
+    with the uninterrupted run's adapter bit for bit."""
+    import shutil
+    common = dict(loss="ppo", kl_coef=0.05, num_generations=2, max_steps=3, save_every=1)
+    full = _run(tiny_model_dir, prompts_file, tmp_path / "full", **common)
+    part = tmp_path / "part"
+    _run(tiny_model_dir, prompts_file, part, **common)
+    assert [c.name for c in sorted((part / "checkpoints").iterdir())] == ["step-0000001", "step-0000002"]
+    shutil.rmtree(part / "final")  # as if stopped after step 2's checkpoint
+    resumed = _run(tiny_model_dir, prompts_file, part, resume="auto", **common)
+    assert resumed.resumed_at == 2
+    a, b = (load_file(r.final_dir / "adapter_model.safetensors") for r in (full, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
