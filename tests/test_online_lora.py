@@ -180,3 +180,16 @@ def test_a_lora_ppo_run_resumes_exactly(tmp_path, tiny_model_dir, prompts_file):
     assert resumed.resumed_at == 2
     a, b = (load_file(r.final_dir / "adapter_model.safetensors") for r in (full, resumed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lora_grpo_with_checkpointing_and_held_out_evaluation(tmp_path, tiny_model_dir, prompts_file):
+    """--gradient-checkpointing and --eval-prompts with LoRA: the evaluation samples the reference through its
+    adapters-off view; every logged value finite; the log says how to load the adapter."""
+    logs: list[str] = []
+    result = _run(tiny_model_dir, prompts_file, tmp_path / "run", loss="grpo", kl_coef=0.05, gradient_checkpointing=True,
+                  eval_prompts=prompts_file, eval_every=1, log=logs.append)
+    metrics = _metrics(result.output_dir)
+    assert metrics[0]["kl"] == 0.0
+    evals = [m for m in metrics if "eval/reward" in m]
+    assert evals and all(math.isfinite(v) for m in metrics for v in m.values() if isinstance(v, float))
+    assert any("PeftModel.from_pretrained" in line for line in logs)

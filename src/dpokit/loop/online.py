@@ -133,7 +133,9 @@ def train_online(cfg: TrainConfig, log=print, method=None) -> TrainResult:
         policy = policy.merge_and_unload()  # a plain transformers model again, adapters folded in
     save_final(policy, final, cfg)  # in --model-dtype, config.json saying so (LoRA: the adapter alone)
     tokenizer.save_pretrained(final)
-    log(f"saved {final} (load it with AutoModelForCausalLM.from_pretrained); metrics in {out / 'metrics.jsonl'}")
+    loader = "PeftModel.from_pretrained(base, final)" if cfg.lora_r and not cfg.merge_lora else \
+        "AutoModelForCausalLM.from_pretrained"  # a LoRA run without --merge-lora saves the adapter alone
+    log(f"saved {final} (load it with {loader}); metrics in {out / 'metrics.jsonl'}")
     return TrainResult(out, total_steps, None, eval_after, final, start_step)
 
 
