@@ -193,3 +193,28 @@ def test_lora_grpo_with_checkpointing_and_held_out_evaluation(tmp_path, tiny_mod
     evals = [m for m in metrics if "eval/reward" in m]
     assert evals and all(math.isfinite(v) for m in metrics for v in m.values() if isinstance(v, float))
     assert any("PeftModel.from_pretrained" in line for line in logs)
+
+
+def test_a_lora_value_model_started_from_a_reward_model_keeps_its_backbone(tmp_path, tokenizer, tiny_model_dir,
+                                                                         prompts_file, monkeypatch):
+    """--reward DIR (a one-label classifier reading the policy's tokens): the value model starts from it, gets
+    adapters and a trained head, and its backbone stays the reward model's."""
+    from transformers import LlamaForSequenceClassification
+    config = make_tiny_model(len(tokenizer), seed=3).config
+    config.num_labels = 1
+    torch.manual_seed(3)
+    rm = tmp_path / "rm"
+    LlamaForSequenceClassification(config).save_pretrained(rm, safe_serialization=True)
+    tokenizer.save_pretrained(rm)
+    values = []
+    original = ppo.load_value_model
+    monkeypatch.setattr(ppo, "load_value_model", lambda *a, **k: values.append(original(*a, **k)) or values[-1])
+    result = _run(tiny_model_dir, prompts_file, tmp_path / "run", loss="ppo", kl_coef=0.05, num_generations=2,
+                  reward=str(rm))
+    assert all(math.isfinite(m["loss/value"]) for m in _metrics(result.output_dir))
+    from dpokit.models.lora import base_weights
+    start = load_file(f"{rm}/model.safetensors")
+    got = base_weights(values[0].get_base_model())
+    assert all(torch.equal(got[k], t) for k, t in start.items() if not k.startswith("score"))
+    head = [p for n, p in values[0].named_parameters() if "score" in n and p.requires_grad]
+    assert head and not torch.equal(head[0], start["score.weight"])  # the trained copy moved
