@@ -287,6 +287,9 @@ class TrainConfig:
                                            "keep all)", valid=">= 0 (0: keep all)", runs=CHECKPOINTED)
     resume: str | None = opt("bookkeeping", None, "resume from a checkpoint folder, or 'auto' for the newest in "
                                                   "--output-dir", runs=CHECKPOINTED)
+    report_to: str | list = opt("bookkeeping", "none", "experiment trackers that also get metrics.jsonl's numbers "
+        "(same names and steps) and the config, comma-separated: tensorboard (<output-dir>/tensorboard), wandb, "
+        "trackio, mlflow, each a pip extra: pip install 'dpokit[wandb]'; 'none': metrics.jsonl alone (always written)")
     progress: bool = opt("bookkeeping", True, "show a progress bar on the terminal")
     memory_check: bool = opt("bookkeeping", True, "before loading the model, estimate the run's peak memory (`dpokit "
                                                   "estimate`) and refuse if it exceeds the available memory by over a "

@@ -5,7 +5,8 @@ option and what would be allowed; validate raises the first. In the order checke
   2. unread_problems: an option the caller set (TrainConfig.requested) that this run would not read: another
      kind of run reads it (field `runs`), or a condition it needs does not hold (field `needs`: NEEDS below;
      an objective's option needs a selected objective that reads it, from the registry's Objective.options)
-  3. value_problems: each option's range (field `valid`) and choices
+  3. value_problems: each option's range (field `valid`) and choices; report_problems: --report-to's trackers
+     known, and their packages installed (before any model loads)
   4. combination_problems: values that would train wrongly together: each objective's own check and traits
      (registry), online training, LoRA, precision, FSDP
 
@@ -14,6 +15,8 @@ What depends on the objective comes from objectives/registry.py, so adding an ob
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from dataclasses import fields
 from typing import Iterator
 
@@ -25,6 +28,7 @@ def problems(cfg) -> Iterator[str]:
     yield from loss_problems(cfg)
     yield from unread_problems(cfg)
     yield from value_problems(cfg)
+    yield from report_problems(cfg)
     yield from objective_combinations(cfg)
     yield from online_combinations(cfg)
     yield from precision_combinations(cfg)
@@ -149,6 +153,49 @@ def value_problems(cfg) -> Iterator[str]:
             ok, allowed = in_range(valid, value, cfg)
             if not ok:
                 yield f"{_said(cfg, f.name)} is out of range: {allowed}"
+
+
+# --report-to name → (modules it imports, pyproject extra that installs them); TRL's names (loop/trackers.py)
+TRACKERS = {"tensorboard": (("tensorboard",), "tensorboard"), "wandb": (("wandb",), "wandb"),
+            "trackio": (("trackio",), "trackio"), "mlflow": (("mlflow",), "mlflow")}
+# MLflow's default store (no MLFLOW_TRACKING_URI: sqlite:///mlflow.db) needs these; mlflow-skinny lacks them
+MLFLOW_SQL = ("sqlalchemy", "alembic")
+
+
+def report_problems(cfg) -> Iterator[str]:
+    names = as_list(cfg.report_to)
+    unknown = [n for n in names if n not in TRACKERS and n != "none"]
+    if unknown or not names:
+        yield (f"report_to = {cfg.report_to!r}: " + (f"unknown tracker {', '.join(unknown)}; " if unknown else "")
+               + f"choose 'none' or one or more of {', '.join(TRACKERS)}, comma-separated")
+    elif "none" in names and len(names) > 1 or len(set(names)) != len(names):
+        yield f"report_to = {cfg.report_to!r}: name each tracker once, or 'none' alone"
+    if tracker_names(cfg) and cfg.online and not cfg.rounds:  # until loop/online.py writes through open_metrics
+        yield (f"report_to = {cfg.report_to!r}: online runs (GRPO, RLOO, PPO, online DPO) write metrics.jsonl only "
+               "for now; offline runs, train-rm and iterative DPO's rounds report to trackers")
+    for name in tracker_names(cfg) if not unknown else ():
+        modules, extra = TRACKERS[name]
+        uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+        if name == "mlflow" and (not uri or uri.startswith("sqlite")):
+            modules += MLFLOW_SQL
+        missing = [m for m in modules if not _installed(m)]
+        if missing:
+            store = " for MLflow's default store sqlite:///mlflow.db" if missing[0] in MLFLOW_SQL else ""
+            yield (f"report_to = {cfg.report_to!r}: {name} needs {', '.join(missing)}{store}, not installed: "
+                   f"pip install 'dpokit[{extra}]'" + (" (or set MLFLOW_TRACKING_URI to an MLflow server)"
+                                                        if store else ""))
+
+
+def tracker_names(cfg) -> list[str]:
+    """The trackers --report-to names ('none' names none)."""
+    return [n for n in as_list(cfg.report_to) if n != "none"]
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ValueError:  # sys.modules[module] = None (blocked) or a module without a spec
+        return False
 
 
 # ---- 4. combinations that would train wrongly -------------------------------------------------------------

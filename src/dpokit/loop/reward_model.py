@@ -19,7 +19,6 @@ score head trains in full). One process (no torchrun yet).
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import time
@@ -42,6 +41,7 @@ from dpokit.loop.result import TrainResult, pick_device
 from dpokit.loop.schedule import BatchSchedule
 from dpokit.loop.steps import NonFiniteError
 from dpokit.loop.train import run_steps
+from dpokit.loop.trackers import open_metrics
 from dpokit.loop.update import update
 from dpokit.models import load_tokenizer
 from dpokit.models.load import ModelError, keep_master_copy, resolve, save_final, torch_dtype, warn_half_on_cpu
@@ -158,11 +158,11 @@ def _train(cfg: TrainConfig, log) -> TrainResult:
     b = run.batches
     log(f"training a reward model for {total_steps - start_step} steps × {b.micro_size * cfg.grad_accum} pairs "
         f"({b.rows} pairs, {b.steps_per_epoch} steps/epoch) on {run.device}")
-    with open(out / "metrics.jsonl", "a" if start_step else "w", encoding="utf-8") as metrics:
+    with open_metrics(cfg, out, start_step) as metrics:  # metrics.jsonl and --report-to's trackers
         _train_steps(run, start_step, total_steps, metrics)
         eval_after = evaluate(run) if run.eval_set else None
         if eval_after:
-            metrics.write(json.dumps({"step": total_steps, **eval_after}) + "\n")
+            metrics.write_record({"step": total_steps, **eval_after})
             log(f"held-out after training  ({len(run.eval_set)} pairs): {_format(eval_after)}")
     final = _save_final(run, out / "final")
     log(f"saved {final} (a one-label classifier: AutoModelForSequenceClassification.from_pretrained, or "

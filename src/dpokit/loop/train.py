@@ -45,6 +45,7 @@ from dpokit.models import load_model, load_tokenizer
 from dpokit.models.load import save_final, stalled_weights_note, warn_half_on_cpu
 from dpokit.models.lora import add_lora, disable_dropout
 from dpokit.loop.steps import NonFiniteError, finish_kto_metrics, kto_step, paired_step
+from dpokit.loop.trackers import open_metrics
 from dpokit.loop.result import TrainResult, pick_device  # noqa: F401 (pick_device: re-exported)
 from dpokit.loop.update import NonFiniteSteps, update
 from dpokit.objectives import OBJECTIVES
@@ -101,16 +102,18 @@ def _train(cfg: TrainConfig, ctx: Distributed, log) -> TrainResult:
         log(f"held-out {'before training' if not start_step else 'at resume'} ({len(run.eval_set)} pairs): "
             f"{format_eval(eval_before)}")
     _announce(run, start_step, total_steps)
-    metrics_file = open(out / "metrics.jsonl", "a" if start_step else "w", encoding="utf-8") if ctx.is_main else None
-    _train_steps(run, start_step, total_steps, metrics_file)
-    eval_after = None
-    if run.eval_set:
-        eval_after = evaluate(run)
+    metrics_file = open_metrics(cfg, out, start_step, ctx.is_main)  # metrics.jsonl and --report-to's trackers
+    try:
+        _train_steps(run, start_step, total_steps, metrics_file)
+        eval_after = None
+        if run.eval_set:
+            eval_after = evaluate(run)
+            if metrics_file:
+                metrics_file.write_record({"step": total_steps, **eval_after})
+            log(f"held-out after training  ({len(run.eval_set)} pairs): {format_eval(eval_after)}")
+    finally:
         if metrics_file:
-            metrics_file.write(json.dumps({"step": total_steps, **eval_after}) + "\n")
-        log(f"held-out after training  ({len(run.eval_set)} pairs): {format_eval(eval_after)}")
-    if metrics_file:
-        metrics_file.close()
+            metrics_file.close()
     final = _save_final(run, out / "final")
     log(f"saved {final} (load it with AutoModelForCausalLM.from_pretrained); metrics in {out / 'metrics.jsonl'}")
     return TrainResult(out, total_steps, eval_before, eval_after, final, start_step)
@@ -210,7 +213,8 @@ def run_steps(cfg: TrainConfig, start_step: int, total_steps: int, desc: str, ta
               stop_all: Callable[[bool], bool] = bool, skip_hint: str = "") -> None:
     """Steps start_step … total_steps − 1 of a step loop (offline DPO, `dpokit train-rm`): `take_step(step)` → its
     metrics (a NonFiniteError is handled per --on-nonfinite), held-out `evaluate_fn()` every --eval-every steps, one
-    metrics.jsonl line, `save(step)` every --save-every steps; on SIGINT/SIGTERM (`stop_all` agrees across
+    metrics.jsonl line (`metrics_file`: a trackers.MetricsSink, which also sends it to --report-to's trackers, or a
+    plain text file), `save(step)` every --save-every steps; on SIGINT/SIGTERM (`stop_all` agrees across
     processes) `save`, then TrainingInterrupted naming what it saved."""
     bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, disable=not show, desc=desc,
                dynamic_ncols=True)
@@ -229,7 +233,10 @@ def run_steps(cfg: TrainConfig, start_step: int, total_steps: int, desc: str, ta
                     and step + 1 < total_steps:
                 record.update(evaluate_fn())
             if metrics_file:
-                metrics_file.write(json.dumps(record) + "\n")
+                if hasattr(metrics_file, "write_record"):
+                    metrics_file.write_record(record)
+                else:
+                    metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
             if "loss" in record:
                 bar.set_postfix(**postfix(record))
