@@ -6,6 +6,7 @@ missing trackers are refused before any model loads. All offline."""
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import struct
 import sys
@@ -20,22 +21,26 @@ from dpokit.cli import main
 from dpokit.loop.trackers import MetricsSink, open_metrics, scalars
 
 ALL = ("tensorboard", "wandb", "trackio", "mlflow")
-for _module in ALL:
-    pytest.importorskip(_module)
+# not imported here: trackio fixes its folder when first imported (the fixture sets it first)
+pytestmark = pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in ALL),
+                                reason="needs every tracker: pip install -e '.[dev]'")
 
 
 @pytest.fixture
 def offline(tmp_path, monkeypatch) -> dict:
-    """Every tracker local and offline, stored under tmp_path (trackio fixes its folder when first imported:
-    TRACKIO_DIR is set before that, and a project of this test's own keeps its reads apart)."""
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb-files"))
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file:{tmp_path / 'mlruns'}")
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps its file store for such uses only
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    if "trackio" not in sys.modules:
-        monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))
+    """Every tracker local, offline and under tmp_path, nothing written to the home folder. trackio fixes its
+    folder when first imported: TRACKIO_DIR is set before that (or its modules' copies patched), and a project of
+    this test's own keeps its reads apart."""
+    for key, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": tmp_path / "wandb-files",
+                       "WANDB_CACHE_DIR": tmp_path / "wandb-cache", "WANDB_CONFIG_DIR": tmp_path / "wandb-config",
+                       "WANDB_DATA_DIR": tmp_path / "wandb-data", "MLFLOW_TRACKING_URI": f"file:{tmp_path / 'mlruns'}",
+                       "MLFLOW_ALLOW_FILE_STORE": "true",  # MLflow 3 keeps its file store for such uses only
+                       "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1",
+                       "TRACKIO_DIR": tmp_path / "trackio"}.items():
+        monkeypatch.setenv(key, str(value))
+    for module in [m for name, m in sys.modules.items() if name.split(".")[0] == "trackio"]:
+        if hasattr(module, "TRACKIO_DIR"):
+            monkeypatch.setattr(module, "TRACKIO_DIR", tmp_path / "trackio")
     project = f"dpokit-test-{uuid.uuid4().hex[:8]}"
     monkeypatch.setenv("TRACKIO_PROJECT", project)
     (tmp_path / "wandb-files").mkdir()
