@@ -20,7 +20,7 @@ MAX_LINES = 400
 
 # Bottom to top. A module belongs to the layer of its longest prefix listed here.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("base", ("dpokit.options", "dpokit.cache", "dpokit.malloc")),  # TrainConfig fields; the cache; glibc tunables
+    ("base", ("dpokit.options", "dpokit.cache")),          # what each TrainConfig field is; the cache folder
     ("objectives", ("dpokit.objectives",)),                # the table (read by config) and tensor functions
     ("config", ("dpokit.config", "dpokit.config_checks")),
     ("data", ("dpokit.data",)),

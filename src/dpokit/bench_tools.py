@@ -11,8 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-from dpokit.malloc import tuned_env
-
 
 VARIANTS = {
     # name: TrainConfig overrides. "dpokit" is the default configuration.
@@ -88,9 +86,7 @@ def spawn(tool: str, pairs: str, args, batch_size: int, max_length: int, tmp: Pa
     cmd = [sys.executable, "-m", "dpokit.bench", "--worker", tool, "--pairs", pairs, "--model", args.model,
            "--steps", str(args.steps), "--batch-size", str(batch_size), "--max-length", str(max_length),
            "--dtype", args.dtype, "--tmp", str(tmp / "run")]
-    # dpokit's workers run as `dpokit train` does (malloc.py's glibc tunables); TRL's as a script of its own would
-    env = tuned_env() if tool.startswith("dpokit") else dict(os.environ)
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**env, "DPOKIT_CACHE": str(tmp / "cache")})
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "DPOKIT_CACHE": str(tmp / "cache")})
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode == -9 or "out of memory" in proc.stderr.lower() or "MemoryError" in proc.stderr:
         return None, f"did not fit (killed or out of memory, exit {proc.returncode})"

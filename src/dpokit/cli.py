@@ -331,9 +331,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if argv is None:  # run as a program: training commands restart once with freed memory returned (malloc.py)
-        from dpokit.malloc import reexec_tuned
-        reexec_tuned(args.command)
     if args.func is not cmd_losses:  # the table alone needs neither torch nor transformers
         # transformers' per-load progress bars ("Loading weights …") drown dpokit's own report
         from transformers.utils import logging as hf_logging
