@@ -83,6 +83,13 @@ def test_norm_outputs_and_gated_product_are_rebuilt_not_kept(pair):
         logits.sum().backward()  # and backward still runs off the rebuilt values
 
 
+def test_under_autocast(pair):
+    """bf16 autocast (`--dtype bf16`): the rebuild runs under the forward's autocast state, values bit for bit."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        runs = [_run(m, IDS) for m in pair]
+    _same(*runs)
+
+
 def test_under_gradient_checkpointing(pair):
     plain, patched = pair
     for m in pair:

@@ -61,11 +61,14 @@ class Estimate:
         return max(self.phases, key=self.phases.get)
 
 
-def activation_bytes(shape: Shape, tokens: int, checkpointing: bool, half: bool, lora: bool = False) -> int:
+def activation_bytes(shape: Shape, tokens: int, checkpointing: bool, half: bool, lora: bool = False,
+                     autocast: bool = False) -> int:
     """Bytes kept for backward by the decoder: every layer's saved tensors, or with checkpointing one hidden
     state per layer plus one layer recomputed; plus embeddings, final norm and gradient buffers (6·hidden);
-    plus, with LoRA, what the adapter paths keep (LORA_ACTIVATION)."""
-    layer = ACTIVATION_FACTOR * 4 * (6 * shape.hidden + 2 * shape.intermediate + 3 * shape.kv_width)
+    plus, with LoRA, what the adapter paths keep (LORA_ACTIVATION). Under autocast the Linears keep autocast's
+    half copies of the norms' outputs, which models/lean.py cannot rebuild: 2·hidden more."""
+    widths = (8 if autocast else 6) * shape.hidden + 2 * shape.intermediate + 3 * shape.kv_width
+    layer = ACTIVATION_FACTOR * 4 * widths
     per_token = (4 * shape.layers * shape.hidden + layer) if checkpointing else shape.layers * layer
     per_token += 4 * 6 * shape.hidden
     if lora and shape.lora_rank:
@@ -132,7 +135,8 @@ def estimate(cfg, shape: Shape, processes: int = 1, tokens: tuple[int, int] | No
     if cfg.model_dtype != "fp32" and (pure_half or cfg.lora_r):
         # the LM head runs in fp32 on half weights (logprobs/sequence.py _head_logits): an fp32 copy of it
         parts["fp32 head weight copy"] = 4 * shape.vocab * shape.hidden
-    parts["activations"] = activation_bytes(shape, tokens, cfg.gradient_checkpointing, half, bool(cfg.lora_r))
+    parts["activations"] = activation_bytes(shape, tokens, cfg.gradient_checkpointing, half, bool(cfg.lora_r),
+                                            autocast)
     parts["LM head chunk"] = head_bytes(shape, scored, not cfg.lora_r)
     if cfg.lora_r:
         parts["LoRA backward buffers"] = LORA_BACKWARD_HEADS * 4 * shape.vocab * shape.hidden

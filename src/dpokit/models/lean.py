@@ -20,7 +20,8 @@ of which backward holds anyway. While a patched attention or MLP runs its Linear
 a tensor as its recipe (`_Rebuilds`); backward rebuilds it once, with the same ops on the same inputs, and hands
 every Linear that kept it the same values. 2,688 more floats per token and layer (576 + 576 + 1,536); skipped when
 other saved-tensor hooks are active (gradient checkpointing, its recompute, activation offloading), which then
-decide what is kept.
+decide what is kept. Under autocast a Linear keeps autocast's half copy of a norm's output rather than the output
+itself, so there only act(gate) * up is rebuilt (estimate/parts.py counts it so).
 
 Installed by `models.load_model` on modules whose forward it reproduces — probed once per class: the patched
 forward must equal the original bit for bit on a random input, else the class is left alone. Active only while
@@ -48,19 +49,23 @@ class _Rebuilds:
     """Saved-tensor hooks that keep registered tensors as recipes: `register(t, rebuild)` while t is alive; a Linear
     that saves t (or a view of it) then holds (recipe, view geometry), and backward's first unpack calls rebuild()
     once for every holder. Matched by storage while the registered tensor is alive, so a later tensor at a freed
-    address is never taken for it."""
+    address is never taken for it. A recipe lives as long as its tensor or a holder does (the set is weak), so
+    nothing outlives the graph; it rebuilds under the autocast state its forward ran in."""
 
     def __init__(self):
-        self.recipes: list[_Recipe] = []
+        self.recipes: weakref.WeakSet[_Recipe] = weakref.WeakSet()
 
     def register(self, tensor: torch.Tensor, rebuild) -> None:
-        self.recipes = [r for r in self.recipes if r.tensor() is not None]
-        self.recipes.append(_Recipe(weakref.ref(tensor), rebuild))
+        device = tensor.device.type
+        recipe = _Recipe(weakref.ref(tensor), rebuild, device, torch.is_autocast_enabled(device),
+                         torch.get_autocast_dtype(device))
+        tensor._dpokit_recipe = recipe  # alive with the tensor; afterwards only through the graph's holders
+        self.recipes.add(recipe)
 
     def pack(self, t: torch.Tensor):
         if not isinstance(t, torch.nn.Parameter):
             storage = t.untyped_storage()
-            for r in self.recipes:
+            for r in list(self.recipes):
                 alive = r.tensor()
                 if alive is not None and alive.untyped_storage().data_ptr() == storage.data_ptr() \
                         and alive.dtype == t.dtype and alive.untyped_storage().nbytes() == storage.nbytes():
@@ -73,7 +78,8 @@ class _Rebuilds:
             return packed
         recipe, size, stride, offset = packed
         if recipe.value is None:
-            with torch.no_grad():
+            with torch.no_grad(), torch.autocast(recipe.device, dtype=recipe.autocast_dtype,
+                                                 enabled=recipe.autocast):
                 recipe.value = recipe.rebuild()
         value = recipe.value.as_strided(size, stride, offset)
         recipe.holders -= 1
@@ -83,22 +89,24 @@ class _Rebuilds:
 
     def hooks(self):
         """Active only where no other saved-tensor hooks are (gradient checkpointing's would be overridden)."""
-        if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
+        if not _own_hooks():
             return nullcontext()
         return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
 
 
 class _Recipe:
-    __slots__ = ("tensor", "rebuild", "holders", "value")
+    __slots__ = ("tensor", "rebuild", "device", "autocast", "autocast_dtype", "holders", "value", "__weakref__")
 
-    def __init__(self, tensor, rebuild):
+    def __init__(self, tensor, rebuild, device: str, autocast: bool, autocast_dtype):
         self.tensor, self.rebuild, self.holders, self.value = tensor, rebuild, 0, None
+        self.device, self.autocast, self.autocast_dtype = device, autocast, autocast_dtype
 
 
 _REBUILDS = _Rebuilds()
 
 
 def _own_hooks() -> bool:
+    """No other saved-tensor hooks are active (torch has no public query for this; a private one since 1.13)."""
     return torch._C._autograd._top_saved_tensors_default_hooks(False) is None
 
 
