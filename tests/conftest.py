@@ -81,6 +81,17 @@ requires_embedded = pytest.mark.skipif(not embedded_available(), reason="llm-smo
 requires_hh = pytest.mark.skipif(not HH_HELPFUL.is_file(), reason="../shared/data not present")
 
 
+@pytest.fixture
+def prompts_file(tmp_path) -> str:
+    """The first six built-in sentiment prompts: what the online tests sample from."""
+    rows = [json.loads(line) for line in open(builtin_path("sentiment_train"), encoding="utf-8")][:6]
+    return write_jsonl(tmp_path / "prompts.jsonl", rows)
+
+
+def quiet(*_args):
+    """A `log` that prints nothing."""
+
+
 def letter_reward(prompts, completions):
     """A reward for tests (spec `conftest:letter_reward`): the share of 'e' among a completion's letters."""
     return [c.count("e") / max(1, sum(ch.isalpha() for ch in c)) for c in completions]

@@ -18,7 +18,7 @@ from dpokit.config import ConfigError, TrainConfig
 from dpokit.evaluation.rewards import Scores, combine, reward_names
 from dpokit.generation.sample import Samples
 from dpokit.logprobs import sequence
-from dpokit.loop import online
+from dpokit.loop import online, online_dist
 from dpokit.objectives import OBJECTIVES, OnlineInputs
 from dpokit.objectives.grpo import AGGREGATIONS, grpo_loss
 from test_grpo import _trl_grpo_loss
@@ -192,13 +192,13 @@ def test_combined_rewards_log_each_function_as_trl():
     assert isinstance(rewards, Scores) and rewards == pytest.approx([0.5 * a + 2 * b for a, b in zip(letters, lengths)])
     cfg = TrainConfig(loss="grpo", num_generations=3)
     samples = Samples(prompts[:1], 3, [[1]] * 3, [[2]] * 3, completions, [0.0] * 3, 3, 1.0, [False] * 3)
-    record = online._step_record(cfg, 0, 1, {}, samples, rewards, 0.1, 1.0)
+    record = online_dist.step_record(cfg, 0, 1, {}, samples, rewards, 0.1, 1.0)
     for name, column in (("letter_reward", letters), ("length_reward", lengths)):
         values = torch.tensor(column, dtype=torch.float64)  # TRL: nanmean and the Bessel-corrected nanstd
         assert record[f"rewards/{name}/mean"] == pytest.approx(values.mean().item(), rel=1e-12)
         assert record[f"rewards/{name}/std"] == pytest.approx(values.std().item(), rel=1e-12)
     assert record["reward"] == pytest.approx(statistics.fmean(rewards)) and record["truncated"] == 0.0
-    assert "rewards/letter_reward/mean" not in online._step_record(cfg, 0, 1, {}, samples, list(rewards), 0.1, 1.0)
+    assert "rewards/letter_reward/mean" not in online_dist.step_record(cfg, 0, 1, {}, samples, list(rewards), 0.1, 1.0)
 
 
 def test_reward_names_are_short_and_unique(tmp_path):

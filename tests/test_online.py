@@ -11,11 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import write_jsonl
+from conftest import quiet
 from dpokit import ConfigError, train
 from dpokit.cli import main
-from dpokit.data import builtin_path
-from dpokit.loop import online
+from dpokit.loop import online, online_dist
 
 REWARD = "conftest:letter_reward"
 GRPO_KEYS = ("loss", "reward", "reward_std", "advantage_std", "completion_length", "clip_fraction",
@@ -23,19 +22,9 @@ GRPO_KEYS = ("loss", "reward", "reward_std", "advantage_std", "completion_length
              "frac_reward_zero_std", "step_s")
 
 
-def _quiet(*_args):
-    pass
-
-
-@pytest.fixture
-def prompts_file(tmp_path) -> str:
-    rows = [json.loads(line) for line in open(builtin_path("sentiment_train"), encoding="utf-8")][:6]
-    return write_jsonl(tmp_path / "prompts.jsonl", rows)
-
-
 def _common(model, prompts, out, **extra) -> dict:
     return dict(model=model, prompts=prompts, reward=REWARD, output_dir=str(out), max_new_tokens=6, batch_size=2,
-                lr=1e-2, warmup_steps=0, progress=False, log=_quiet, **extra)
+                lr=1e-2, warmup_steps=0, progress=False, log=quiet, **extra)
 
 
 def _metrics(out) -> list[dict]:
@@ -209,8 +198,8 @@ def test_grpo_log_probs_are_those_of_the_tempered_sampling_distribution(tokenize
 def test_grpo_trains_on_the_sampled_ids_and_adds_no_eos_to_cut_samples(tmp_path, tiny_model_dir, prompts_file,
                                                                        monkeypatch):
     drawn, scored = [], []
-    original_sample, original_logps = online.sample, online.token_logps
-    monkeypatch.setattr(online, "sample", lambda *a, **k: drawn.append(original_sample(*a, **k)) or drawn[-1])
+    original_sample, original_logps = online_dist.sample, online.token_logps
+    monkeypatch.setattr(online_dist, "sample", lambda *a, **k: drawn.append(original_sample(*a, **k)) or drawn[-1])
     monkeypatch.setattr(online, "token_logps", lambda model, rows, *a, **k: scored.append(rows) or original_logps(
         model, rows, *a, **k))
     train(**_common(tiny_model_dir, prompts_file, tmp_path / "run", loss="grpo", max_steps=1, num_generations=2))

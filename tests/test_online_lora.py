@@ -12,9 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_tiny_model, write_jsonl
+from conftest import make_tiny_model, quiet
 from dpokit import ConfigError, TrainConfig, train
-from dpokit.data import builtin_path
 from dpokit.loop import online, ppo
 from dpokit.loop.reference import AdaptersOff
 
@@ -22,19 +21,9 @@ pytest.importorskip("peft")
 REWARD = "conftest:letter_reward"
 
 
-def _quiet(*_args):
-    pass
-
-
-@pytest.fixture
-def prompts_file(tmp_path) -> str:
-    rows = [json.loads(line) for line in open(builtin_path("sentiment_train"), encoding="utf-8")][:6]
-    return write_jsonl(tmp_path / "prompts.jsonl", rows)
-
-
 def _run(model, prompts, out, **extra):
     options = dict(model=model, prompts=prompts, reward=REWARD, output_dir=str(out), max_new_tokens=6, batch_size=2,
-                   lr=5e-2, warmup_steps=0, progress=False, max_steps=2, num_generations=3, lora_r=4, log=_quiet)
+                   lr=5e-2, warmup_steps=0, progress=False, max_steps=2, num_generations=3, lora_r=4, log=quiet)
     return train(**{**options, **extra})
 
 
@@ -82,7 +71,7 @@ def test_the_reference_is_exactly_the_base_model_with_adapters_off(tokenizer):
     from dpokit.models.lora import add_lora
     base = make_tiny_model(len(tokenizer))
     cfg = TrainConfig(lora_r=4, temperature=0.7)
-    policy = add_lora(copy.deepcopy(base), cfg, _quiet)
+    policy = add_lora(copy.deepcopy(base), cfg, quiet)
     with torch.no_grad():  # adapters that change the outputs
         for name, p in policy.named_parameters():
             if "lora_B" in name:

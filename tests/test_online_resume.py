@@ -13,10 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import write_jsonl
+from conftest import quiet, write_jsonl
 from dpokit import ConfigError, train
 from dpokit.data import DataError, builtin_path
-from dpokit.loop import online
+from dpokit.loop import online, online_dist
 from dpokit.loop.checkpoint import CheckpointError, complete_checkpoints
 from dpokit.loop.signals import TrainingInterrupted
 
@@ -30,19 +30,9 @@ METHODS = {
 }
 
 
-def _quiet(*_args):
-    pass
-
-
-@pytest.fixture
-def prompts_file(tmp_path) -> str:
-    rows = [json.loads(line) for line in open(builtin_path("sentiment_train"), encoding="utf-8")][:6]
-    return write_jsonl(tmp_path / "prompts.jsonl", rows)
-
-
 def _run(model, prompts, out, **extra):
     options = dict(model=model, prompts=prompts, reward=REWARD, output_dir=str(out), max_new_tokens=5, batch_size=2,
-                   lr=1e-2, warmup_steps=1, lr_scheduler="cosine", progress=False, max_steps=STEPS, log=_quiet)
+                   lr=1e-2, warmup_steps=1, lr_scheduler="cosine", progress=False, max_steps=STEPS, log=quiet)
     return train(**{**options, **extra})
 
 
@@ -60,7 +50,7 @@ def test_sigterm_then_resume_gives_the_uninterrupted_weights(tmp_path, tiny_mode
     options = METHODS[name]
     full = _run(tiny_model_dir, prompts_file, tmp_path / "full", **options)
     expected = _weights(full.output_dir)
-    real = online.sample
+    real = online_dist.sample
     seeds = []
 
     def interrupted(*args, **kwargs):  # a real SIGTERM in the middle of step 2: the loop finishes it, then saves
@@ -68,11 +58,11 @@ def test_sigterm_then_resume_gives_the_uninterrupted_weights(tmp_path, tiny_mode
         if len(seeds) == 2:
             signal.raise_signal(signal.SIGTERM)
         return real(*args, **kwargs)
-    monkeypatch.setattr(online, "sample", interrupted)
+    monkeypatch.setattr(online_dist, "sample", interrupted)
     out = tmp_path / "stopped"
     with pytest.raises(TrainingInterrupted):
         _run(tiny_model_dir, prompts_file, out, save_every=3, **options)
-    monkeypatch.setattr(online, "sample", real)
+    monkeypatch.setattr(online_dist, "sample", real)
     assert [p.name for p in complete_checkpoints(str(out))] == ["step-0000002"]
     saved = {p.name for p in complete_checkpoints(str(out))[0].iterdir()}
     assert ("value.safetensors" in saved) == (name == "ppo") and ("reference.safetensors" in saved) == \

@@ -12,9 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_tiny_model, write_jsonl
+from conftest import make_tiny_model, quiet, write_jsonl
 from dpokit import ConfigError, TrainConfig, train
-from dpokit.data import builtin_path
 from dpokit.evaluation.rewards import RewardError, load_reward
 from dpokit.objectives import OBJECTIVES, OnlineInputs
 from dpokit.objectives.ppo import explained_variance, gae, ppo_policy_loss, ppo_value_loss, token_rewards, whiten
@@ -22,10 +21,6 @@ from dpokit.objectives.ppo import explained_variance, gae, ppo_policy_loss, ppo_
 REWARD = "conftest:letter_reward"
 CPU = torch.device("cpu")
 MASK = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 1, 0]])
-
-
-def _quiet(*_args):
-    pass
 
 
 def _rand(seed, *shape):
@@ -193,15 +188,9 @@ def _value_model(tokenizer):
 
 
 # ---- runs on the tiny model ---------------------------------------------------------------------------------
-@pytest.fixture
-def prompts_file(tmp_path) -> str:
-    rows = [json.loads(line) for line in open(builtin_path("sentiment_train"), encoding="utf-8")][:6]
-    return write_jsonl(tmp_path / "prompts.jsonl", rows)
-
-
 def _run(model, prompts, out, **extra):
     options = dict(model=model, prompts=prompts, reward=REWARD, output_dir=str(out), max_new_tokens=6, batch_size=2,
-                   lr=1e-2, warmup_steps=0, progress=False, max_steps=2, num_generations=2, log=_quiet)
+                   lr=1e-2, warmup_steps=0, progress=False, max_steps=2, num_generations=2, log=quiet)
     return train(**{**options, **extra})
 
 

@@ -97,7 +97,7 @@ def _not_read_by(run: str, runs: tuple[str, ...], loss) -> str:
         return ("is not read by iterative DPO (--rounds) yet: its rounds do not evaluate on --eval-prompts; "
                 "per-step online DPO (--online-dpo without --rounds) does")
     return ("is not used by online training (it samples its own data from --prompts and evaluates on "
-            "--eval-prompts; no held-out pairs or multi-process training yet)")
+            "--eval-prompts; no held-out pairs; under torchrun it runs DDP, without --fsdp)")
 
 
 def _needs_lora(cfg, key: str) -> str | None:
@@ -170,9 +170,6 @@ def report_problems(cfg) -> Iterator[str]:
                + f"choose 'none' or one or more of {', '.join(TRACKERS)}, comma-separated")
     elif "none" in names and len(names) > 1 or len(set(names)) != len(names):
         yield f"report_to = {cfg.report_to!r}: name each tracker once, or 'none' alone"
-    if tracker_names(cfg) and cfg.online and not cfg.rounds:  # until loop/online.py writes through open_metrics
-        yield (f"report_to = {cfg.report_to!r}: online runs (GRPO, RLOO, PPO, online DPO) write metrics.jsonl only "
-               "for now; offline runs, train-rm and iterative DPO's rounds report to trackers")
     for name in tracker_names(cfg) if not unknown else ():
         modules, extra = TRACKERS[name]
         uri = os.environ.get("MLFLOW_TRACKING_URI", "")

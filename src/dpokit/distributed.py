@@ -9,7 +9,7 @@ bookkeeping around them, so the loop reads the same with one process or many:
 - `map_batches`: each rank computes every world-th batch (same batch boundaries as one process, so the
   numbers are identical) and all ranks receive the merged, ordered result — the reference log-prob cache
   and held-out evaluations are computed in parallel this way.
-- `sum_across` / `any_across`: metric sums and stop requests reduced over ranks.
+- `sum_across` / `any_across` / `all_sum`: metric sums, stop requests and tensors reduced over ranks.
 - `wrap`: the policy inside DDP or FSDP2, with forward = completion log-probs (their hooks run on forward).
 - `full_model_state` / `full_optimizer_state`: whole tensors gathered for saving on rank 0.
 """
@@ -71,20 +71,20 @@ class Distributed:
             dist.destroy_process_group()
 
 
-def check_launch(online: bool, losses: list[str]) -> None:
+def check_launch(losses: list[str], one_process_only: str | None = None) -> None:
     """Refuse what cannot run over several processes before any of them waits on another. The process
-    count: a process group the caller made, else torchrun's WORLD_SIZE.
+    count: a process group the caller made, else torchrun's WORLD_SIZE. `one_process_only`: the caller's own
+    reason this run needs one process (said in the error), or None.
 
-    AOT sorts the log-ratios of the whole micro-batch; split over processes, each would sort only its own
-    rows — another loss. (Gathering them with autograd, torch.distributed.nn.all_gather, would also need the
-    sorted terms shared out so none counts twice: not done.)"""
+    AOT sorts the log-ratios of the whole micro-batch (online DPO: of its pairs); split over processes, each
+    would sort only its own rows — another loss. (Gathering them with autograd, torch.distributed.nn.all_gather,
+    would also need the sorted terms shared out so none counts twice: not done.)"""
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else \
         int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return
-    if online:
-        raise DistributedError("online training (grpo, rloo, ppo, --online-dpo) runs in one process for now: "
-                               "launch it without torchrun")
+    if one_process_only:
+        raise DistributedError(f"{one_process_only} runs in one process for now: launch it without torchrun")
     coupled = [n for n in losses if n in ("aot", "aot_unpaired")]
     if coupled:
         raise DistributedError(f"loss {','.join(coupled)} sorts the log-ratios of the whole micro-batch, which "
@@ -161,6 +161,15 @@ def sum_across(values: dict[str, float], ctx: Distributed) -> dict[str, float]:
     t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=_comm_device())
     dist.all_reduce(t)
     return dict(zip(keys, t.tolist()))
+
+
+def all_sum(tensor: torch.Tensor, ctx: Distributed) -> torch.Tensor:
+    """The tensor summed elementwise over ranks (same shape everywhere), on this tensor's device."""
+    if not ctx.enabled:
+        return tensor
+    t = tensor.detach().to(_comm_device())
+    dist.all_reduce(t)
+    return t.to(tensor.device)
 
 
 def gather_cat(tensor: torch.Tensor, ctx: Distributed) -> torch.Tensor:

@@ -254,18 +254,19 @@ class TokenLogpsModule(torch.nn.Module):
         super().__init__()
         self.lm = lm
 
-    def forward(self, batch: dict, with_sq: bool = False):
-        tok = batch_token_logps(self.lm, batch, with_sq)
+    def forward(self, batch: dict, with_sq: bool = False, temperature: float = 1.0, with_entropy: bool = False):
+        tok = batch_token_logps(self.lm, batch, with_sq, temperature, with_entropy)
         # a tuple of tensors, not a dataclass: the wrappers find the outputs to hook by walking the pytree
-        return tok.values, tok.rows, tok.positions, tok.log_sum_sq, torch.tensor(tok.n_rows)
+        return tok.values, tok.rows, tok.positions, tok.log_sum_sq, torch.tensor(tok.n_rows), tok.entropy
 
 
-def token_logps(model, batch: dict[str, torch.Tensor], with_sq: bool = False) -> TokenLogps:
+def token_logps(model, batch: dict[str, torch.Tensor], with_sq: bool = False, temperature: float = 1.0,
+                with_entropy: bool = False) -> TokenLogps:
     """`batch_token_logps` for an HF model, or through the forward of a DDP/FSDP-wrapped `TokenLogpsModule`."""
     if isinstance(model, TokenLogpsModule) or isinstance(getattr(model, "module", None), TokenLogpsModule):
-        values, rows, positions, log_sum_sq, n_rows = model(batch, with_sq)
-        return TokenLogps(values, rows, positions, log_sum_sq, int(n_rows))
-    return batch_token_logps(model, batch, with_sq)
+        values, rows, positions, log_sum_sq, n_rows, entropy = model(batch, with_sq, temperature, with_entropy)
+        return TokenLogps(values, rows, positions, log_sum_sq, int(n_rows), entropy)
+    return batch_token_logps(model, batch, with_sq, temperature, with_entropy)
 
 
 def completion_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,

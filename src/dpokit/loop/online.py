@@ -20,7 +20,9 @@ Every step, top to bottom:
      reference, through the offline loop's own `paired_step`; with --sync-ref-every N (TR-DPO) the reference
      then moves to α·π + (1 − α)·π_ref after every N-th step;
   5. one line of metrics.jsonl (reward, advantages, KL, lengths, clipping, generation time and share).
-At the end final/ is saved as in the offline loop.
+At the end final/ is saved as in the offline loop. Under torchrun (DDP) each rank samples and scores its share
+of the step's prompts and the updates are the one-process updates over every rank's completions
+(loop/online_dist.py).
 
 --rounds K (iterative DPO, loop/iterative.py): K rounds of (pairs file sampled from the current policy →
 offline training on it, starting from the current policy). The reference of a round is the policy the round
@@ -32,9 +34,7 @@ one reference for all rounds instead. --sync-ref-every N moves a round's referen
 from __future__ import annotations
 
 import copy
-import json
 import random
-import statistics
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -45,19 +45,20 @@ from dpokit.batches import TokenizedPair, pad_rows
 from dpokit.config import TrainConfig
 from dpokit.data import DataError, builtin_path, load_prompts
 from dpokit.evaluation.rewards import combine
-from dpokit.generation import sample
+from dpokit.distributed import any_across, start
 from dpokit.generation.sample import prompt_token_ids
-from dpokit.logprobs import compute_precision
-from dpokit.logprobs.sequence import batch_token_logps
+from dpokit.logprobs import compute_precision, sequence
 from dpokit.loop.checkpoint import check_writable
+from dpokit.loop.online_dist import ONE, Shard, draw, step_record
 from dpokit.loop.online_eval import OnlineEval, cap_prompts, eval_prompts_path, format_online_eval
 from dpokit.loop.online_resume import save_online, start_online
 from dpokit.loop.reference import AdaptersOff, load_ref_model, reference_forward, sync_reference
 from dpokit.loop.schedule import BatchSchedule
 from dpokit.loop.steps import NonFiniteError, paired_step
 from dpokit.loop.train import run_steps
+from dpokit.loop.trackers import open_metrics
 from dpokit.loop.update import update
-from dpokit.loop.result import TrainResult, pick_device
+from dpokit.loop.result import TrainResult
 from dpokit.models.lora import add_lora, disable_dropout
 from dpokit.models import load_model, load_tokenizer
 from dpokit.models.load import keep_master_copy, save_final, stalled_weights_note, torch_dtype, warn_half_on_cpu
@@ -67,72 +68,95 @@ from dpokit.objectives.rloo import rloo_advantages
 from dpokit.generation.pairs import select_pairs
 
 
-def train_online(cfg: TrainConfig, log=print, method=None) -> TrainResult:
-    """`dpokit train --loss grpo|rloo` or `--online-dpo` (module docstring). Called by loop/run.py's `train`.
+def train_online(cfg: TrainConfig, log=print, method=None, sampler=draw) -> TrainResult:
+    """`dpokit train --loss grpo|rloo` or `--online-dpo` (module docstring). Called by loop/run.py's `train`; under
+    torchrun (or in a process group the caller made) this process trains its share (loop/online_dist.py).
 
     `method` (loop/ppo.py's `ppo_method`, which run.py passes for --loss ppo): (cfg, policy, tokenizer, device,
     log) → (step function with grpo_step's signature, the trained parameters, optimizer updates per step[, the
     other trained models to checkpoint, name → module]); the default is GRPO's and RLOO's `grpo_step` or
     `online_dpo_step` on the policy's parameters. The steps run in the offline loop's `run_steps` (non-finite
     handling, --eval-every, --save-every, SIGINT/SIGTERM checkpoint); checkpoints and resume: loop/online_resume.py,
-    held-out evaluation: loop/online_eval.py."""
-    device = pick_device(cfg.device)
-    torch.manual_seed(cfg.seed)
+    held-out evaluation: loop/online_eval.py. `sampler`: (policy, tokenizer, this rank's prompts of the step, cfg,
+    step, rank) → Samples; online_dist.draw samples the policy (tests inject fixed completions here)."""
+    shard = Shard(start(False, cfg.device))
+    try:
+        return _train_online(cfg, log if shard.is_main else (lambda *a, **k: None), method, sampler, shard)
+    finally:
+        shard.ctx.close()
+
+
+def _train_online(cfg: TrainConfig, log, method, sampler, shard: Shard) -> TrainResult:
+    device = shard.ctx.device(cfg.device)
+    torch.manual_seed(cfg.seed)  # the same on every rank: LoRA's and PPO's fresh weights agree
     random.seed(cfg.seed)
     out = Path(cfg.output_dir)
-    check_writable(cfg.output_dir, 0)
-    (out / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+    if shard.is_main:
+        check_writable(cfg.output_dir, 0)
+        (out / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
 
     tokenizer, prompts, reward_fn, policy, reference = _load_online(cfg, device, log)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     step_fn, params, updates_per_step, *extra = (method or _group_method)(cfg, policy, tokenizer, device, log)
     extra_models = extra[0] if extra else {}
-    evaluator = _online_eval(cfg, tokenizer, reward_fn, pad_id, policy, reference, log)  # before resume loads weights
+    # rank 0 evaluates, as one process would; its reference samples are drawn before resume loads weights
+    evaluator = _online_eval(cfg, tokenizer, reward_fn, pad_id, policy, reference, log) if shard.is_main else None
 
-    # ---- schedule: a step = one sampled batch of batch_size × grad_accum prompts, in the offline loop's order;
-    # GRPO and RLOO make μ optimizer updates on it, PPO num_ppo_epochs × num_mini_batches
-    order = BatchSchedule(len(prompts), cfg.batch_size, cfg.grad_accum, cfg.seed, cfg.shuffle)
+    # ---- schedule: a step = one sampled batch of batch_size × grad_accum prompts (per process), in the offline
+    # loop's order; GRPO and RLOO make μ optimizer updates on it, PPO num_ppo_epochs × num_mini_batches
+    order = BatchSchedule(len(prompts), cfg.batch_size * shard.world, cfg.grad_accum, cfg.seed, cfg.shuffle)
     steps_per_epoch = order.steps_per_epoch
     total_steps = order.total_steps(cfg.epochs, cfg.max_steps)
+    shard.check_shares(order, total_steps)
     optimizer, scheduler, start_step = start_online(cfg, policy, reference, extra_models, params,
-                                                    total_steps * updates_per_step, device, log)
+                                                    total_steps * updates_per_step, device, log, shard)
     final_bytes = sum(p.numel() for p in policy.parameters()) * torch_dtype(cfg.model_dtype).itemsize
-    check_writable(cfg.output_dir, int(final_bytes * 1.1), "the final model")  # in --model-dtype, plus 10 %
+    if shard.is_main:
+        check_writable(cfg.output_dir, int(final_bytes * 1.1), "the final model")  # in --model-dtype, plus 10 %
 
     method = f"online {cfg.loss}" if cfg.online_dpo else cfg.loss
-    log(f"training {method} for {total_steps - start_step} steps × {cfg.batch_size * cfg.grad_accum} prompts × "
-        f"{cfg.num_generations} samples ({len(prompts)} prompts, {steps_per_epoch} steps/epoch) on {device}")
+    if cfg.importance_sampling_level == "sequence" and cfg.grpo_aggregation != "grpo":
+        log(f"note: GSPO's sequence ratio under --grpo-aggregation {cfg.grpo_aggregation} weighs each completion "
+            "by its length; the paper aggregates per sequence (--grpo-aggregation grpo)")
+    where = f"{shard.world} processes (DDP, {cfg.batch_size} prompts each per micro-batch)" if shard.world > 1 \
+        else str(device)
+    log(f"training {method} for {total_steps - start_step} steps × {order.micro_size * cfg.grad_accum} prompts × "
+        f"{cfg.num_generations} samples ({len(prompts)} prompts, {steps_per_epoch} steps/epoch) on {where}")
 
     def take_step(step: int) -> dict:
         t0 = time.perf_counter()
-        batch = [prompts[i] for i in order.step_rows(step)]
-        samples = sample(policy, tokenizer, batch, cfg.num_generations, cfg.max_new_tokens, cfg.temperature,
-                         seed=cfg.seed * 1_000_003 + step)
+        samples = sampler(policy, tokenizer, [prompts[i] for i in shard.step_prompts(order, step)], cfg, step,
+                          shard.rank)
         t_reward = time.perf_counter()
         rewards = reward_fn([samples.prompt_of(i) for i in range(len(samples.texts))], samples.texts)
         reward_s = time.perf_counter() - t_reward
         # a NonFiniteError goes to run_steps: not this update (with μ > 1 the batch's earlier ones stay)
-        record = step_fn(policy, reference, samples, rewards, cfg, optimizer, scheduler, pad_id, device, step)
-        return _step_record(cfg, step, steps_per_epoch, record, samples, rewards, reward_s, time.perf_counter() - t0)
+        record = step_fn(policy, reference, samples, rewards, cfg, optimizer, scheduler, pad_id, device, step,
+                         shard=shard)
+        return step_record(cfg, step, steps_per_epoch, record, *shard.view(samples, rewards, reward_s),
+                           time.perf_counter() - t0)
 
-    metrics_file = open(out / "metrics.jsonl", "a" if start_step else "w", encoding="utf-8")
+    metrics_file = open_metrics(cfg, out, start_step, shard.is_main)  # metrics.jsonl and --report-to's trackers
     run_steps(cfg, start_step, total_steps, method, take_step,
-              (lambda: evaluator(policy, reference)) if evaluator else None,
+              (lambda: evaluator(policy, reference) if evaluator else {}) if cfg.eval_every else None,
               lambda step: save_online(cfg, step, policy, reference, extra_models, tokenizer, optimizer, scheduler,
-                                       device), metrics_file,
+                                       device, shard), metrics_file,
               lambda r: {"reward": f"{r['reward']:.3f}", "loss": f"{r['loss']:.4f}"}, optimizer, log,
-              show=cfg.progress)
+              show=cfg.progress and shard.is_main, stop_all=lambda received: any_across(received, shard.ctx))
     eval_after = None
     if evaluator:
         eval_after = evaluator(policy, reference)
-        metrics_file.write(json.dumps({"step": total_steps, **eval_after}) + "\n")
+        metrics_file.write_record({"step": total_steps, **eval_after})
         log(f"held-out after training ({len(evaluator.prompts)} prompts): {format_online_eval(eval_after)}")
-    metrics_file.close()
+    if metrics_file:
+        metrics_file.close()
     final = out / "final"
-    if cfg.lora_r and cfg.merge_lora:
-        policy = policy.merge_and_unload()  # a plain transformers model again, adapters folded in
-    save_final(policy, final, cfg)  # in --model-dtype, config.json saying so (LoRA: the adapter alone)
-    tokenizer.save_pretrained(final)
+    if shard.is_main:
+        if cfg.lora_r and cfg.merge_lora:
+            policy = policy.merge_and_unload()  # a plain transformers model again, adapters folded in
+        save_final(policy, final, cfg)  # in --model-dtype, config.json saying so (LoRA: the adapter alone)
+        tokenizer.save_pretrained(final)
+    shard.ctx.barrier()  # no rank exits before final/ is written
     loader = "PeftModel.from_pretrained(base, final)" if cfg.lora_r and not cfg.merge_lora else \
         "AutoModelForCausalLM.from_pretrained"  # a LoRA run without --merge-lora saves the adapter alone
     log(f"saved {final} (load it with {loader}); metrics in {out / 'metrics.jsonl'}")
@@ -183,35 +207,15 @@ def _online_eval(cfg: TrainConfig, tokenizer, reward_fn, pad_id: int, policy, re
                                                                           else policy)
 
 
-def _step_record(cfg: TrainConfig, step: int, steps_per_epoch: int, record: dict, samples, rewards: list[float],
-                 reward_s: float, seconds: float) -> dict:
-    """One line of metrics.jsonl: the update's values, then the step's rewards, lengths and timings. Several
-    rewards (evaluation/rewards.combine's `Scores`): each function's unweighted mean and std too, as TRL logs
-    them (rewards/<name>/mean, /std); `truncated`: the share of completions cut at max_new_tokens."""
-    groups = [rewards[i:i + cfg.num_generations] for i in range(0, len(rewards), cfg.num_generations)]
-    per_function = {}
-    for name, column in getattr(rewards, "columns", {}).items():
-        per_function[f"rewards/{name}/mean"] = statistics.fmean(column)
-        if len(column) > 1:
-            per_function[f"rewards/{name}/std"] = statistics.stdev(column)
-    return {"step": step + 1, "epoch": round((step + 1) / steps_per_epoch, 4), **record,
-            "reward": statistics.fmean(rewards), **({"reward_std": statistics.stdev(rewards)} if len(rewards) > 1
-                                                    else {}),
-            **({"frac_reward_zero_std": sum(max(g) == min(g) for g in groups) / len(groups)}
-               if cfg.num_generations > 1 else {}),  # PPO may sample one completion per prompt: no groups
-            **per_function, "completion_length": statistics.fmean(samples.lengths),
-            **({"truncated": statistics.fmean(samples.truncated)} if samples.truncated is not None else {}),
-            "generation_s": samples.seconds,
-            "generation_share": samples.seconds / seconds, "reward_s": reward_s, "step_s": seconds}
-
-
-def grpo_step(policy, reference, samples, rewards, cfg, optimizer, scheduler, pad_id, device, step) -> dict:
+def grpo_step(policy, reference, samples, rewards, cfg, optimizer, scheduler, pad_id, device, step,
+              shard: Shard = ONE) -> dict:
     """GRPO's and RLOO's step: π_old and π_ref per-token log-probs once, the advantages, then μ updates on the
     sampled batch. RLOO (objectives/rloo.py) differs in its advantages (leave-one-out, with the KL to π_ref in
     the reward rather than in the loss) and its loss (one ratio per completion, divided by the completions).
     mask_truncated_completions (TRL 1.16's; DAPO's overlong filtering, Yu 2025): a completion that stopped at
     max_new_tokens without EOS keeps its reward in its group's advantages, as TRL, but its tokens' mask is 0:
-    out of the loss, the KL, the token count of the divisor and the logged token means."""
+    out of the loss, the KL, the token count of the divisor and the logged token means. `shard`: this rank's
+    part of a torchrun run, whose advantages, divisor and metrics are those of every rank's rows."""
     rloo = cfg.loss_names == ["rloo"]
     n_rows = len(samples.texts)
     rows = list(zip(samples.prompt_ids, samples.completion_ids))
@@ -233,33 +237,40 @@ def grpo_step(policy, reference, samples, rewards, cfg, optimizer, scheduler, pa
         ref = [token_logps(reference, rows[m], pad_id, device, cfg)[0] for m in micro] if reference is not None \
             else None
     record = {}
-    scores = torch.tensor(rewards, dtype=torch.float64)
+    scores = shard.cat(torch.tensor(rewards, dtype=torch.float64))  # every rank's rows: the whole batch's
     if rloo:
-        kl = None if ref is None else torch.cat([((o - r) * mask).sum(1) for (o, mask), r in zip(old, ref)]).double()
+        kl = None if ref is None else \
+            shard.cat(torch.cat([((o - r) * mask).sum(1) for (o, mask), r in zip(old, ref)]).double().cpu())
         advantages, _ = rloo_advantages(scores, cfg.num_generations, kl, cfg.kl_coef)
-        divisor = float(n_rows)  # a mean over completions
+        divisor = float(len(scores))  # a mean over completions
         if kl is not None:
             # kl per token over the completion tokens, as GRPO's (there k3, here k1); kl_seq per completion
-            record = {"kl": kl.sum().item() / sum(mask.sum().item() for _, mask in old), "kl_seq": kl.mean().item(),
+            n_kept = shard.sum({"kept": sum(mask.sum().item() for _, mask in old)})["kept"]  # 0: all masked
+            record = {"kl": kl.sum().item() / max(n_kept, 1.0), "kl_seq": kl.mean().item(),
                       "non_score_reward": -cfg.kl_coef * kl.mean().item() + 0.0}  # not -0.0
         ref = None  # RLOO's KL is in the reward, not in the loss
     else:
         advantages = group_advantages(scores, cfg.num_generations, cfg.scale_rewards)
-        divisor = normalizer(cfg.grpo_aggregation, tokens, n_rows, cfg.max_new_tokens)  # of the whole batch
-    advantages = advantages.float().to(device)
+        divisor = normalizer(cfg.grpo_aggregation, shard.sum({"tokens": tokens})["tokens"], len(scores),
+                             cfg.max_new_tokens)  # of the whole batch
+    record["advantage_std"] = advantages.std().item()
+    advantages = advantages[shard.mine(n_rows)].float().to(device)
+    divisor /= shard.world  # DDP averages the ranks' gradients: each rank's share of the batch's sum
+    trained = shard.trained(policy)  # DDP-wrapped under torchrun
     sums: dict[str, float] = defaultdict(float)
     counts: dict[str, float] = defaultdict(float)  # what each stat is a mean over: tokens, or completions
     for _ in range(cfg.grpo_iterations):
         for k, m in enumerate(micro):
-            # the entropy of π_θ(· | prefix) at each token comes from the same pass's logits (no_grad, TRL's metric)
-            logps, mask, entropy = masked(m, token_logps(policy, rows[m], pad_id, device, cfg, entropy=True))
-            loss, stats = OBJECTIVES[cfg.loss_names[0]].compute(OnlineInputs(
-                logps, logps.detach() if cfg.grpo_iterations == 1 else old[k][0], advantages[m], mask,
-                None if ref is None else ref[k], divisor), cfg)
-            if not torch.isfinite(loss):
-                raise NonFiniteError(f"step {step + 1}: non-finite {cfg.loss} loss")
-            loss.backward()
-            sums["loss"] += loss.item()  # micro-batch losses add up to the batch's (shared divisor)
+            with shard.sync(last=k == len(micro) - 1):
+                # the entropy of π_θ(· | prefix) at each token: from the same pass's logits (no_grad, TRL's metric)
+                logps, mask, entropy = masked(m, token_logps(trained, rows[m], pad_id, device, cfg, entropy=True))
+                loss, stats = OBJECTIVES[cfg.loss_names[0]].compute(OnlineInputs(
+                    logps, logps.detach() if cfg.grpo_iterations == 1 else old[k][0], advantages[m], mask,
+                    None if ref is None else ref[k], divisor), cfg)
+                if shard.check_finite and not torch.isfinite(loss):
+                    raise NonFiniteError(f"step {step + 1}: non-finite {cfg.loss} loss")
+                loss.backward()
+            sums["loss"] += loss.item() / shard.world  # micro-batch losses add up to the batch's (shared divisor)
             # RLOO's stats and GSPO's ratio stats are per completion; GRPO's, the KL and the entropy per token
             per_completion = set(stats) if rloo else set(SEQUENCE_STATS) \
                 if cfg.importance_sampling_level == "sequence" else set()
@@ -270,25 +281,35 @@ def grpo_step(policy, reference, samples, rewards, cfg, optimizer, scheduler, pa
                 counts[key] += weight
         done = update(policy.parameters(), optimizer, scheduler, cfg.max_grad_norm, step=step + 1)
     mu = cfg.grpo_iterations
+    sums, counts = shard.sum(sums), shard.sum(counts)
     record.update({"loss": sums.pop("loss") / mu, **{k: v / counts[k] if counts[k] else 0.0
                                                       for k, v in sums.items()}})
-    record.update({"advantage_std": advantages.std().item(), "lr": done.lr, "grad_norm": done.grad_norm})
+    record.update({"lr": done.lr, "grad_norm": done.grad_norm})
     return record  # loss, clip fractions, ratio, entropy and GRPO's kl: means over the μ updates
 
 
-def online_dpo_step(policy, reference, samples, rewards, cfg, optimizer, scheduler, pad_id, device, step) -> dict:
-    """Best vs worst completion of each prompt → one update of the paired objective(s) on those pairs."""
+def online_dpo_step(policy, reference, samples, rewards, cfg, optimizer, scheduler, pad_id, device, step,
+                    shard: Shard = ONE) -> dict:
+    """Best vs worst completion of each prompt → one update of the paired objective(s) on those pairs (under
+    torchrun: each rank's pairs, the gradient and the metrics those of all of them)."""
     pairs, left_out = best_vs_worst(samples, rewards, step)
-    record = {"pairs": 0, **left_out}  # every group tied: nothing to learn from this batch
-    if pairs:
+    counts = {k: int(v) for k, v in shard.sum({"pairs": len(pairs), **left_out}).items()}
+    record = counts  # every group tied: nothing to learn from this batch
+    if counts["pairs"]:
         sums: dict[str, float] = defaultdict(float)
-        for i in range(0, len(pairs), cfg.batch_size):
-            micro_sums, _ = paired_step(policy, reference, pairs[i:i + cfg.batch_size], cfg, pad_id, device,
-                                        len(pairs), step + 1)
+        # a rank without a pair of its own runs a weight-0 one: DDP's reduction waits for every rank
+        micro = [pairs[i:i + cfg.batch_size] for i in range(0, len(pairs), cfg.batch_size)] or [[TokenizedPair(
+            samples.prompt_ids[0], samples.completion_ids[0], samples.completion_ids[-1], "(weight 0)")]]
+        weight, trained = (1.0 if pairs else 0.0), shard.trained(policy)
+        for k, part in enumerate(micro):
+            with shard.sync(last=k == len(micro) - 1):
+                micro_sums, _ = paired_step(trained, reference, part, cfg, pad_id, device,
+                                            counts["pairs"] / shard.world, step + 1, weight=weight,
+                                            check_finite=shard.check_finite)
             for key, value in micro_sums.items():
-                sums[key] += value
+                sums[key] += value * weight
         done = update(policy.parameters(), optimizer, scheduler, cfg.max_grad_norm, step=step + 1)
-        record = {**{k: v / len(pairs) for k, v in sums.items()}, "pairs": len(pairs), **left_out, "lr": done.lr,
+        record = {**{k: v / counts["pairs"] for k, v in shard.sum(sums).items()}, **counts, "lr": done.lr,
                   "grad_norm": done.grad_norm}
     if cfg.sync_ref_every and (step + 1) % cfg.sync_ref_every == 0:  # TR-DPO, as in the offline loop
         sync_reference(reference, policy, cfg.sync_ref_alpha)
@@ -314,8 +335,8 @@ def token_logps(model, rows: list[tuple[list[int], list[int]]], pad_id: int, dev
     other than the one that sampled, and μ = 1 would no longer be on-policy."""
     batch = {k: v.to(device) for k, v in pad_rows(rows, pad_id).items()}
     model, adapters = reference_forward(model)  # a LoRA run's reference: the policy with its adapters off
-    with compute_precision(device, cfg.dtype), adapters:
-        tok = batch_token_logps(model, batch, temperature=cfg.temperature, with_entropy=entropy)
+    with compute_precision(device, cfg.dtype), adapters:  # (a DDP-wrapped policy: through its forward)
+        tok = sequence.token_logps(model, batch, temperature=cfg.temperature, with_entropy=entropy)
     shape, index = (len(rows), max(len(c) for _, c in rows)), (tok.rows, tok.positions)
     logps = tok.values.new_zeros(shape).index_put(index, tok.values)  # keeps the graph to tok.values
     mask = torch.zeros(shape, device=tok.values.device).index_put(index, torch.ones_like(tok.values).detach())

@@ -12,7 +12,9 @@ reference's samples of the same prompts. Logged as metrics.jsonl's eval/… keys
   eval/completion_length              mean tokens per policy sample
 
 Comparable across steps: the policy samples with one fixed seed at every evaluation (only its weights change),
-at the run's --temperature and --max-new-tokens. The reference's samples are drawn once, before training and
+at --max-new-tokens and at temperature 1 whatever the run's --temperature: the model's own distribution, so
+that the mean of log π − log π_ref over its samples estimates KL(π ‖ π_ref) (over samples drawn at another
+temperature it would estimate nothing defined). The reference's samples are drawn once, before training and
 before a resume loads the checkpoint's weights: from the starting reference (the starting policy when none is
 loaded, e.g. GRPO with kl_coef = 0), so a resumed run compares against the same samples; under TR-DPO
 (--sync-ref-every) eval/kl is to the reference as it has moved. Sampling uses its own seeded generator and the
@@ -60,8 +62,7 @@ class OnlineEval:
         self.reference_rewards: list[float] = []
 
     def _sample(self, model, seed: int):
-        samples = sample(model, self.tokenizer, self.prompts, 1, self.cfg.max_new_tokens, self.cfg.temperature,
-                         seed=seed)
+        samples = sample(model, self.tokenizer, self.prompts, 1, self.cfg.max_new_tokens, 1.0, seed=seed)
         return samples, self.reward_fn([samples.prompt_of(i) for i in range(len(samples.texts))], samples.texts)
 
     def prepare(self, starting_model) -> "OnlineEval":

@@ -63,7 +63,8 @@ def ppo_method(cfg, policy, tokenizer, device, log):
     value_model = load_value_model(cfg, policy, tokenizer, device, log)
     params = [p for p in policy.parameters()] + [p for p in value_model.parameters()]
 
-    def step_fn(policy, reference, samples, rewards, cfg, optimizer, scheduler, pad_id, device, step):
+    def step_fn(policy, reference, samples, rewards, cfg, optimizer, scheduler, pad_id, device, step, shard=None):
+        assert shard is None or shard.world == 1, "PPO runs in one process (loop/run.py refuses torchrun)"
         return ppo_step(policy, value_model, params, reference, samples, rewards, cfg, optimizer, scheduler, pad_id,
                         device, step)
     return step_fn, params, cfg.num_ppo_epochs * cfg.num_mini_batches, {"value": value_model}  # checkpointed too

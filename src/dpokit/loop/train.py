@@ -54,7 +54,7 @@ from dpokit.objectives import OBJECTIVES
 def train_offline(cfg: TrainConfig, log=print) -> TrainResult:
     """Train on a data file (loop/run.py's `train` for offline configs, and each round of iterative DPO). Under
     torchrun (or inside a process group the caller made) this process trains its share: DDP, or FSDP2."""
-    check_launch(cfg.online, cfg.loss_names)
+    check_launch(cfg.loss_names)
     with deterministic_kernels(cfg.deterministic), attention_kind(cfg.attention, log):
         ctx = start(cfg.fsdp, cfg.device)
         try:

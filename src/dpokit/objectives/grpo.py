@@ -24,7 +24,7 @@ token ratios (length-normalised, so that long and short completions' ratios live
 
 so a whole completion is clipped or kept together: a token-level ratio weights each token by one noisy
 sample of its own, which the paper finds to destabilise long-sequence and MoE training. The paper aggregates
-with "grpo" (one term per sequence); "dapo" and "dr_grpo" weigh sequence i by |y_i| (as TRL, which warns).
+with "grpo" (one term per sequence); "dapo" and "dr_grpo" weigh sequence i by |y_i| (as TRL; the run logs a note).
 """
 
 from __future__ import annotations

@@ -1,0 +1,144 @@
+"""Online runs under torchrun (loop/online_dist.py), 2 gloo processes on CPU: with sampling replaced by fixed
+completions (drawn from (prompt, step), not from the rank's stream), GRPO, RLOO and online DPO make the updates of
+one process over the same prompts to 1e-5 (weights and metrics); a real-sampling run checkpoints and resumes to
+its uninterrupted weights bit for bit, refuses a resume with another process count, and what cannot run over
+processes yet (PPO, iterative DPO) is refused before any process waits on another.
+
+This file is also the worker torchrun starts: `python tests/test_online_dist.py '<config json>' fixed|sampled`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+TESTS = Path(__file__).resolve().parent
+SRC = str(TESTS.parent / "src")
+TOL = 1e-5
+METRICS = ("loss", "reward", "reward_std", "advantage_std", "grad_norm", "kl", "completion_length", "pairs",
+           "rewards/chosen", "rewards/margins", "entropy")
+METHODS = {
+    "grpo": {"loss": "grpo", "grpo_iterations": 2, "kl_coef": 0.05, "scale_rewards": "batch"},
+    "rloo": {"loss": "rloo", "kl_coef": 0.05},
+    "online_dpo": {"loss": "sigmoid", "online_dpo": True, "sync_ref_every": 2},
+}
+
+
+def fixed_sampler(policy, tokenizer, prompts, cfg, step, rank):
+    """num_generations completions of each prompt, random token ids seeded by (prompt, step, j): the same
+    completions whichever rank holds the prompt (lengths 2 … max_new_tokens, cut at the longest)."""
+    from dpokit.generation.sample import Samples, prompt_token_ids
+    eos, vocab = tokenizer.eos_token_id, len(tokenizer)
+    prompt_ids, completion_ids, truncated = [], [], []
+    for p in prompts:
+        for j in range(cfg.num_generations):
+            g = torch.Generator().manual_seed(zlib.crc32(json.dumps(p).encode()) * 1000 + step * 10 + j)
+            n = int(torch.randint(2, cfg.max_new_tokens + 1, (1,), generator=g))
+            ids = torch.randint(3, vocab, (n,), generator=g).tolist()
+            cut = n == cfg.max_new_tokens
+            prompt_ids.append(prompt_token_ids(p, tokenizer))
+            completion_ids.append(ids if cut else ids[:-1] + [eos])
+            truncated.append(cut)
+    texts = [tokenizer.decode(c, skip_special_tokens=True) for c in completion_ids]
+    return Samples(list(prompts), cfg.num_generations, prompt_ids, completion_ids, texts, [0.0] * len(texts),
+                   sum(map(len, completion_ids)), 0.0, truncated)
+
+
+def _config(model: str, prompts: str, out: Path, batch_size: int, **extra) -> dict:
+    # 6 prompts, batch_size × grad_accum 2 × processes = 4 per step: the epoch's second step holds 2
+    return dict(model=model, prompts=prompts, reward="conftest:letter_reward", output_dir=str(out),
+                max_new_tokens=6, batch_size=batch_size, grad_accum=2, num_generations=3, lr=1e-3, warmup_steps=0,
+                max_steps=4, progress=False, **extra)
+
+
+def _torchrun(config: dict, mode: str) -> tuple[int, str]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, str(TESTS)]), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", __file__,
+           json.dumps(config), mode]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in open(out / "metrics.jsonl", encoding="utf-8")]
+
+
+def _close(a: float, b: float) -> bool:
+    return abs(a - b) <= TOL * max(1.0, abs(a), abs(b))
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_two_processes_make_the_one_process_updates_on_fixed_completions(tmp_path, tiny_model_dir, prompts_file,
+                                                                          name):
+    from dpokit.config import TrainConfig
+    from dpokit.loop.online import train_online
+    one = tmp_path / "one"
+    train_online(TrainConfig.from_dict(_config(tiny_model_dir, prompts_file, one, 2, **METHODS[name])),
+                 lambda *a: None, sampler=fixed_sampler)
+    two = tmp_path / "two"
+    code, log = _torchrun(_config(tiny_model_dir, prompts_file, two, 1, **METHODS[name]), "fixed")
+    assert code == 0, log[-3000:]
+    assert "2 processes (DDP, 1 prompts each per micro-batch)" in log
+    expected, got = _metrics(one), _metrics(two)
+    assert [m["step"] for m in got] == [1, 2, 3, 4]
+    compared = 0
+    for e, g in zip(expected, got):
+        for key in METRICS:
+            if key in e:
+                assert key in g and _close(e[key], g[key]), (name, e["step"], key, e[key], g.get(key))
+                compared += 1
+    assert compared >= 4 * 4
+    a, b = load_file(one / "final" / "model.safetensors"), load_file(two / "final" / "model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= TOL
+    base = load_file(Path(tiny_model_dir) / "model.safetensors")
+    assert any(not torch.equal(base[k], b[k]) for k in b)  # the updates did something
+
+
+def test_two_process_run_resumes_to_its_uninterrupted_weights(tmp_path, tiny_model_dir, prompts_file):
+    """Real sampling: each rank's stream; the checkpoint holds both ranks' RNG states and the step."""
+    from dpokit import train
+    from dpokit.loop.checkpoint import CheckpointError, complete_checkpoints
+    out = tmp_path / "run"
+    config = _config(tiny_model_dir, prompts_file, out, 1, loss="grpo", save_every=2, kl_coef=0.05,
+                     eval_every=2, eval_prompts=prompts_file)
+    code, log = _torchrun(config, "sampled")
+    assert code == 0, log[-3000:]
+    expected = load_file(out / "final" / "model.safetensors")
+    steps = [m["step"] for m in _metrics(out)]
+    assert steps == [1, 2, 3, 4, 4] and "eval/reward" in _metrics(out)[1]  # rank 0 evaluated at step 2
+    ckpt = complete_checkpoints(str(out))[0]
+    assert ckpt.name == "step-0000002"
+    code, log = _torchrun({**config, "resume": str(ckpt)}, "sampled")
+    assert code == 0 and "resumed from" in log, log[-3000:]
+    assert [m["step"] for m in _metrics(out)] == steps  # steps 3 and 4 redone, each logged once
+    got = load_file(out / "final" / "model.safetensors")
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    with pytest.raises(CheckpointError, match="2 process"):  # its steps' prompts were split over 2 ranks
+        train(**{**config, "resume": str(ckpt), "output_dir": str(tmp_path / "one")}, log=lambda *a: None)
+
+
+def test_what_cannot_run_over_processes_is_refused_before_joining(tmp_path, tiny_model_dir, prompts_file,
+                                                                  monkeypatch):
+    from dpokit import train
+    from dpokit.distributed import DistributedError
+    monkeypatch.setenv("WORLD_SIZE", "2")  # refused before the process group is joined: no torchrun needed
+    common = _config(tiny_model_dir, prompts_file, tmp_path / "x", 1)
+    for extra, what in (({"loss": "ppo", "kl_coef": 0.05}, "PPO"),
+                        ({"online_dpo": True, "rounds": 2}, "iterative DPO")):
+        with pytest.raises(DistributedError, match=f"{what}.*launch it without torchrun"):
+            train(**{**common, **extra}, log=lambda *a: None)
+
+
+if __name__ == "__main__":  # the torchrun worker
+    from dpokit.config import TrainConfig
+    from dpokit.loop.online import train_online
+    from dpokit.loop.online_dist import draw
+    train_online(TrainConfig.from_dict(json.loads(sys.argv[1])), print,
+                 sampler=fixed_sampler if sys.argv[2] == "fixed" else draw)
