@@ -83,7 +83,7 @@ def train_online(cfg: TrainConfig, log=print, method=None, sampler=draw) -> Trai
     try:
         return _train_online(cfg, log if shard.is_main else (lambda *a, **k: None), method, sampler, shard)
     finally:
-        shard.ctx.close()
+        shard.close()
 
 
 def _train_online(cfg: TrainConfig, log, method, sampler, shard: Shard) -> TrainResult:

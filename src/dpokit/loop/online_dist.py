@@ -27,6 +27,7 @@ every rank's gradients, and loop/update.py's norm check raises on all of them at
 
 from __future__ import annotations
 
+import gc
 import statistics
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -105,6 +106,14 @@ class Shard:
             for wrapper in self._ddp.values():
                 stack.enter_context(gradient_sync(wrapper, self.ctx, last))
             yield
+
+    def close(self) -> None:
+        """Free the DDP wrappers, then leave the process group. In this order: a wrapper freed after the group
+        is destroyed takes gloo's process group down with it, whose destructor joins a worker thread that may
+        be waiting for the GIL the destructor holds (seen: a rank hung at exit)."""
+        self._ddp.clear()
+        gc.collect()
+        self.ctx.close()
 
     def sum(self, values: dict[str, float]) -> dict[str, float]:
         return sum_across(values, self.ctx)
