@@ -30,6 +30,15 @@ def test_demo_writes_pairs_model_eval_and_report(tmp_path, tiny_model_dir, capsy
     assert rows and all(2 <= len(r["completions"]) == len(r["scores"]) <= 3 and len(set(r["scores"])) > 1
                         for r in rows)
     assert "ranked rows: an epoch computes" in printed  # each sample computed once, not once per pair
+    # the reference's side of the win rate: the held-out samples of the pairs phase (first k=2 of 3 per prompt)
+    kept = json.loads((out / "reference_eval_samples.json").read_text())
+    first_k = [r for i in range(0, len(kept["rewards"]), 3) for r in kept["rewards"][i:i + 2]]
+    assert g["rewards"]["reference"] == first_k and kept["samples"]["n"] == 3
+    from dpokit.tasks.demo import SentimentTask, held_out_reference_samples
+    task = SentimentTask(model=tiny_model_dir, reward="conftest:letter_reward", limit=6, samples=3, k=2,
+                         max_new_tokens=8)
+    assert held_out_reference_samples(out, task) is not None
+    assert held_out_reference_samples(out, SentimentTask(model=tiny_model_dir, limit=6, k=4, max_new_tokens=8)) is None
 
     # eval on the trained model with generation metrics; report regenerated from the run folder
     assert main(["eval", str(out / "final"), str(out / "pairs_eval.jsonl"), "--prompts", str(out / "pairs_eval.jsonl"),

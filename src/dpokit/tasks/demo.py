@@ -7,7 +7,8 @@ reward is VADER sentiment. Steps, each logged with its time:
   1. pairs: n samples per prompt from the reference, scored; for training one ranked row per prompt (all
      pairs with different rewards, each completion computed once), for held-out pairs best vs worst;
   2. DPO on the training pairs (held-out pairs from the eval prompts give implicit-reward accuracy);
-  3. generation metrics on the held-out prompts: policy vs reference win rate, rewards, KL, length;
+  3. generation metrics on the held-out prompts: policy vs reference win rate, rewards, KL, length — the
+     reference's side is the held-out samples of step 1 (drawn once, at T = 1 as evaluation draws);
   4. eval.json and report.html with plots.
 Before step 1 the demo measures the machine and sizes the run to `--minutes` (tasks/demo_plan.py); it
 records its options, plan and phases in demo.json, so `--resume` continues an interrupted run
@@ -16,6 +17,8 @@ records its options, plan and phases in demo.json, so `--resume` continues an in
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -26,7 +29,10 @@ from dpokit.evaluation.generation import generation_metrics
 from dpokit.evaluation.rewards import load_reward
 from dpokit.logprobs.refcache import weights_digest
 from dpokit.models import load_model, load_tokenizer
-from dpokit.tasks.pairs import make_pairs, write_jsonl
+from dpokit.generation import Samples, sample
+from dpokit.tasks.pairs import make_pairs, pairs_from_samples, write_jsonl
+
+HELD_OUT_SAMPLES = "reference_eval_samples.json"  # the reference's held-out samples, drawn once (make_task_pairs)
 
 
 @dataclass
@@ -94,15 +100,47 @@ def make_task_pairs(task: SentimentTask, output_dir: Path, log=print, reuse: boo
             continue
         digest = digest or weights_digest(reference)  # once for both files
         ranked = pairing == "all"
-        rows, stats = make_pairs(reference, tokenizer, prompts, reward, task.samples, "best-worst" if ranked else pairing,
-                                 max_new_tokens=task.max_new_tokens, seed=seed, digest=digest, ranked=ranked)
+        if name == "train":
+            rows, stats = make_pairs(reference, tokenizer, prompts, reward, task.samples,
+                                     "best-worst" if ranked else pairing, max_new_tokens=task.max_new_tokens, seed=seed,
+                                     digest=digest, ranked=ranked)
+        else:  # kept: the held-out win rate compares the policy with these same reference samples (T = 1)
+            drawn = sample(reference, tokenizer, prompts, task.samples, task.max_new_tokens, seed=seed)
+            scores = reward([drawn.prompt_of(i) for i in range(len(drawn.texts))], drawn.texts)
+            rows, stats = pairs_from_samples(drawn, scores, tokenizer, pairing, digest=digest)
+            write_json({"samples": asdict(drawn), "rewards": scores, "max_new_tokens": task.max_new_tokens},
+                       output_dir / HELD_OUT_SAMPLES)
         paths.append(write_jsonl(rows, output_dir / f"pairs_{name}.jsonl"))
         log(f"{name} pairs: {stats.summary()} → {paths[-1]}")
     return paths[0], paths[1]
 
 
+def held_out_reference_samples(output_dir: Path, task: SentimentTask) -> tuple[Samples, list[float]] | None:
+    """The reference's held-out samples make_task_pairs kept, when they can stand for the k samples generation
+    metrics would draw (as many per prompt, the same prompts and length; all are T = 1 draws); else None (a demo
+    folder from before they were kept: evaluation samples the reference again)."""
+    path = output_dir / HELD_OUT_SAMPLES
+    if not path.is_file():
+        return None
+    kept = json.loads(path.read_text(encoding="utf-8"))
+    drawn = Samples(**kept["samples"])
+    _, eval_prompts = task.prompts()
+    if drawn.n < task.k or drawn.prompts != eval_prompts or kept["max_new_tokens"] != task.max_new_tokens:
+        return None
+    return drawn, kept["rewards"]
+
+
+def write_json(value, path: Path) -> Path:
+    """`value` as JSON at `path`, whole or not at all (a temporary file renamed into place)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
 def evaluate_generation(policy_dir: str | Path, task: SentimentTask, reference_samples=None, log=print):
-    """Generation metrics of a trained policy on the task's held-out prompts (module docstring, step 3)."""
+    """Generation metrics of a trained policy on the task's held-out prompts (module docstring, step 3);
+    `reference_samples` (samples, rewards): the reference's, drawn before (else sampled here)."""
     _, eval_prompts = task.prompts()
     tokenizer = load_tokenizer(task.model)
     metrics, reference_samples = generation_metrics(
@@ -186,7 +224,7 @@ def run_demo(output_dir: str | Path = "runs/demo", task: SentimentTask | None = 
         log("[3/4] sampling held-out continuations from the policy and the reference")
         phase.name = "evaluation"
         with state.phase("eval"):
-            generation, _ = evaluate_generation(out / "final", sized, log=log)
+            generation, _ = evaluate_generation(out / "final", sized, held_out_reference_samples(out, sized), log)
         phase.name = "writing the report"
         log("[4/4] writing the report")
         eval_result = {"model": str(out / "final"), "ref_model": task.model, "task": asdict(sized),

@@ -105,7 +105,12 @@ def make_pairs(model, tokenizer, prompts: list, reward_fn, n: int = 4, pairing: 
         raise ConfigError(f"making pairs needs at least 2 samples per prompt, got {n}")
     s = sample(model, tokenizer, prompts, n, max_new_tokens, temperature, top_p, batch_size, seed)
     rewards = reward_fn([s.prompt_of(i) for i in range(len(s.texts))], s.texts)
-    digest = digest or weights_digest(model)
+    return pairs_from_samples(s, rewards, tokenizer, pairing, min_gap, digest or weights_digest(model), ranked)
+
+
+def pairs_from_samples(s: Samples, rewards: list[float], tokenizer, pairing: str = "best-worst", min_gap: float = 0.0,
+                       digest: str | None = None, ranked: bool = False) -> tuple[list[dict], PairStats]:
+    """`make_pairs` on samples already drawn and scored (the demo keeps its held-out ones, tasks/demo.py)."""
     rows, stats = rank_up(s, rewards, digest) if ranked else pair_up(s, rewards, pairing, min_gap, digest=digest)
     stats.seconds, stats.reusable = s.seconds, count_reusable(rows, tokenizer)
     return rows, stats
