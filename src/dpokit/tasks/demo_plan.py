@@ -134,10 +134,10 @@ def predict(plan: Plan, m: Machine) -> dict:
     train_s = (plan.steps * plan.batch_size * train_pair_tokens * 6 * n
                + train_pairs * REF_RECOMPUTED * train_pair_tokens * 2 * n
                + plan.eval_prompts * pair_tokens * 3 * 2 * n) / compute
-    # the policy samples k per held-out prompt (the reference's are the pairs phase's held-out samples), then its
-    # samples are scored under both models
+    # the policy samples k per held-out prompt (the reference's are the pairs phase's held-out samples, and the
+    # sampler gives the policy's log-probs), then the reference scores the policy's samples: one forward, 2N a token
     scored = plan.eval_prompts * plan.k * (prompt + new)
-    eval_s = sample_s(plan.eval_prompts * plan.k) + scored * 2 * 2 * n / compute
+    eval_s = sample_s(plan.eval_prompts * plan.k) + scored * 2 * n / compute
     times = dict(pairs_s=pairs_s, train_s=train_s, eval_s=eval_s, overhead_s=OVERHEAD_S)
     return {k: round(v, 1) for k, v in times.items()} | {"total_s": round(sum(times.values()), 1)}
 
