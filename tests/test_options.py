@@ -17,12 +17,12 @@ from dpokit.config import BOOKKEEPING, ONLINE_OPTIONS, RESUME_MAY_CHANGE, Config
 from dpokit.config_checks import NEEDS
 from dpokit.objectives.registry import DATA, OBJECTIVES, OnlineInputs, UnpairedInputs
 from dpokit.options import (ALL_RUNS, GROUPS, ITERATIVE_DPO, OFFLINE, ON_PAIRS, ONLINE_DPO, ONLINE_OBJECTIVE,
-                            REWARD_MODEL, SAMPLING, in_range)
+                            REWARD_MODEL, SAMPLING, SFT, in_range)
 
 FIELDS = {f.name: f for f in fields(TrainConfig)}
 # a config of each kind of run, and the option that selects the kind
 RUN_CONFIGS = {OFFLINE: {}, ONLINE_DPO: {"online_dpo": True}, ITERATIVE_DPO: {"online_dpo": True, "rounds": 2},
-               ONLINE_OBJECTIVE: {"loss": "grpo"}, REWARD_MODEL: {"stage": "reward_model"}}
+               ONLINE_OBJECTIVE: {"loss": "grpo"}, REWARD_MODEL: {"stage": "reward_model"}, SFT: {"stage": "sft"}}
 SELECTS_THE_RUN = {"loss", "online_dpo", "rounds", "stage"}
 
 

@@ -23,7 +23,7 @@ def _parse_optional(kind):
     return parse
 
 
-# Options a command sets, never a flag: the stage (train: a policy, train-rm: a reward model)
+# Options a command sets, never a flag: the stage (train: a policy, train-rm: a reward model, sft: SFT)
 SET_BY_COMMAND = ("stage",)
 
 
@@ -110,6 +110,24 @@ def cmd_train_rm(args) -> int:
         start = f"at resume (step {result.resumed_at})" if result.resumed_at else "before"
         print(f"held-out reward-model accuracy: {result.eval_before['eval/accuracy']:.3f} {start} → "
               f"{result.eval_after['eval/accuracy']:.3f} after; use it with --reward {result.final_dir}")
+    return 0
+
+
+def cmd_sft(args) -> int:
+    cfg = config_from_args(args)  # stage = sft (set by the subparser); refuses unread options first
+    if "output_dir" not in cfg.given:  # not beside a DPO run's runs/dpo
+        cfg = TrainConfig.from_dict({**{k: getattr(cfg, k) for k in cfg.given}, "output_dir": "runs/sft"})
+    from dpokit.loop import train
+    from dpokit.loop.signals import TrainingInterrupted
+    try:
+        result = train(cfg)
+    except TrainingInterrupted as e:
+        print(f"dpokit: {e}", file=sys.stderr)
+        return 128 + e.signum
+    if result.eval_before and result.eval_after and os.environ.get("RANK", "0") == "0":
+        start = f"at resume (step {result.resumed_at})" if result.resumed_at else "before"
+        print(f"held-out loss (NLL per trained token): {result.eval_before['eval/loss']:.4f} {start} → "
+              f"{result.eval_after['eval/loss']:.4f} after; DPO from it: dpokit train --model {result.final_dir}")
     return 0
 
 
@@ -247,6 +265,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(p_rm)
     p_rm.set_defaults(func=cmd_train_rm, stage="reward_model")
 
+    p_sft = sub.add_parser("sft", help="supervised fine-tuning on demonstrations (prompt/completion or messages "
+                           "rows, or the chosen side of pairs), the stage before DPO (no arguments: embedded model, "
+                           "built-in pairs' chosen completions)",
+                           description="Fine-tune --model on demonstrations by the mean negative log-likelihood of "
+                           "their trained tokens over each step, L = −(1/N) Σ log π(y_t | y_<t), N the step's trained "
+                           "tokens (TRL's SFTTrainer with completion_only_loss / assistant_only_loss). Rows: prompt + "
+                           "completion (strings, EOS added, or message lists: the completion is trained on), messages "
+                           "(a conversation through the chat template: every assistant turn is trained on), or a "
+                           "preference file (each pair's chosen completion). Rows over --max-length keep their start. "
+                           "Same data, optimisation, packing (--pack-tokens: demonstrations per row), LoRA, checkpoint, "
+                           "resume and torchrun (DDP) options as `train`; those SFT does not read (--loss, --beta, the "
+                           "reference, --max-prompt-length, --fsdp, online options, …) are refused. Metrics: loss, "
+                           "num_tokens; held-out eval/loss. Default --output-dir: runs/sft; then `dpokit train --model "
+                           "runs/sft/final` trains DPO from it.")
+    add_config_flags(p_sft)
+    p_sft.set_defaults(func=cmd_sft, stage="sft")
+
     p_est = sub.add_parser("estimate", help="expected peak memory of `train` with the same options, by part, from "
                            "the model's config alone (no weights loaded), and what would fit if it does not",
                            description="Takes the same options as `train`. Lengths: --data's own (its "
@@ -308,12 +343,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_commands(sub)
 
-    p_data = sub.add_parser("data", help="inspect preference files")
+    p_data = sub.add_parser("data", help="inspect preference (and demonstration) files")
     data_sub = p_data.add_subparsers(dest="data_command", required=True)
     p_check = data_sub.add_parser("check", help="load and tokenize files, reporting formats, every invalid row, "
                                   "duplicates, token lengths, truncation and chosen/rejected length bias; unpaired "
                                   "(KTO) files: label balance and completions labelled both ways; ranked files: "
-                                  "completions per prompt, pairs per pairing, tokens with each completion once",
+                                  "completions per prompt, pairs per pairing, tokens with each completion once; "
+                                  "demonstrations (`dpokit sft`): trained tokens, assistant turns, truncation",
                                   description="Exits 1 if a file is unusable, or has invalid rows and "
                                   "--on-bad-row is error (the default); with skip, invalid rows are listed only.")
     p_check.add_argument("files", nargs="+")

@@ -17,7 +17,7 @@ import yaml
 
 from dpokit.options import (CHECKPOINTED, ITERATIVE_DPO, OFFLINE, ON_FILES, ON_PAIRS, ON_STEPS, ONLINE_DPO,
                             ONLINE_OBJECTIVE, ONLINE_STEPS, POLICY_RUNS, REWARD_MODEL, SAMPLING, ConfigError, as_list,
-                            coerce, opt)
+                            coerce, opt, LM_RUNS, PACKED, PAIR_FILES, SFT)
 
 
 @dataclass
@@ -27,8 +27,8 @@ class TrainConfig:
                                           "an HF hub id, a local HF folder, or a .gguf file")
     # Set by the command (train: policy, train-rm: reward_model; no flag), saved in config.yaml: a resume or a
     # --config of a reward-model run trains a reward model again.
-    stage: str = opt("model", "policy", "what the run trains: a policy (`dpokit train`) or a Bradley–Terry reward "
-                                        "model (`dpokit train-rm`)", ("policy", "reward_model"))
+    stage: str = opt("model", "policy", "what the run trains: a policy (`dpokit train`), a reward model (`dpokit "
+                                        "train-rm`) or a policy by SFT (`dpokit sft`)", ("policy", "reward_model", "sft"))
     ref_model: str | None = opt("model", None, "separate frozen reference model (same forms as --model); default: a "
                                                "frozen copy of the starting policy", needs=("reference",),
                                                runs=POLICY_RUNS)
@@ -54,13 +54,13 @@ class TrainConfig:
                                            "UltraFeedback's rows): 'all' pairs every two completions whose scores "
                                            "differ, 'best-worst' the top against the bottom score, 'best-rest' the top "
                                            "against each lower one; ties never pair, the first in row order wins a tie "
-                                           "for top or bottom", ("all", "best-worst", "best-rest"), runs=ON_FILES,
+                                           "for top or bottom", ("all", "best-worst", "best-rest"), runs=PAIR_FILES,
                                            needs=("paired",))
     ultrafeedback_score: str = opt("data", "fine-grained_score", "score of UltraFeedback rows: 'fine-grained_score' "
                                                                  "(the mean of the four aspect ratings) or "
                                                                  "'overall_score' (the critique's 1-10)",
                                                                  ("fine-grained_score", "overall_score"),
-                                                                 runs=ON_FILES, needs=("paired",))
+                                                                 runs=PAIR_FILES, needs=("paired",))
 
     # ---- lora ------------------------------------------------------------------------------------------------
     lora_r: int = opt("lora", 0, "LoRA rank (0: train all weights)", valid=">= 0 (0: no LoRA)")
@@ -71,7 +71,7 @@ class TrainConfig:
                                                          "names, e.g. q_proj,v_proj", needs=("lora",))
     merge_lora: bool = opt("lora", False, "save final/ as a full model with the adapters merged (default: the adapter "
                                           "alone, loadable with peft; train-rm always merges)", needs=("lora",),
-                                          runs=POLICY_RUNS)
+                                          runs=LM_RUNS)
 
     # ---- objective -------------------------------------------------------------------------------------------
     loss: str | list = opt("objective", "sigmoid", "objective(s), comma-separated: e.g. sigmoid (DPO), ipo, simpo, "
@@ -191,18 +191,18 @@ class TrainConfig:
                                                   "mask that hides chosen from rejected, so the prompt is computed "
                                                   "once (same log-probs)", runs=ON_PAIRS)
     pack_tokens: int = opt("sequences", 1024, "with prefix sharing, pack prompts (each with its pairs' distinct "
-                                              "completions: a ranked row's are all together) into rows of up to N "
-                                              "tokens (a longer one gets a row of its own; no padding between them); "
-                                              "0: one prompt per row; without prefix sharing rows are padded and this "
-                                              "default is not used",
-                                              valid=">= 0 (0: one prompt per row)", runs=ON_PAIRS,
+                                              "completions: a ranked row's are all together; sft: demonstrations) into "
+                                              "rows of up to N tokens (a longer one gets a row of its own; no padding "
+                                              "between them); 0: one per row; without prefix sharing rows are padded "
+                                              "and this default is not used",
+                                              valid=">= 0 (0: one prompt per row)", runs=PACKED,
                                               needs=("prefix_sharing",))
     attention: str = opt("sequences", "auto", "how attention follows the rows: 'segments' runs one fused SDPA call per "
                                               "prompt/chosen/rejected segment (no T×T mask, hidden blocks skipped; "
                                               "refused on a model it cannot run exactly), 'dense' hands the model a "
                                               "[T, T] mask per row, 'auto' takes segments where the model supports "
                                               "them, else dense (docs/PERFORMANCE.md)", ("auto", "dense", "segments"),
-                                              runs=POLICY_RUNS)
+                                              runs=LM_RUNS)
     ref_cache: bool = opt("sequences", True, "compute the reference's log-probs of the training pairs once, cache them "
                                              "on disk (keyed by reference weights and token ids) and release the "
                                              "reference model", runs=(OFFLINE, ITERATIVE_DPO))
@@ -344,9 +344,9 @@ class TrainConfig:
     @property
     def run_kind(self) -> str:
         """How this run trains (options.py): offline, online DPO, iterative DPO, an online objective (grpo), or a
-        reward model (stage, set by `dpokit train-rm`)."""
-        if self.stage == "reward_model":
-            return REWARD_MODEL
+        reward model or SFT (stage, set by `dpokit train-rm` and `dpokit sft`)."""
+        if self.stage in (REWARD_MODEL, SFT):
+            return self.stage
         if self.online_dpo:
             return ITERATIVE_DPO if self.rounds else ONLINE_DPO
         from dpokit.objectives.registry import OBJECTIVES  # late: imports torch

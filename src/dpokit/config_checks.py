@@ -21,7 +21,7 @@ from dataclasses import fields
 from typing import Iterator
 
 from dpokit.objectives.registry import DATA, OBJECTIVES, needs_reference
-from dpokit.options import ITERATIVE_DPO, OFFLINE, ONLINE_DPO, ONLINE_OBJECTIVE, REWARD_MODEL, as_list, in_range
+from dpokit.options import ITERATIVE_DPO, OFFLINE, ONLINE_DPO, ONLINE_OBJECTIVE, REWARD_MODEL, SFT, as_list, in_range
 
 
 def problems(cfg) -> Iterator[str]:
@@ -87,6 +87,11 @@ def _not_read_by(run: str, runs: tuple[str, ...], loss) -> str:
         return ("is not read by `dpokit train-rm`: a reward model has no --loss, reference or sampling; it trains in "
                 "one process on padded prompt+completion rows (no prompt cap, packing, attention kernels or "
                 "--pure-half) and always merges LoRA into final/")
+    if run == SFT:  # the NLL of demonstrations (loop/sft.py)
+        return ("is not read by `dpokit sft`: supervised fine-tuning has no --loss (always the NLL of the completion "
+                "or assistant tokens), reference, pair options or sampling; it reads demonstrations (rows cut at "
+                "--max-length keeping their start, no prompt cap) and runs DDP under torchrun (no --fsdp, no "
+                "--pure-half)")
     if run == OFFLINE:
         return "only applies to online training: add --loss grpo, rloo or ppo, or --online-dpo"
     if runs == (ONLINE_OBJECTIVE,):

@@ -41,16 +41,20 @@ GROUPS = {
 # How a run trains, which decides the options it reads (`runs`): offline on a data file; online DPO (pairs
 # sampled each step); iterative DPO (--online-dpo --rounds K: K offline runs on sampled pairs files); an online
 # objective (registry data "online": --loss grpo) on sampled groups; a reward model (`dpokit train-rm`: a
-# Bradley–Terry classifier fitted to a pairs file, loop/reward_model.py; TrainConfig.stage says so).
+# Bradley–Terry classifier fitted to a pairs file, loop/reward_model.py); supervised fine-tuning (`dpokit sft`: the
+# NLL of demonstrations, loop/sft.py). TrainConfig.stage says which of the last two.
 OFFLINE, ONLINE_DPO, ITERATIVE_DPO, ONLINE_OBJECTIVE = "offline", "online_dpo", "iterative_dpo", "online_objective"
-REWARD_MODEL = "reward_model"
+REWARD_MODEL, SFT = "reward_model", "sft"
 POLICY_RUNS = (OFFLINE, ONLINE_DPO, ITERATIVE_DPO, ONLINE_OBJECTIVE)  # `dpokit train`: a policy
-ALL_RUNS = POLICY_RUNS + (REWARD_MODEL,)
-ON_FILES = (OFFLINE, REWARD_MODEL)  # train on a data file: --data, held-out pairs, checkpoints, resume
+LM_RUNS = POLICY_RUNS + (SFT,)  # train a causal LM: attention kernels, final/ as an adapter or merged
+ALL_RUNS = LM_RUNS + (REWARD_MODEL,)
+ON_FILES = (OFFLINE, REWARD_MODEL, SFT)  # train on a data file: --data, held-out rows, checkpoints, resume
+PAIR_FILES = (OFFLINE, REWARD_MODEL)  # read pairs (ranked rows among them); SFT reads demonstrations
 ON_STEPS = ON_FILES + (ONLINE_DPO, ONLINE_OBJECTIVE)  # loop/train.run_steps: checkpoints, resume, eval cadence
 ONLINE_STEPS = (ONLINE_DPO, ONLINE_OBJECTIVE)  # the online loop (loop/online.py): --eval-prompts
 CHECKPOINTED = ON_STEPS + (ITERATIVE_DPO,)  # --save-every, --keep-last, --resume (iterative DPO: per round)
 ON_PAIRS = (OFFLINE, ONLINE_DPO, ITERATIVE_DPO)            # train a paired (or unpaired) objective
+PACKED = ON_PAIRS + (SFT,)                                 # pack rows (--pack-tokens)
 SAMPLING = (ONLINE_DPO, ITERATIVE_DPO, ONLINE_OBJECTIVE)   # sample their own completions
 GROUP_RUNS = {"objective": ON_PAIRS, "online": SAMPLING}   # default `runs` of a group's options; others: ALL_RUNS
 

@@ -7,7 +7,8 @@ systematically longer, so a file where they are deserves a look before training.
 repeated with the other label, and the desirable/undesirable length difference in place of pair bias.
 Ranked files (k scored completions per prompt, data/ranked.py) are checked as the pairs they imply, plus
 completions per row, the pairs each --ranked-pairs option implies, ties, and the tokens an epoch computes with
-each completion once against the pairs written out.
+each completion once against the pairs written out. Demonstration files (`dpokit sft`: prompt/completion or
+messages rows) report their row and trained tokens, assistant turns, and rows cut at --max-length.
 
 `check_stats` is a pure function of what loading and tokenizing produced; `format_check` turns its dict
 into text; `check_file` runs both stages on one file.
@@ -20,10 +21,12 @@ import statistics
 import sys
 from collections import Counter
 
+from dpokit.batches.demos import tokenize_demos
 from dpokit.batches.packing import share  # training's own layout: each prompt and completion once
 from dpokit.batches.tokenize import TokenizedCompletion, TokenizedPair, TokenizeReport, tokenize_completions, \
     tokenize_pairs
 from dpokit.data.formats import Completion, LoadReport, Pair, detect_format, load_completions, load_pairs
+from dpokit.data.demos import DEMO_FORMATS, load_demos
 from dpokit.data.readers import read_rows
 
 SHOWN = 5  # duplicate lines and dropped rows named in the text; invalid rows are all listed
@@ -170,6 +173,8 @@ def _spread(values: list[int]) -> dict | None:
 
 def format_check(stats: dict) -> str:
     """The report of one file, as `dpokit data check` prints it."""
+    if stats["unit"] == "demonstrations":
+        return format_demo_check(stats)
     unit, paired = stats["unit"], stats["unit"] == "pairs"
     one = unit[:-1]
     lines = [f"{stats['path']}: {stats[unit]} {unit}, format {stats['format']}"]
@@ -255,7 +260,7 @@ def _repeats(name: str, found: dict, what: str) -> str:
 def format_totals(all_stats: list[dict]) -> str:
     """One line over several files: pairs (and unpaired completions) by format, invalid rows."""
     parts = []
-    for unit in ("pairs", "completions"):
+    for unit in ("pairs", "completions", "demonstrations"):
         by_format = Counter()
         for s in all_stats:
             if s["unit"] == unit:
@@ -274,11 +279,13 @@ def check_file(path: str, tokenizer, max_length: int, max_prompt_length: int | N
     training loads them; ranked files as the pairs `ranked_pairs` picks. Raises DataError only for problems
     with the whole file."""
     # The format is the first valid row's, as the loaders decide it (a broken first row imposes nothing);
-    # load_completions accepts every format, so its verdict is that row's.
+    # load_completions accepts every format but demonstrations, so its verdict is that row's.
     examples, report = load_completions(path, on_bad_row="skip", allow_empty=True)
     unpaired = report.format == "unpaired"
     if report.format == "unknown":  # no valid row: the first readable one says which rows' errors to list
         first = next((row for _, row in read_rows(path) if isinstance(row, dict)), None)
+        if first is not None and detect_format(first) in DEMO_FORMATS:  # `dpokit sft`'s rows
+            return check_demos(path, tokenizer, max_length)
         unpaired = first is not None and detect_format(first) == "unpaired"
     if unpaired:
         report.format = "unpaired"
@@ -290,3 +297,49 @@ def check_file(path: str, tokenizer, max_length: int, max_prompt_length: int | N
     tokenized, tok_report = tokenize_pairs(pairs, tokenizer, max_length, max_prompt_length)
     untruncated, _ = tokenize_pairs(pairs, tokenizer, sys.maxsize, None)
     return check_stats(pairs, report, tokenized, tok_report, untruncated)
+
+
+def check_demos(path: str, tokenizer, max_length: int) -> dict:
+    """A demonstrations file (`dpokit sft`): invalid rows, duplicates, tokens (whole rows and trained ones, before
+    truncation), rows cut at max_length (keeping their start) and dropped with no trained token left."""
+    demos, report = load_demos(path, on_bad_row="skip", allow_empty=True)
+    tokenized, tok_report = tokenize_demos(demos, tokenizer, max_length)
+    untruncated, _ = tokenize_demos(demos, tokenizer, sys.maxsize)
+    first_seen, duplicates = {}, []
+    for d in demos:
+        key = json.dumps([d.prompt, d.completion, d.messages])
+        first_seen.setdefault(key, _line(d.source))
+        if first_seen[key] != _line(d.source):
+            duplicates.append((_line(d.source), first_seen[key]))
+    return {"path": path, "format": report.format, "unit": "demonstrations", "demonstrations": len(demos),
+            "invalid": {"count": sum(report.skipped.values()), "by_reason": dict(report.skipped),
+                        "rows": [str(e) for e in report.errors]},
+            "duplicates": {"count": len(duplicates), "lines": duplicates[:SHOWN]},
+            "tokens": {"row": _spread([len(t.ids) for t in untruncated]),
+                       "trained": _spread([t.trained for t in untruncated])},
+            "turns": _spread([len(t.spans) for t in untruncated]),
+            "truncation": {"truncated": tok_report.truncated, "kept": len(tokenized),
+                           "trained_tokens": sum(t.trained for t in tokenized),
+                           "dropped": dict(tok_report.dropped), "dropped_sources": tok_report.dropped_sources}}
+
+
+def format_demo_check(stats: dict) -> str:
+    lines = [f"{stats['path']}: {stats['demonstrations']} demonstrations, format {stats['format']}"]
+    invalid = stats["invalid"]
+    lines.append(f"  invalid rows: {invalid['count'] or 'none'}" + (" (" + ", ".join(
+        f"{n} {why}" for why, n in sorted(invalid["by_reason"].items())) + ")" if invalid["count"] else ""))
+    lines += [f"    {row}" for row in invalid["rows"]]
+    lines.append(_repeats("duplicates", stats["duplicates"], "demonstrations repeat an earlier one"))
+    if stats["tokens"]["row"] is None:
+        lines.append("  no demonstration left to measure")
+        return "\n".join(lines)
+    lines.append(f"  {'tokens (before truncation)':<28}{'mean':>8}{'median':>8}{'max':>8}")
+    for part, s in list(stats["tokens"].items()) + [("trained turns", stats["turns"])]:
+        lines.append(f"    {part:<26}{s['mean']:>8.1f}{s['median']:>8.1f}{s['max']:>8}")
+    tr = stats["truncation"]
+    text = (f"  truncation: {tr['truncated']} demonstrations cut at --max-length (their start kept); "
+            f"{tr['kept']} kept, {tr['trained_tokens']:,} trained tokens")
+    if tr["dropped"]:
+        text += ("; dropped " + ", ".join(f"{n} ({why})" for why, n in sorted(tr["dropped"].items())) + ": "
+                 + ", ".join(tr["dropped_sources"][:SHOWN]) + (" …" if len(tr["dropped_sources"]) > SHOWN else ""))
+    return "\n".join(lines + [text])

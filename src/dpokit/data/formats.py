@@ -7,6 +7,8 @@ Four formats, decided per file from its first valid row and then required of eve
 - conversational: `chosen`/`rejected` (and optionally `prompt`) are lists of {role, content} messages;
 - unpaired (KTO): `prompt`, `completion` (strings or message lists) and a boolean `label`;
 - ranked / ultrafeedback: k >= 2 scored completions of a prompt, read as the pairs they imply (data/ranked.py).
+Demonstrations (`prompt`/`completion` without a label, or `messages`) are detected here too, and refused with a
+pointer to `dpokit sft`, which reads them (data/demos.py).
 
 Rows written by `make-pairs` (and the demo) may also carry the reference log-probs the sampler computed
 (`SamplerRef`: `ref_digest`, `ref_prompt_ids`, `chosen_ref_ids`, `rejected_ref_ids`, `chosen_ref_logp`,
@@ -74,6 +76,8 @@ class Completion:
 def detect_format(row: dict) -> str:
     if "completion" in row and "label" in row and "chosen" not in row:
         return "unpaired"
+    if "chosen" not in row and ("messages" in row or "completion" in row):  # `dpokit sft` (data/demos.py)
+        return "messages" if "messages" in row else "prompt-completion"
     if "completions" in row and "chosen" not in row:  # k scored completions (data/ranked.py)
         first = row["completions"][0] if isinstance(row["completions"], list) and row["completions"] else None
         return "ultrafeedback" if "instruction" in row or (isinstance(first, dict) and "response" in first) else "ranked"
@@ -126,6 +130,8 @@ def load_pairs(path: str, on_bad_row: str = "error", allow_empty: bool = False, 
         if fmt == "unpaired":
             raise DataError(path, line, "completion", "unpaired rows (prompt, completion, label) need an "
                             "unpaired objective: --loss kto", reason="unpaired_data")
+        if fmt in ("prompt-completion", "messages"):
+            _demonstrations(path, line, fmt, "DPO")
         if fmt in RANKED_FORMATS:
             return expand_ranked(row, fmt, path, line, ranked_pairs, ultrafeedback_score, ranked)
         return [parse_row(row, fmt, path, line)]
@@ -161,8 +167,15 @@ def parse_row(row: dict, fmt: str, path: str, line: int) -> Pair:
     if fmt == "conversational":
         chosen = _messages(row["chosen"], "chosen", fail)
         rejected = _messages(row["rejected"], "rejected", fail)
-        if row.get("prompt") is not None:
-            prompt = _messages(row["prompt"], "prompt", fail)
+        # A string prompt beside full conversations (HuggingFaceH4/ultrafeedback_binarized, argilla's cleaned
+        # UltraFeedback, Tülu 3's mixtures) restates the user turn they already hold: the lists are read, as
+        # TRL's maybe_extract_prompt and the alignment-handbook's `columns: [chosen, rejected]` do. Beside
+        # assistant-only lists it is the user turn.
+        raw_prompt = row.get("prompt")
+        if raw_prompt is not None and not isinstance(raw_prompt, str):
+            prompt = _messages(raw_prompt, "prompt", fail)
+        elif isinstance(raw_prompt, str) and chosen and chosen[0]["role"] == "assistant":
+            prompt = [{"role": "user", "content": raw_prompt}]
         else:  # implicit conversational: the shared leading messages are the prompt
             n = 0
             while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
@@ -206,6 +219,8 @@ def load_completions(path: str, on_bad_row: str = "error",
     def parse(row, fmt, line):
         if fmt == "unpaired":
             return [parse_unpaired(row, path, line)]
+        if fmt in ("prompt-completion", "messages"):
+            _demonstrations(path, line, fmt, "KTO")
         if fmt in ("ranked", "ultrafeedback"):  # which completions are desirable is not defined by a ranking
             raise DataError(path, line, "completions", f"{fmt} rows (k scored completions) need a paired "
                             "objective, e.g. --loss sigmoid: an unpaired one (kto) reads prompt/completion/label "
@@ -220,6 +235,11 @@ def load_completions(path: str, on_bad_row: str = "error",
     if not out and not allow_empty:
         raise DataError(path, None, None, "no usable completions", reason="empty")
     return out, report
+
+
+def _demonstrations(path: str, line: int, fmt: str, method: str):
+    raise DataError(path, line, "messages" if fmt == "messages" else "completion", f"{fmt} rows are demonstrations "
+                    f"(supervised fine-tuning: `dpokit sft`); {method} needs preference pairs", reason="demonstrations")
 
 
 _LABELS = {True: True, False: False, 1: True, 0: False, "true": True, "false": False, "1": True, "0": False}

@@ -1,5 +1,5 @@
 """`train`: the one entry point. It chooses how the config trains — offline on a data file (loop/train.py),
-a reward model (loop/reward_model.py, `dpokit train-rm`),
+a reward model (loop/reward_model.py, `dpokit train-rm`), supervised fine-tuning (loop/sft.py, `dpokit sft`),
 online on the policy's own samples (loop/online.py: GRPO, RLOO, online DPO; PPO with loop/ppo.py's step) or
 iterative DPO (loop/iterative.py) — and calls that loop; no loop calls another back through here."""
 
@@ -14,6 +14,7 @@ from dpokit.loop.online import train_online
 from dpokit.loop.ppo import ppo_method
 from dpokit.loop.result import TrainResult
 from dpokit.loop.reward_model import train_reward_model
+from dpokit.loop.sft import train_sft
 from dpokit.loop.train import train_offline
 
 
@@ -25,6 +26,8 @@ def train(config: TrainConfig | None = None, log=print, **overrides) -> TrainRes
     cfg = TrainConfig.from_dict({**(config.to_dict() if config else {}), **overrides})
     if cfg.stage == "reward_model":  # `dpokit train-rm`: a Bradley–Terry classifier on the pairs file
         return train_reward_model(cfg, log)
+    if cfg.stage == "sft":  # `dpokit sft`: the NLL of demonstrations
+        return train_sft(cfg, log)
     if not cfg.online:
         return train_offline(cfg, log)
     # GRPO / online DPO / iterative DPO: trains on its own samples, not on a pairs file
