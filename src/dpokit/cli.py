@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from dpokit.config import ConfigError, TrainConfig
-from dpokit.options import GROUPS
+from dpokit.options import GROUPS, SEVERAL_VALUES
 from dpokit.tasks.commands import add_commands, add_sampling_flags
 
 
@@ -54,13 +54,16 @@ def _add_flag(section, f) -> None:
     if "None" in kind:
         convert = _parse_optional(convert)
     choices = f.metadata.get("choices")
+    several = {"nargs": "+"} if f.name in SEVERAL_VALUES else {}  # `--data a b`: paths may hold commas, no "a,b"
     section.add_argument(flag, dest=f.name, type=convert, default=argparse.SUPPRESS, choices=choices,
-                         metavar=None if choices else base.upper(), help=help_text)
+                         metavar=None if choices else base.upper(), help=help_text, **several)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     keys = args.config_keys if args.config_keys is not None else [f.name for f in fields(TrainConfig)]
-    values = {k: getattr(args, k) for k in keys if hasattr(args, k)}
+    # one value of a several-values flag stays a string: a one-file run's config is what it was
+    values = {k: v[0] if isinstance(v, list) and len(v) == 1 else v for k in keys if hasattr(args, k)
+              for v in [getattr(args, k)]}
     if args.config:
         return TrainConfig.from_yaml(args.config, overrides=values)
     return TrainConfig.from_dict(values, source="command line")

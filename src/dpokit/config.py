@@ -38,8 +38,10 @@ class TrainConfig:
                                                   "that ships inside transformers)")
 
     # ---- data ------------------------------------------------------------------------------------------------
-    data: str | None = opt("data", None, "training pairs: .jsonl/.json/.csv/.parquet, a saved `datasets` folder or a "
-                                         "hub name; default: the built-in helpful-vs-unhelpful set", runs=ON_FILES)
+    data: str | list | None = opt("data", None, "training pairs: .jsonl/.json/.csv/.parquet, a saved `datasets` folder "
+        "or a hub name; several (space-separated) mix: --data-weights; default: the built-in helpful set", runs=ON_FILES)
+    data_weights: str | list | None = opt("data", None, "weights of several --data files, comma-separated: each epoch "
+        "draws their rows in these proportions with the seed (data/mixture.py); default: every row once", runs=(OFFLINE,))
     # A resume may change eval_data (its reference log-probs are recomputed) but not eval_batch_size: the
     # held-out batches' layout changes their float sums, so the logged eval/* metrics, in the last bits.
     eval_data: str | None = opt("data", None, "held-out pairs for evaluation; default: the built-in held-out set when "
@@ -373,9 +375,7 @@ class TrainConfig:
 
     @property
     def loss_weight_values(self) -> list[float]:
-        if self.loss_weights is None:
-            return [1.0] * len(self.loss_names)
-        return [float(w) for w in as_list(self.loss_weights)]
+        return [1.0] * len(self.loss_names) if self.loss_weights is None else [float(w) for w in as_list(self.loss_weights)]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

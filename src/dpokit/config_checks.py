@@ -16,12 +16,14 @@ What depends on the objective comes from objectives/registry.py, so adding an ob
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 from dataclasses import fields
 from typing import Iterator
 
 from dpokit.objectives.registry import DATA, OBJECTIVES, needs_reference
-from dpokit.options import ITERATIVE_DPO, OFFLINE, ONLINE_DPO, ONLINE_OBJECTIVE, REWARD_MODEL, SFT, as_list, in_range
+from dpokit.options import (ITERATIVE_DPO, OFFLINE, ONLINE_DPO, ONLINE_OBJECTIVE, REWARD_MODEL, SFT, as_list, data_files,
+                            in_range, weight_values)
 
 
 def problems(cfg) -> Iterator[str]:
@@ -29,6 +31,7 @@ def problems(cfg) -> Iterator[str]:
     yield from unread_problems(cfg)
     yield from value_problems(cfg)
     yield from report_problems(cfg)
+    yield from mixture_problems(cfg)
     yield from objective_combinations(cfg)
     yield from online_combinations(cfg)
     yield from precision_combinations(cfg)
@@ -165,6 +168,27 @@ TRACKERS = {"tensorboard": (("tensorboard",), "tensorboard"), "wandb": (("wandb"
             "trackio": (("trackio",), "trackio"), "mlflow": (("mlflow",), "mlflow")}
 # MLflow's default store (no MLFLOW_TRACKING_URI: sqlite:///mlflow.db) needs these; mlflow-skinny lacks them
 MLFLOW_SQL = ("sqlalchemy", "alembic")
+
+
+def mixture_problems(cfg) -> Iterator[str]:
+    """Several --data files (data/mixture.py): offline pair and KTO runs mix them; weights, one positive per file."""
+    files = data_files(cfg.data)
+    if len(files) > 1 and cfg.stage in (REWARD_MODEL, SFT):
+        yield (f"data = {files}: `dpokit {'train-rm' if cfg.stage == REWARD_MODEL else 'sft'}` reads one --data file "
+               "for now (offline `dpokit train` mixes several); join the files, or train on one")
+    if cfg.data_weights is None:
+        return
+    try:
+        weights = weight_values(cfg.data_weights)
+    except (TypeError, ValueError):
+        yield f"data_weights = {cfg.data_weights!r}: expected numbers, one per --data file"
+        return
+    if len(files) < 2:
+        yield f"data_weights = {cfg.data_weights!r} has no effect on one --data file: give several, or drop it"
+    elif len(weights) != len(files):
+        yield f"data_weights = {cfg.data_weights!r}: {len(weights)} weight(s) for {len(files)} --data files {files}"
+    elif not all(math.isfinite(w) and w > 0 for w in weights):
+        yield f"data_weights = {cfg.data_weights!r}: each weight must be a positive number"
 
 
 def report_problems(cfg) -> Iterator[str]:

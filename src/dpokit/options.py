@@ -101,6 +101,22 @@ def in_range(spec: str, value, cfg) -> tuple[bool, str]:
     raise ValueError(f"range {spec!r}: expected '> x', '>= x' or an interval such as '[0, 1)'")
 
 
+# Options given as several space-separated values on the command line (a list in YAML), not as "a,b".
+SEVERAL_VALUES = ("data",)
+
+
+def data_files(data) -> list[str]:
+    """--data as a list of files: one path (a string, never split: paths may hold commas) or a list of them."""
+    if data is None:
+        return []
+    return [data] if isinstance(data, str) else [str(d) for d in data]
+
+
+def weight_values(weights) -> list[float] | None:
+    """--data-weights as floats: "0.7,0.3" or [0.7, 0.3]; None when not given (config_checks checks them)."""
+    return None if weights is None else [float(w) for w in as_list(weights)]
+
+
 def as_list(value) -> list:
     """'a, b' or [a, b] → [a, b] (the comma-separated options: loss, loss_weights, reward, reward_weights)."""
     if isinstance(value, str):

@@ -9,12 +9,14 @@ from dpokit.batches.tokenize import TokenizedPair, tokenize_completions, tokeniz
 from dpokit.batches.packing import layout_tokens
 from dpokit.config import TrainConfig
 from dpokit.data import DataError, builtin_path, load_completions, load_pairs
+from dpokit.data.mixture import data_files, mix, weight_values
 
 
 def data_paths(cfg: TrainConfig) -> tuple[str, str | None]:
     """(training file, held-out file or None): --data, else the built-in helpful-vs-unhelpful set; --eval-data,
-    else the built-in held-out set when --data is not given."""
-    return (cfg.data or builtin_path("helpful_train"),
+    else the built-in held-out set when --data is not given. (One training file: `dpokit sft` and `train-rm`;
+    config_checks refuses several there.)"""
+    return (data_files(cfg.data)[0] if cfg.data else builtin_path("helpful_train"),
             cfg.eval_data or (None if cfg.data else builtin_path("helpful_eval")))
 
 
@@ -22,26 +24,33 @@ def load_data(cfg: TrainConfig, tokenizer, unpaired: bool, log) -> tuple[list, l
     """Read, check and tokenize the training and held-out data, reporting what happened to every row.
 
     Training rows are pairs, or labelled completions for unpaired objectives (KTO); held-out rows are
-    always pairs, so every objective reports the same implicit-reward accuracy."""
-    train_path, eval_path = data_paths(cfg)
-    out = []
-    for role, path in (("train", train_path), ("eval", eval_path)):
-        if path is None:
-            out.append([])
-            continue
-        if unpaired and role == "train":
-            examples, report = load_completions(path, cfg.on_bad_row)
-            tokenized, tok_report = tokenize_completions(examples, tokenizer, cfg.max_length, cfg.max_prompt_length)
-        else:
-            pairs, report = load_pairs(path, cfg.on_bad_row, ranked_pairs=cfg.ranked_pairs,
-                                       ultrafeedback_score=cfg.ultrafeedback_score)
-            tokenized, tok_report = tokenize_pairs(pairs, tokenizer, cfg.max_length, cfg.max_prompt_length)
-        log(f"{role} data: {report.summary()}")
-        log(f"  {tok_report.summary()}")
-        if not tokenized:
-            raise DataError(path, None, None, f"no pair survived tokenization ({tok_report.summary()})", "empty")
-        out.append(tokenized)
-    return out[0], out[1]
+    always pairs, so every objective reports the same implicit-reward accuracy. Several --data files are read
+    one by one, each with its own format and report, then mixed (data/mixture.py)."""
+    _, eval_path = data_paths(cfg)
+    train_paths = data_files(cfg.data) or [builtin_path("helpful_train")]
+    parts = [_load_file(cfg, tokenizer, unpaired, "train", path, log) for path in train_paths]
+    train = parts[0]
+    if len(parts) > 1:
+        train, lines = mix(parts, weight_values(cfg.data_weights), cfg.seed, train_paths)
+        for line in lines:
+            log(line)
+    return train, _load_file(cfg, tokenizer, False, "eval", eval_path, log) if eval_path else []
+
+
+def _load_file(cfg: TrainConfig, tokenizer, unpaired: bool, role: str, path: str, log) -> list:
+    if unpaired:
+        examples, report = load_completions(path, cfg.on_bad_row)
+        tokenized, tok_report = tokenize_completions(examples, tokenizer, cfg.max_length, cfg.max_prompt_length)
+    else:
+        pairs, report = load_pairs(path, cfg.on_bad_row, ranked_pairs=cfg.ranked_pairs,
+                                   ultrafeedback_score=cfg.ultrafeedback_score)
+        tokenized, tok_report = tokenize_pairs(pairs, tokenizer, cfg.max_length, cfg.max_prompt_length)
+    log(f"{role} data{f' ({path})' if len(data_files(cfg.data)) > 1 and role == 'train' else ''}: "
+        f"{report.summary()}")
+    log(f"  {tok_report.summary()}")
+    if not tokenized:
+        raise DataError(path, None, None, f"no pair survived tokenization ({tok_report.summary()})", "empty")
+    return tokenized
 
 
 # ---- ranked rows: the pairs of one row stay together, so each completion is computed once ------------------
