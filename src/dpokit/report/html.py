@@ -180,13 +180,9 @@ def write_report(run_dir, eval_result: dict | None = None, out_path=None, fronti
 
     if eval_result:
         parts.append("<h2>Evaluation</h2>")
-        flat = scalars(eval_result)
-        parts.append(table(["metric", "value"],
-                           [[escape(k), (escape(fmt(flat[k], ".5g")), "num" if isinstance(flat[k], float) else "")]
-                            for k in sorted(flat)]))
         gen = eval_result.get("generation") or {}
         samples = [s for s in gen.get("samples") or [] if isinstance(s, dict)]
-        if samples:
+        if samples:  # the histogram first: below the metrics table it was ~60 rows down the page
             reward = str(gen.get("reward") or "reward")
             every = gen.get("rewards") or {}  # all per-sample rewards when recorded, else the kept samples'
             hist = plot_reward_histogram(every.get("policy") or [s.get("policy_reward") for s in samples],
@@ -194,6 +190,11 @@ def write_report(run_dir, eval_result: dict | None = None, out_path=None, fronti
                                          folder / "rewards_hist.png", reward)
             if hist:
                 parts.append(f'<img src="{hist.name}" alt="reward histogram">')
+        flat = scalars(eval_result)
+        numeric = {k for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        cells = [[escape(k), (escape(fmt(flat[k], ".5g")), "num" if k in numeric else "")] for k in sorted(flat)]
+        parts.append(table(["metric", "value"], cells))
+        if samples:
             shown = min(len(samples), MAX_SAMPLES)
             parts.append(f"<h2>Sample completions ({shown} of {len(samples)})</h2>")
             parts.append(table(["prompt", "reference completion", "reward", "policy completion", "reward"],

@@ -133,6 +133,7 @@ def plot_reward_histogram(policy_rewards, reference_rewards, out_png, reward_nam
             ax.axvline(mean, color=color, linestyle="--", linewidth=1.2)
     ax.set_xlabel(f"{reward_name} reward per sample")
     ax.set_ylabel("samples")
+    ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # counts: no 0.5-sample ticks
     ax.set_title(f"{reward_name}: policy vs reference")
     ax.legend(fontsize=9)
     ax.grid(alpha=0.3)
