@@ -155,8 +155,9 @@ def config_rows(run_dir: Path) -> tuple[list[list[str]], str]:
 
 
 def write_report(run_dir, eval_result: dict | None = None, out_path=None, frontier_points: list[dict] | None = None,
-                 ) -> Path:
-    """Write run_dir/report.html (or out_path) and its PNGs next to it; return the HTML's path."""
+                 notes: list[str] | None = None) -> Path:
+    """Write run_dir/report.html (or out_path) and its PNGs next to it; return the HTML's path. `notes`: lines shown
+    under the frontier (a sweep's budget rule, its reward model's held-out accuracy)."""
     run_dir = Path(run_dir)
     out_path = Path(out_path) if out_path is not None else run_dir / "report.html"
     folder = out_path.parent
@@ -210,6 +211,7 @@ def write_report(run_dir, eval_result: dict | None = None, out_path=None, fronti
                 for p in sorted(frontier_points, key=lambda p: (str(p.get("method", "")), str(p.get("series") or ""),
                                                         p.get("kl") or 0.0))]
         parts.append(table(["method", "series", "label", "KL (nats)", "mean reward ± 95% CI"], rows))
+        parts += [f"<p>{escape(str(note))}</p>" for note in notes or []]
 
     parts.append("<h2>Config</h2>")
     rows, note = config_rows(run_dir)

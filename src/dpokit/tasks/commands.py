@@ -127,13 +127,9 @@ def cmd_sweep(args) -> int:
     from dpokit.tasks.sweep import run_sweep
     task, overrides = task_from_args(args)
     best_of = args.best_of  # a tuple: parsed by int_list
-    online = tuple(m.strip() for m in args.online.split(",") if m.strip()) if args.online else ()
-    unknown = set(online) - {"grpo", "online-dpo"}
-    if unknown:
-        from dpokit.config import ConfigError
-        raise ConfigError(f"--online: unknown method(s) {', '.join(sorted(unknown))}; choose from grpo, online-dpo")
+    # --online, --rlhf-kl and --ppo-gt-kl are checked by run_sweep before it samples anything (tasks/sweep_rl.py)
     run_sweep(args.output_dir, args.axis, task, args.checkpoints, best_of, args.preferred_ft, args.keep_checkpoints,
-              online, args.online_steps, progress=False, **overrides)
+              args.online, args.online_steps, args.rlhf_kl, args.ppo_gt_kl, progress=False, **overrides)
     return 0
 
 
@@ -157,9 +153,8 @@ def cmd_report(args) -> int:
         raise FileNotFoundError(f"{run}: no such run folder")
     eval_path = Path(args.eval) if args.eval else run / "eval.json"
     result = _read_json(eval_path) if eval_path.is_file() else None
-    frontier = run / "frontier.json"
-    points = _read_json(frontier)["points"] if frontier.is_file() else None
-    print(f"wrote {write_report(run, result, frontier_points=points)}")
+    frontier = _read_json(run / "frontier.json") if (run / "frontier.json").is_file() else {}
+    print(f"wrote {write_report(run, result, frontier_points=frontier.get('points'), notes=frontier.get('notes'))}")
     return 0
 
 
@@ -182,7 +177,8 @@ def add_commands(sub) -> None:
 
     p = sub.add_parser("sweep", help="the reward–KL frontier: DPO runs differing in one option (e.g. "
                        "beta=0.05,0.1,0.5,1), checkpoints evaluated along each, with Preferred-FT and Best-of-N "
-                       "baselines, on one plot (frontier.png, frontier.json, report.html)")
+                       "baselines and optionally online ones (GRPO, online DPO, RLHF = reward model + PPO, PPO-GT), "
+                       "on one plot (frontier.png, frontier.json with each series' costs, report.html)")
     p.add_argument("axis", help="OPTION=V1,V2,… any training option, e.g. beta=0.05,0.1,0.5,1")
     p.add_argument("--output-dir", default="runs/sweep")
     add_task_flags(p)
@@ -193,9 +189,14 @@ def add_commands(sub) -> None:
     p.add_argument("--preferred-ft", action=argparse.BooleanOptionalAction, default=True,
                    help="train the Preferred-FT baseline (SFT on chosen completions)")
     p.add_argument("--online", default="", help="also train online methods on the training prompts and put their "
-                   "final models on the plot: grpo, online-dpo (comma-separated)")
-    p.add_argument("--online-steps", type=int, default=35, help="steps of each online run, 16 prompts each "
-                   "(default: 35)")
+                   "checkpoints and final models on the plot (comma-separated): grpo, online-dpo, rlhf (a reward "
+                   "model trained on the sweep's pairs, then PPO against it, one series per --rlhf-kl), ppo-gt (PPO "
+                   "on --reward directly)")
+    p.add_argument("--online-steps", type=int, default=35, help="steps of each online run, 16 prompts × --samples "
+                   "completions each: every online method samples as many (default: 35)")
+    p.add_argument("--rlhf-kl", default=None, help="KL coefficients of the rlhf series (PPO's --kl-coef), "
+                   "comma-separated (default: 0.02,0.05,0.1)")
+    p.add_argument("--ppo-gt-kl", default=None, help="KL coefficient of the ppo-gt series (default: 0.05)")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep each run's checkpoints (default: deleted "
                    "once evaluated; each holds optimizer state)")
     p.set_defaults(func=cmd_sweep)

@@ -7,11 +7,14 @@ placed at (KL(π‖π_ref), mean reward). Baselines on the same axes, as in the 
 - Preferred-FT: supervised fine-tuning on the chosen completions only (`--loss sft`), checkpoints too;
 - Best-of-N from the reference (N = 1, 4, 16): reward of the best of N samples, KL log N − (N−1)/N.
 The reference's held-out samples are drawn once (max(N), k per prompt) and shared by every evaluation.
-Online methods (`--online grpo,online-dpo`, issue 8's comparison) train on their own samples of the
-training prompts and add their checkpoints and final models to the same axes.
+Online methods (`--online grpo,online-dpo,rlhf,ppo-gt`: GRPO, online DPO, RLHF = a reward model fitted to the
+same pairs + PPO against it at several KL coefficients, PPO on the ground-truth reward; tasks/sweep_rl.py) train
+on their own samples of the training prompts, each the same number of samples, and add their checkpoints and
+final models to the same axes.
 Each finished run leaves RUN/points.json with the options it was trained with; a later sweep into the
 same folder reuses a run whose options match (e.g. adding online methods or a β to an existing sweep).
-Writes frontier.json, frontier.png and report.html in the sweep folder.
+Writes frontier.json (points, and per series the costs of tasks/sweep_rl.py: wall time, peak RSS, samples,
+reward calls, models held), frontier.png and report.html in the sweep folder.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from functools import partial
 from pathlib import Path
 
 import yaml
@@ -31,6 +35,8 @@ from dpokit.generation import sample
 from dpokit.loop.checkpoint import complete_checkpoints
 from dpokit.models import load_model, load_tokenizer
 from dpokit.tasks.demo import SentimentTask, demo_train_config, make_task_pairs
+from dpokit.tasks.sweep_rl import (BUDGET, ONLINE_METHODS, Meter, check_rl_options, parse_online, rl_runs, rm_note,
+                                   run_cost)
 
 
 def parse_axis(spec: str) -> tuple[str, list]:
@@ -74,28 +80,76 @@ def _result_options(cfg: TrainConfig) -> dict:
     return {k: v for k, v in cfg.to_dict().items() if k not in BOOKKEEPING}
 
 
+ONLINE_OBJECTIVES = {"GRPO": {"loss": "grpo"}, "Online DPO": {"online_dpo": True, "pack_tokens": 0},
+                     "PPO": {"loss": "ppo"}}  # PPO's kl_coef and reward: tasks/sweep_rl.py
+
+
 def online_train_config(run_dir: Path, task: SentimentTask, method: str, steps: int, **overrides) -> TrainConfig:
-    """GRPO or online DPO on the task's training prompts, sampling as the task does."""
+    """GRPO, online DPO or PPO on the task's training prompts, sampling as the task does (the same budget for each:
+    steps × 16 prompts × task.samples completions)."""
     values = dict(model=task.model, output_dir=str(run_dir), prompts=task.train_prompts or builtin_path("sentiment_train"),
                   reward=task.reward, num_generations=task.samples, max_new_tokens=task.max_new_tokens,
                   batch_size=16, max_steps=steps, warmup_steps=5, max_length=128, max_prompt_length=64, seed=task.seed,
-                  lr=2e-5, **({"loss": "grpo"} if method == "GRPO" else {"online_dpo": True, "pack_tokens": 0}))
+                  lr=2e-5, **ONLINE_OBJECTIVES[method])
     values.update(overrides)
     return TrainConfig.from_dict(values, source=f"sweep {method}")
 
 
+def train_series(method: str, series: str, run_dir: Path, cfg: TrainConfig, depends: dict, steps: int,
+                 checkpoints: int, evaluate, log) -> tuple[list[dict], dict]:
+    """(frontier points, costs) of one series: trained and evaluated, or read back from RUN/points.json when that
+    run finished with the same options (and the same `depends`, e.g. the reward model PPO trained against)."""
+    from dpokit.loop import train
+    # checkpoints evenly along the run (online runs too): the frontier's points between the reference and the
+    # final model (rounded up, so the last checkpoint is not a near-copy of the final model)
+    cfg.save_every = max(1, -(-steps // (checkpoints + 1))) if checkpoints else 0
+    saved, cost = run_dir / "points.json", {"method": method, **run_cost(cfg, steps)}
+    options, depends = json.loads(json.dumps(_result_options(cfg))), json.loads(json.dumps(depends))
+    if saved.is_file():
+        record = json.loads(saved.read_text())
+        if record["options"] == options and record.get("depends", {}) == depends:
+            log(f"[{series}] reusing the finished run in {run_dir}")
+            measured = record.get("measured") or {"train_seconds": record["points"][0].get("train_seconds")}
+            return record["points"], {**cost, **measured}
+    log(f"[{series}] training {steps} steps → {run_dir}")
+    with Meter() as meter:
+        train(cfg, log=lambda *a, **k: None)
+    points = evaluate(run_dir, method, series)
+    for p in points:
+        p["train_seconds"] = meter.seconds
+    saved.write_text(json.dumps({"options": options, "depends": depends, "points": points,
+                                 "measured": meter.fields()}, indent=1))
+    return points, {**cost, **meter.fields()}
+
+
+def make_pairs_once(task: SentimentTask, out: Path, log) -> dict:
+    """pairs_train.jsonl and pairs_eval.jsonl in `out` (made, or reused), and what making them cost (pairs.json:
+    prompts and samples of the training pairs; seconds for both files, when this folder made them)."""
+    record_path = out / "pairs.json"
+    if (out / "pairs_train.jsonl").is_file():
+        log(f"reusing {out / 'pairs_train.jsonl'} and pairs_eval.jsonl")
+        return json.loads(record_path.read_text()) if record_path.is_file() else {}
+    with Meter() as meter:
+        make_task_pairs(task, out, log)
+    train_prompts, _ = task.prompts()
+    record = {"train_prompts": len(train_prompts), "samples": len(train_prompts) * task.samples,
+              "reward_calls": len(train_prompts) * task.samples, **meter.fields()}
+    record["seconds"] = record.pop("train_seconds")  # sampling and scoring both files
+    record_path.write_text(json.dumps(record, indent=1))
+    return record
+
+
 def run_sweep(output_dir: str | Path, axis: str, task: SentimentTask | None = None, checkpoints: int = 3,
               best_of: tuple[int, ...] = (1, 4, 16), preferred_ft: bool = True, keep_checkpoints: bool = False,
-              online: tuple[str, ...] = (), online_steps: int = 35, log=print, **train_overrides) -> dict:
-    from dpokit.loop import train
+              online: tuple[str, ...] | str = (), online_steps: int = 35, rlhf_kl=None, ppo_gt_kl: float | None = None,
+              log=print, **train_overrides) -> dict:
     from dpokit.report import write_report
     task, out, start = task or SentimentTask(), Path(output_dir), time.perf_counter()
     name, values = parse_axis(axis)
+    online = parse_online(online)
+    rlhf_kl, ppo_gt_kl = check_rl_options(online, rlhf_kl, ppo_gt_kl)  # before any sampling: refusals first
     out.mkdir(parents=True, exist_ok=True)
-    if not (out / "pairs_train.jsonl").is_file():
-        make_task_pairs(task, out, log)
-    else:
-        log(f"reusing {out / 'pairs_train.jsonl'} and pairs_eval.jsonl")
+    pairs = make_pairs_once(task, out, log)
 
     _, eval_prompts = task.prompts()
     tokenizer, reference, reward = load_tokenizer(task.model), load_model(task.model), load_reward(task.reward)
@@ -106,44 +160,38 @@ def run_sweep(output_dir: str | Path, axis: str, task: SentimentTask | None = No
     points = [{"method": "Best-of-N", "series": "Best-of-N", "label": f"N={b['n']}", "kl": b["kl"],
                "reward": b["reward_mean"], "reward_ci95": b["reward_ci95"]}
               for b in (best_of_n(ref_s, ref_rewards, n) for n in best_of)]
+    evaluate = partial(evaluate_run, task=task, eval_prompts=eval_prompts, reward=reward, reference=reference,
+                       tokenizer=tokenizer, reference_samples=(ref_s, ref_rewards), keep_checkpoints=keep_checkpoints,
+                       log=log)
 
-    runs = [("DPO", f"{name}={v}", {name: v}) for v in values]
-    if preferred_ft:
-        runs.append(("Preferred-FT", "Preferred-FT", {"loss": "sft"}))
-    runs += [({"grpo": "GRPO", "online-dpo": "Online DPO"}[m], m, {}) for m in online]
-    for method, series, options in runs:
-        run_dir = out / series.replace("=", "-").replace("Preferred-FT", "preferred-ft")
-        if method in ("GRPO", "Online DPO"):
-            cfg = online_train_config(run_dir, task, method, online_steps,
-                                      progress=train_overrides.get("progress", True))
-            steps = online_steps
-        else:
-            cfg = demo_train_config(run_dir, task, out, **{**train_overrides, **options})
-            steps = cfg.max_steps or cfg.epochs * -(-count_pairs(out / "pairs_train.jsonl", cfg) // cfg.batch_size)
-        # checkpoints evenly along the run (online runs too): the frontier's points between the reference and the
-        # final model (rounded up, so the last checkpoint is not a near-copy of the final model)
-        cfg.save_every = max(1, -(-steps // (checkpoints + 1))) if checkpoints else 0
-        saved = run_dir / "points.json"
-        if saved.is_file() and json.loads(saved.read_text())["options"] == json.loads(json.dumps(_result_options(cfg))):
-            points += json.loads(saved.read_text())["points"]
-            log(f"[{series}] reusing the finished run in {run_dir}")
-            continue
-        log(f"[{series}] training {steps} steps → {run_dir}")
-        t = time.perf_counter()
-        train(cfg, log=lambda *a, **k: None)
-        seconds = time.perf_counter() - t
-        run_points = evaluate_run(run_dir, method, series, task, eval_prompts, reward, reference, tokenizer,
-                                  (ref_s, ref_rewards), keep_checkpoints, log)
-        for p in run_points:
-            p["train_seconds"] = seconds
-        saved.write_text(json.dumps({"options": _result_options(cfg), "points": run_points}, indent=1))
+    progress = train_overrides.get("progress", True)
+    offline = [("DPO", f"{name}={v}", {name: v}) for v in values] + \
+        ([("Preferred-FT", "Preferred-FT", {"loss": "sft"})] if preferred_ft else [])
+    runs = []  # (method, series, run folder, config, what else its result depends on)
+    for method, series, options in offline:
+        folder = out / series.replace("=", "-").replace("Preferred-FT", "preferred-ft")
+        cfg = demo_train_config(folder, task, out, **{**train_overrides, **options})
+        runs.append((method, series, folder, cfg, {}))
+    for m in (m for m in online if m in ("grpo", "online-dpo")):
+        runs.append((ONLINE_METHODS[m], m, out / m,
+                     online_train_config(out / m, task, ONLINE_METHODS[m], online_steps, progress=progress), {}))
+    # rlhf (its reward model trains here, on the DPO runs' base settings) and ppo-gt
+    rl, rm = rl_runs(out, task, online, online_steps, rlhf_kl, ppo_gt_kl,
+                     demo_train_config(out, task, out, **train_overrides), progress, log)
+    costs = {}
+    for method, series, run_dir, cfg, depends in runs + rl:
+        steps = cfg.max_steps or cfg.epochs * -(-count_pairs(out / "pairs_train.jsonl", cfg) // cfg.batch_size)
+        run_points, costs[series] = train_series(method, series, run_dir, cfg, depends, steps, checkpoints, evaluate,
+                                                 log)
         points += run_points
 
+    notes = ([f"Budget: {BUDGET}."] if online else []) + ([rm_note(rm)] if rm else [])
     frontier = {"axis": name, "values": values, "task": vars(task), "train_overrides": train_overrides,
-                "reference_reward": points[0]["reward"], "points": points,
-                "seconds": time.perf_counter() - start}
+                "reference_reward": points[0]["reward"], "points": points, "costs": costs, "pairs": pairs,
+                **({"reward_model": {k: v for k, v in rm.items() if k != "options"}} if rm else {}),
+                "notes": notes, "seconds": time.perf_counter() - start}
     (out / "frontier.json").write_text(json.dumps(frontier, indent=1), encoding="utf-8")
-    report = write_report(out, None, frontier_points=points)
+    report = write_report(out, None, frontier_points=points, notes=notes)
     log(f"sweep done in {frontier['seconds'] / 60:.1f} min: {out / 'frontier.json'}, {report}")
     return frontier
 
