@@ -11,7 +11,7 @@ from dpokit.cli import main
 from dpokit.config import TrainConfig
 from dpokit.tasks.sweep_rl import models_held, parse_kl_list, parse_online, run_cost
 
-TASK = ["--reward", "conftest:letter_reward", "--limit", "6", "--samples", "3", "--k", "2",
+TASK = ["--reward", "conftest:letter_reward", "--limit", "6", "--samples", "2", "--k", "2",
         "--max-new-tokens", "8", "--epochs", "1", "--batch-size", "2"]
 
 
@@ -47,7 +47,7 @@ def test_sweep_puts_rlhf_and_ppo_gt_on_the_frontier_with_costs_and_reuses_them(t
     assert f"held-out accuracy {rm['accuracy']:.3f}" in (out / "report.html").read_text()
     assert any(n.startswith("Budget:") for n in frontier["notes"])
 
-    # the costs: every online series samples the same budget, 2 steps × 16 prompts × 3 samples
+    # the costs: every online series samples the same budget, 2 steps × 16 prompts × 2 samples
     costs = frontier["costs"]
     assert set(costs) == {"beta=0.1", "rlhf kl=0.05", "rlhf kl=0.1", "ppo-gt"}
     assert costs["rlhf kl=0.05"]["models"] == ["policy", "reference", "reward model", "value"]
@@ -55,12 +55,12 @@ def test_sweep_puts_rlhf_and_ppo_gt_on_the_frontier_with_costs_and_reuses_them(t
     assert costs["beta=0.1"]["models"] == ["policy", "reference"] and costs["beta=0.1"]["samples_generated"] == 0
     for series in ("rlhf kl=0.05", "rlhf kl=0.1", "ppo-gt"):
         c = costs[series]
-        assert c["samples_generated"] == c["reward_calls"] == 2 * 16 * 3
-        assert c["reward_model_calls"] == (96 if series != "ppo-gt" else 0)
+        assert c["samples_generated"] == c["reward_calls"] == 2 * 16 * 2
+        assert c["reward_model_calls"] == (64 if series != "ppo-gt" else 0)
         assert c["optimizer_updates"] == 2 * 4  # TRL's 4 PPO passes per rollout batch
     for c in costs.values():
         assert c["train_seconds"] > 0 and c["peak_rss_gb"] > 0.05 and c["peak_rss_scope"] in ("run", "process")
-    assert frontier["pairs"]["samples"] == 6 * 3 and frontier["pairs"]["seconds"] > 0
+    assert frontier["pairs"]["samples"] == 6 * 2 and frontier["pairs"]["seconds"] > 0
 
     # the same sweep again: the reward model and every run are reused, the frontier and the costs are the same
     assert main(_sweep(out, tiny_model_dir)) == 0
