@@ -1,8 +1,8 @@
 """Online runs under torchrun (loop/online_dist.py), 2 gloo processes on CPU: with sampling replaced by fixed
-completions (drawn from (prompt, step), not from the rank's stream), GRPO, RLOO and online DPO make the updates of
-one process over the same prompts to 1e-5 (weights and metrics); a real-sampling run checkpoints and resumes to
-its uninterrupted weights bit for bit, refuses a resume with another process count, and what cannot run over
-processes yet (PPO, iterative DPO) is refused before any process waits on another.
+completions (drawn from (prompt, step), not from the rank's stream), GRPO, RLOO, PPO, online DPO and iterative DPO
+make the updates of one process over the same prompts to 1e-5 (weights and metrics); a real-sampling run (GRPO,
+PPO) checkpoints and resumes to its uninterrupted weights bit for bit and refuses a resume with another process
+count; a real-sampling iterative DPO run resumes its unfinished round to the same weights.
 
 This file is also the worker torchrun starts: `python tests/test_online_dist.py '<config json>' fixed|sampled`."""
 
@@ -24,11 +24,14 @@ TESTS = Path(__file__).resolve().parent
 SRC = str(TESTS.parent / "src")
 TOL = 1e-5
 METRICS = ("loss", "reward", "reward_std", "advantage_std", "grad_norm", "kl", "completion_length", "pairs",
-           "rewards/chosen", "rewards/margins", "entropy")
+           "rewards/chosen", "rewards/margins", "entropy", "loss/value", "value", "rlhf_reward", "explained_variance",
+           "clip_fraction")
 METHODS = {
     "grpo": {"loss": "grpo", "grpo_iterations": 2, "kl_coef": 0.05, "scale_rewards": "batch"},
     "rloo": {"loss": "rloo", "kl_coef": 0.05},
     "online_dpo": {"loss": "sigmoid", "online_dpo": True, "sync_ref_every": 2},
+    # the value model trained too; mini-batches shuffled over, and advantages whitened over, every rank's rows
+    "ppo": {"loss": "ppo", "kl_coef": 0.05, "num_ppo_epochs": 2, "num_mini_batches": 2},
 }
 
 
@@ -74,6 +77,12 @@ def _torchrun(config: dict, mode: str) -> tuple[int, str]:
     return proc.returncode, out + err
 
 
+def _method(config):
+    """train_online's `method`, as loop/run.py chooses it."""
+    from dpokit.loop.ppo import ppo_method
+    return ppo_method if config.loss_names == ["ppo"] else None
+
+
 def _metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in open(out / "metrics.jsonl", encoding="utf-8")]
 
@@ -88,8 +97,8 @@ def test_two_processes_make_the_one_process_updates_on_fixed_completions(tmp_pat
     from dpokit.config import TrainConfig
     from dpokit.loop.online import train_online
     one = tmp_path / "one"
-    train_online(TrainConfig.from_dict(_config(tiny_model_dir, prompts_file, one, 2, **METHODS[name])),
-                 lambda *a: None, sampler=fixed_sampler)
+    config = TrainConfig.from_dict(_config(tiny_model_dir, prompts_file, one, 2, **METHODS[name]))
+    train_online(config, lambda *a: None, _method(config), sampler=fixed_sampler)
     two = tmp_path / "two"
     code, log = _torchrun(_config(tiny_model_dir, prompts_file, two, 1, **METHODS[name]), "fixed")
     assert code == 0, log[-3000:]
@@ -109,13 +118,15 @@ def test_two_processes_make_the_one_process_updates_on_fixed_completions(tmp_pat
     assert any(not torch.equal(base[k], b[k]) for k in b)  # the updates did something
 
 
-def test_two_process_run_resumes_to_its_uninterrupted_weights(tmp_path, tiny_model_dir, prompts_file):
-    """Real sampling: each rank's stream; the checkpoint holds both ranks' RNG states and the step."""
+@pytest.mark.parametrize("name", ["grpo", "ppo"])
+def test_two_process_run_resumes_to_its_uninterrupted_weights(tmp_path, tiny_model_dir, prompts_file, name):
+    """Real sampling: each rank's stream; the checkpoint holds both ranks' RNG states and the step (PPO: and the
+    value model)."""
     from dpokit import train
     from dpokit.loop.checkpoint import CheckpointError, complete_checkpoints
     out = tmp_path / "run"
-    config = _config(tiny_model_dir, prompts_file, out, 1, loss="grpo", save_every=2, kl_coef=0.05,
-                     eval_every=2, eval_prompts=prompts_file)
+    config = _config(tiny_model_dir, prompts_file, out, 1, save_every=2, eval_every=2, eval_prompts=prompts_file,
+                     **{"grpo": {"loss": "grpo", "kl_coef": 0.05}, "ppo": METHODS["ppo"]}[name])
     code, log = _torchrun(config, "sampled")
     assert code == 0, log[-3000:]
     expected = load_file(out / "final" / "model.safetensors")
@@ -132,21 +143,62 @@ def test_two_process_run_resumes_to_its_uninterrupted_weights(tmp_path, tiny_mod
         train(**{**config, "resume": str(ckpt), "output_dir": str(tmp_path / "one")}, log=lambda *a: None)
 
 
-def test_what_cannot_run_over_processes_is_refused_before_joining(tmp_path, tiny_model_dir, prompts_file,
-                                                                  monkeypatch):
-    from dpokit import train
-    from dpokit.distributed import DistributedError
-    monkeypatch.setenv("WORLD_SIZE", "2")  # refused before the process group is joined: no torchrun needed
-    common = _config(tiny_model_dir, prompts_file, tmp_path / "x", 1)
-    for extra, what in (({"loss": "ppo", "kl_coef": 0.05}, "PPO"),
-                        ({"online_dpo": True, "rounds": 2}, "iterative DPO")):
-        with pytest.raises(DistributedError, match=f"{what}.*launch it without torchrun"):
-            train(**{**common, **extra}, log=lambda *a: None)
+def test_two_process_iterative_dpo_makes_the_one_process_rounds(tmp_path, tiny_model_dir, prompts_file):
+    """Each rank samples its share of a round's prompts; rank 0 writes the pairs file in the prompts' order, so on
+    fixed completions the pairs and the two rounds' DDP offline runs are one process's."""
+    from dpokit.config import TrainConfig
+    from dpokit.loop.iterative import iterative_dpo
+    extra = {"loss": "sigmoid", "online_dpo": True, "rounds": 2}
+    one = tmp_path / "one"
+    iterative_dpo(TrainConfig.from_dict(_config(tiny_model_dir, prompts_file, one, 2, **extra)), lambda *a: None,
+                  sampler=fixed_sampler)
+    two = tmp_path / "two"
+    code, log = _torchrun(_config(tiny_model_dir, prompts_file, two, 1, **extra), "fixed")
+    assert code == 0, log[-3000:]
+    assert "2 processes (DDP" in log
+    expected, got = _metrics(one), _metrics(two)
+    assert [m["round"] for m in got] == [1, 2]
+    for e, g in zip(expected, got):
+        assert {k: g[k] for k in ("step", "pairs", "ties", "identical")} == \
+            {k: e[k] for k in ("step", "pairs", "ties", "identical")}
+        assert _close(e["reward"], g["reward"]) and _close(e["completion_length"], g["completion_length"])
+    for r in (1, 2):
+        assert (one / f"round-{r}" / "pairs.jsonl").read_text() == (two / f"round-{r}" / "pairs.jsonl").read_text()
+    a, b = load_file(one / "final" / "model.safetensors"), load_file(two / "final" / "model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= TOL
+    base = load_file(Path(tiny_model_dir) / "model.safetensors")
+    assert any(not torch.equal(base[k], b[k]) for k in b)
+
+
+def test_two_process_iterative_dpo_samples_and_resumes_its_unfinished_round(tmp_path, tiny_model_dir, prompts_file):
+    """Real sampling, each rank from its own stream; --resume auto keeps round 1 and redoes round 2 to the same
+    weights (its pairs sampled again with the same seeds)."""
+    import shutil
+    out = tmp_path / "run"
+    config = _config(tiny_model_dir, prompts_file, out, 1, loss="sigmoid", online_dpo=True, rounds=2)
+    code, log = _torchrun(config, "sampled")
+    assert code == 0, log[-3000:]
+    assert [m["round"] for m in _metrics(out)] == [1, 2] and log.count("round 1/2") == 1  # rank 0 logs
+    expected = load_file(out / "final" / "model.safetensors")
+    pairs = (out / "round-2" / "pairs.jsonl").read_text()
+    shutil.rmtree(out / "round-2" / "final")
+    shutil.rmtree(out / "final")
+    code, log = _torchrun({**config, "resume": "auto"}, "sampled")
+    assert code == 0 and "rounds 1 complete" in log, log[-3000:]
+    assert [m["round"] for m in _metrics(out)] == [1, 2]
+    assert (out / "round-2" / "pairs.jsonl").read_text() == pairs
+    got = load_file(out / "final" / "model.safetensors")
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
 
 
 if __name__ == "__main__":  # the torchrun worker
     from dpokit.config import TrainConfig
+    from dpokit.loop.iterative import iterative_dpo
     from dpokit.loop.online import train_online
     from dpokit.loop.online_dist import draw
-    train_online(TrainConfig.from_dict(json.loads(sys.argv[1])), print,
-                 sampler=fixed_sampler if sys.argv[2] == "fixed" else draw)
+    config = TrainConfig.from_dict(json.loads(sys.argv[1]))
+    sampler = fixed_sampler if sys.argv[2] == "fixed" else draw
+    if config.rounds:
+        iterative_dpo(config, print, sampler=sampler)
+    else:
+        train_online(config, print, _method(config), sampler=sampler)

@@ -71,10 +71,9 @@ class Distributed:
             dist.destroy_process_group()
 
 
-def check_launch(losses: list[str], one_process_only: str | None = None) -> None:
+def check_launch(losses: list[str]) -> None:
     """Refuse what cannot run over several processes before any of them waits on another. The process
-    count: a process group the caller made, else torchrun's WORLD_SIZE. `one_process_only`: the caller's own
-    reason this run needs one process (said in the error), or None.
+    count: a process group the caller made, else torchrun's WORLD_SIZE.
 
     AOT sorts the log-ratios of the whole micro-batch (online DPO: of its pairs); split over processes, each
     would sort only its own rows — another loss. (Gathering them with autograd, torch.distributed.nn.all_gather,
@@ -83,8 +82,6 @@ def check_launch(losses: list[str], one_process_only: str | None = None) -> None
         int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return
-    if one_process_only:
-        raise DistributedError(f"{one_process_only} runs in one process for now: launch it without torchrun")
     coupled = [n for n in losses if n in ("aot", "aot_unpaired")]
     if coupled:
         raise DistributedError(f"loss {','.join(coupled)} sorts the log-ratios of the whole micro-batch, which "

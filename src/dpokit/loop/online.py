@@ -108,6 +108,7 @@ def _train_online(cfg: TrainConfig, log, method, sampler, shard: Shard) -> Train
     steps_per_epoch = order.steps_per_epoch
     total_steps = order.total_steps(cfg.epochs, cfg.max_steps)
     shard.check_shares(order, total_steps)
+    shard.order = order  # PPO puts every rank's rows back in the one-process order (loop/ppo.py)
     optimizer, scheduler, start_step = start_online(cfg, policy, reference, extra_models, params,
                                                     total_steps * updates_per_step, device, log, shard)
     final_bytes = sum(p.numel() for p in policy.parameters()) * torch_dtype(cfg.model_dtype).itemsize

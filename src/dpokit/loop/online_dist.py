@@ -14,9 +14,15 @@ micro-batches of batch_size × processes prompts); each rank takes every world-t
   * gradients: the gradient passes run through DDP (`Shard.trained`), which averages the ranks' gradients in the
     last micro-batch's backward (`Shard.sync`); each rank divides its loss by the batch's divisor / processes, so
     the average is the one-process gradient and every rank makes the same update;
-  * PPO shuffles the whole rollout into mini-batches and whitens its advantages over all its tokens: the rollout's
-    token ids are gathered (a few kB), every global micro-batch is shared out row by row (`share`) for the
-    no-grad and the gradient passes, and the no-grad results are summed back (`all_sum`, each row from one rank);
+  * PPO (loop/ppo.py) shuffles the whole rollout into mini-batches and whitens its advantages over all its tokens:
+    the rollout's token ids and rewards are gathered into the one-process row order (`step_placement`: which
+    rank holds which prompt of the schedule `order`), every global micro-batch is shared out row by row (`share`)
+    for the no-grad and the gradient passes, and the no-grad results are summed back (`all_sum`, each row from
+    one rank); policy (TokenLogpsModule) and value model (ppo.ValuesModule) are two DDP wrappers, reduced in the
+    same backward;
+  * iterative DPO (loop/iterative.py): each rank samples and scores prompts[rank::world] of a round, the samples
+    are put back in the prompts' order (`deal_back`) and rank 0 writes the pairs file; the round's offline run is
+    loop/train.py's DDP run;
   * a rank left without rows in a micro-batch runs a weight-0 one (DDP's reduction waits for every rank);
   * rank 0 alone logs, writes metrics.jsonl, checkpoints (holding every rank's RNG state) and final/, and runs the
     held-out evaluation — the one-process evaluation: same prompts, seeds and samples.
@@ -71,6 +77,7 @@ class Shard:
     def __init__(self, ctx: Distributed | None = None):
         self.ctx = ctx or Distributed()
         self._ddp: dict[int, torch.nn.Module] = {}  # id(model) → its DDP wrapper
+        self.order = None  # the run's BatchSchedule (train_online sets it): which rank holds which prompt
 
     @property
     def world(self) -> int:
@@ -132,12 +139,20 @@ class Shard:
         """Every rank's list, concatenated in rank order."""
         return [x for part in gather_objects(items, self.ctx) for x in part]
 
+    def gather_all(self, value) -> list:
+        """[rank 0's value, rank 1's, …] (small picklable values)."""
+        return gather_objects(value, self.ctx)
+
     def all_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         return all_sum(tensor, self.ctx)
 
     def share(self, rows: list) -> list:
         """This rank's part of a global micro-batch: every world-th row (as the offline loop's `rank_share`)."""
         return rows[self.rank::self.world]
+
+    def step_placement(self, step: int) -> list[tuple[int, int]]:
+        """`placement` of step `step`'s prompts in the one-process order (the schedule: `self.order`)."""
+        return placement([len(m) for m in self.order.micro_batches(step)], self.world)
 
     def step_prompts(self, order, step: int) -> list[int]:
         """This rank's prompts of step `step`: its share of each of the step's micro-batches."""
@@ -169,6 +184,32 @@ class Shard:
         values = [r for p in parts for r in p[3]]
         columns = {name: [v for p in parts for v in p[4][name]] for name in parts[0][4]}
         return view, Scores(values, columns) if columns else values, max(p[5] for p in parts)
+
+
+def placement(sizes: list[int], world: int) -> list[tuple[int, int]]:
+    """(rank, place among that rank's prompts) of each prompt of micro-batches of these sizes, in their order, when
+    each rank takes every world-th prompt of each (Shard.share)."""
+    taken, where = [0] * world, []
+    for size in sizes:
+        for j in range(size):
+            where.append((j % world, taken[j % world]))
+            taken[j % world] += 1
+    return where
+
+
+def deal_back(parts: list[tuple], n: int, where: list[tuple[int, int]]) -> tuple:
+    """Every rank's (Samples, rewards) (`parts`, rank order; n completions per prompt) → one (Samples, rewards) in
+    the prompts' one-process order, `where` (`placement`) saying where each prompt sits; one part is itself."""
+    if len(parts) == 1:
+        return parts[0]
+    rows = [(r, k * n + j) for r, k in where for j in range(n)]
+    first = parts[0][0]
+    truncated = None if any(s.truncated is None for s, _ in parts) else [parts[r][0].truncated[i] for r, i in rows]
+    samples = type(first)([parts[r][0].prompts[k] for r, k in where], n,
+                          *([getattr(parts[r][0], f)[i] for r, i in rows]
+                            for f in ("prompt_ids", "completion_ids", "texts", "logps")),
+                          sum(s.new_tokens for s, _ in parts), max(s.seconds for s, _ in parts), truncated)
+    return samples, [parts[r][1][i] for r, i in rows]
 
 
 def step_record(cfg: TrainConfig, step: int, steps_per_epoch: int, record: dict, samples, rewards: list[float],

@@ -31,6 +31,13 @@ One step (one rollout batch of batch_size × grad_accum prompts × num_generatio
      batch_size × num_generations rows and applied by loop/update.py's `update`. A micro-batch's loss is
      divided by its mini-batch's token count, so the micro-batches add up to the mini-batch's loss exactly.
 
+Under torchrun (loop/online_dist.py) each rank samples and scores its share of the step's prompts; the rollout's
+token ids and rewards are gathered into the one-process row order (`rollout_rows`), so the mini-batch permutations,
+the GAE inputs and the whitening are those of the whole rollout, and each rank computes every world-th row of
+each micro-batch (of batch_size × processes × num_generations rows): the no-grad passes summed back over ranks,
+the gradient passes through DDP-wrapped policy (TokenLogpsModule) and value model (`ValuesModule`), both reduced
+in the last micro-batch's backward of each mini-batch.
+
 Differences from TRL's PPOTrainer: the score is the reward of the last real token (TRL added it one position
 later, on the first padding token, which its value mask included and its policy mask did not); the value loss
 and the advantages use the same tokens as the policy loss; micro-batches are summed over a shared divisor
@@ -50,6 +57,7 @@ from dpokit.config import ConfigError
 from dpokit.evaluation.rewards import classifier_folder
 from dpokit.logprobs import compute_precision
 from dpokit.loop.online import token_logps
+from dpokit.loop.online_dist import ONE
 from dpokit.loop.steps import NonFiniteError
 from dpokit.loop.update import update
 from dpokit.models.lora import add_lora, base_weights, disable_dropout
@@ -63,10 +71,9 @@ def ppo_method(cfg, policy, tokenizer, device, log):
     value_model = load_value_model(cfg, policy, tokenizer, device, log)
     params = [p for p in policy.parameters()] + [p for p in value_model.parameters()]
 
-    def step_fn(policy, reference, samples, rewards, cfg, optimizer, scheduler, pad_id, device, step, shard=None):
-        assert shard is None or shard.world == 1, "PPO runs in one process (loop/run.py refuses torchrun)"
+    def step_fn(policy, reference, samples, rewards, cfg, optimizer, scheduler, pad_id, device, step, shard=ONE):
         return ppo_step(policy, value_model, params, reference, samples, rewards, cfg, optimizer, scheduler, pad_id,
-                        device, step)
+                        device, step, shard)
     return step_fn, params, cfg.num_ppo_epochs * cfg.num_mini_batches, {"value": value_model}  # checkpointed too
 
 
@@ -136,40 +143,66 @@ def _set_up(model, cfg, policy, log):
     return model
 
 
-def token_values(value_model, rows: list[tuple[list[int], list[int]]], pad_id: int, device, cfg) -> torch.Tensor:
-    """V(s_t) for each completion token t of each row, [B, T] right-padded (0 at padding): the head read at the
-    position whose logits predict token t (the state before it, as TRL's values[:, context_length − 1 : −1])."""
-    batch = {k: v.to(device) for k, v in pad_rows(rows, pad_id).items()}
-    index = ([i for i, (_, c) in enumerate(rows) for _ in c], [len(p) - 1 + t for p, c in rows for t in range(len(c))])
+class ValuesModule(torch.nn.Module):
+    """A value model whose forward is `token_values`' pass: the unit DDP wraps (its hooks run on a module's forward,
+    and the pass calls the backbone and the head, never the classifier's own forward). `lm`: distributed.wrap's
+    name for the model it wraps."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, attention_mask, index):
+        return _read_values(self.lm, input_ids, attention_mask, index)
+
+
+def _read_values(value_model, input_ids, attention_mask, index) -> torch.Tensor:
+    """The head read at the hidden states `index` (rows, positions): [len(rows)] in fp32."""
     # under PEFT: the wrapped classifier (its layers carry the adapters, its score is the trained copy)
     value_model = value_model.get_base_model() if hasattr(value_model, "get_base_model") else value_model
+    hidden = value_model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                    use_cache=False).last_hidden_state
+    return value_model.score(hidden[index]).float().squeeze(-1)
+
+
+def token_values(value_model, rows: list[tuple[list[int], list[int]]], pad_id: int, device, cfg) -> torch.Tensor:
+    """V(s_t) for each completion token t of each row, [B, T] right-padded (0 at padding): the head read at the
+    position whose logits predict token t (the state before it, as TRL's values[:, context_length − 1 : −1]).
+    `value_model`: the model, or its DDP-wrapped `ValuesModule` (a gradient pass under torchrun)."""
+    batch = {k: v.to(device) for k, v in pad_rows(rows, pad_id).items()}
+    index = ([i for i, (_, c) in enumerate(rows) for _ in c], [len(p) - 1 + t for p, c in rows for t in range(len(c))])
     with compute_precision(device, cfg.dtype):
-        hidden = value_model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                        use_cache=False).last_hidden_state
-        scores = value_model.score(hidden[index]).float().squeeze(-1)
+        if isinstance(getattr(value_model, "module", None), ValuesModule):
+            scores = value_model(batch["input_ids"], batch["attention_mask"], index)
+        else:
+            scores = _read_values(value_model, batch["input_ids"], batch["attention_mask"], index)
     out = scores.new_zeros(len(rows), max(len(c) for _, c in rows))
     return out.index_put((torch.tensor(index[0], device=out.device),
                           torch.tensor([t for _, c in rows for t in range(len(c))], device=out.device)), scores)
 
 
-def layout(n_rows: int, cfg, step: int, epoch: int) -> list[list[list[int]]]:
+def layout(n_rows: int, cfg, step: int, epoch: int, world: int = 1) -> list[list[list[int]]]:
     """The mini-batches of PPO pass `epoch` of step `step`, each a list of micro-batches of row indices: a
     permutation seeded by (seed, step, epoch), cut into num_mini_batches equal parts (config_checks refuses a
-    num_mini_batches that does not divide the rows: the scheduler counts num_mini_batches updates per pass)."""
+    num_mini_batches that does not divide the rows: the scheduler counts num_mini_batches updates per pass), then
+    into micro-batches of batch_size × world × num_generations rows (under torchrun each rank computes its share)."""
     generator = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 101 + epoch)
     order = torch.randperm(n_rows, generator=generator)
-    per_micro = cfg.batch_size * cfg.num_generations
+    per_micro = cfg.batch_size * world * cfg.num_generations
     minis = [part.tolist() for part in order.tensor_split(cfg.num_mini_batches)]
     return [[mini[i:i + per_micro] for i in range(0, len(mini), per_micro)] for mini in minis]
 
 
-def rollout(policy, value_model, reference, rows, micro, pad_id, device, cfg):
-    """No-grad passes over the rollout: (log π_old, log π_ref or None, V_old, mask), each [N, T]."""
+def rollout(policy, value_model, reference, rows, micro, pad_id, device, cfg, shard=ONE):
+    """No-grad passes over the rollout: (log π_old, log π_ref or None, V_old, mask), each [N, T]. Under torchrun each
+    rank computes its share of each micro-batch and the tensors are summed over ranks (each row from one rank)."""
     n, width = len(rows), max(len(c) for _, c in rows)
     old, values, mask = (torch.zeros(n, width, device=device) for _ in range(3))
     ref = torch.zeros(n, width, device=device) if reference is not None else None
     with torch.no_grad():
-        for m in micro:
+        for m in map(shard.share, micro):
+            if not m:  # fewer rows than ranks in this micro-batch
+                continue
             part = [rows[i] for i in m]
             logps, part_mask = token_logps(policy, part, pad_id, device, cfg)
             w = logps.shape[1]
@@ -177,16 +210,33 @@ def rollout(policy, value_model, reference, rows, micro, pad_id, device, cfg):
             values[m, :w] = token_values(value_model, part, pad_id, device, cfg)
             if ref is not None:
                 ref[m, :w] = token_logps(reference, part, pad_id, device, cfg)[0]
+    if shard.world > 1:
+        old, values, mask = map(shard.all_sum, (old, values, mask))
+        ref = shard.all_sum(ref) if ref is not None else None
     return old, ref, values, mask
 
 
-def ppo_step(policy, value_model, params, reference, samples, rewards, cfg, optimizer, scheduler, pad_id, device,
-             step) -> dict:
-    """Rollout passes, rewards, GAE, then num_ppo_epochs × num_mini_batches updates (module docstring)."""
+def rollout_rows(samples, rewards, cfg, step: int, shard=ONE) -> tuple[list, list[float]]:
+    """(prompt ids, completion ids) and reward of every row of the step, every rank's, in the one-process order:
+    PPO's mini-batches shuffle, and its whitening and value statistics span, the whole rollout."""
     rows = list(zip(samples.prompt_ids, samples.completion_ids))
-    passes = [layout(len(rows), cfg, step, epoch) for epoch in range(cfg.num_ppo_epochs)]
+    if shard.world == 1:
+        return rows, list(rewards)
+    parts = shard.gather_all((rows, list(rewards)))
+    n = cfg.num_generations
+    order = [(r, k * n + j) for r, k in shard.step_placement(step) for j in range(n)]
+    return [parts[r][0][i] for r, i in order], [parts[r][1][i] for r, i in order]
+
+
+def ppo_step(policy, value_model, params, reference, samples, rewards, cfg, optimizer, scheduler, pad_id, device,
+             step, shard=ONE) -> dict:
+    """Rollout passes, rewards, GAE, then num_ppo_epochs × num_mini_batches updates (module docstring). Under
+    torchrun (loop/online_dist.py) every rank holds the whole rollout's tensors and computes its share of each
+    micro-batch, its loss over the mini-batch's tokens / processes, through DDP-wrapped policy and value model."""
+    rows, rewards = rollout_rows(samples, rewards, cfg, step, shard)
+    passes = [layout(len(rows), cfg, step, epoch, shard.world) for epoch in range(cfg.num_ppo_epochs)]
     old, ref, old_values, mask = rollout(policy, value_model, reference, rows, [m for mini in passes[0] for m in mini],
-                                         pad_id, device, cfg)
+                                         pad_id, device, cfg, shard)
     scores = torch.tensor(rewards, dtype=torch.float32, device=device)
     token_r, non_score = token_rewards(scores, old, ref, mask, cfg.kl_coef)
     if cfg.whiten_rewards:
@@ -194,29 +244,35 @@ def ppo_step(policy, value_model, params, reference, samples, rewards, cfg, opti
     advantages, returns = gae(token_r, old_values, mask, cfg.gamma, cfg.lam)
     advantages = whiten(advantages, mask)
 
+    trained, valued = shard.trained(policy), shard.trained(value_model, ValuesModule)  # themselves in one process
     sums: dict[str, float] = defaultdict(float)
     updates = 0
     for mini_batches in passes:
         for mini in mini_batches:
             tokens = float(sum(mask[m].sum().item() for m in mini))
-            for m in mini:
+            for k, m in enumerate(mini):
+                # a rank without rows in this micro-batch runs a weight-0 one: DDP's reduction waits for every rank
+                m, weight = (shard.share(m), 1.0) if shard.share(m) else (m[:1], 0.0)
                 part = [rows[i] for i in m]
-                logps, part_mask = token_logps(policy, part, pad_id, device, cfg)
-                values = token_values(value_model, part, pad_id, device, cfg)
-                w = logps.shape[1]
-                loss, stats = OBJECTIVES["ppo"].compute(OnlineInputs(
-                    logps, old[m, :w], advantages[m, :w], part_mask, None, tokens, values, old_values[m, :w],
-                    returns[m, :w]), cfg)
-                if not torch.isfinite(loss):
-                    raise NonFiniteError(f"step {step + 1}: non-finite PPO loss")
-                loss.backward()
-                sums["loss"] += loss.item()  # the micro-batches' losses add up to the mini-batch's
-                sums["loss/policy"] += stats.pop("loss/policy").item()
-                sums["loss/value"] += stats.pop("loss/value").item()
+                with shard.sync(last=k == len(mini) - 1):
+                    logps, part_mask = token_logps(trained, part, pad_id, device, cfg)
+                    values = token_values(valued, part, pad_id, device, cfg)
+                    w = logps.shape[1]
+                    loss, stats = OBJECTIVES["ppo"].compute(OnlineInputs(
+                        logps, old[m, :w], advantages[m, :w], part_mask, None, tokens / shard.world, values,
+                        old_values[m, :w], returns[m, :w]), cfg)
+                    if shard.check_finite and not torch.isfinite(loss):
+                        raise NonFiniteError(f"step {step + 1}: non-finite PPO loss")
+                    (loss if weight == 1.0 else loss * weight).backward()
+                # the micro-batches' losses add up to the mini-batch's (over every rank's: ÷ processes)
+                sums["loss"] += loss.item() * weight / shard.world
+                sums["loss/policy"] += stats.pop("loss/policy").item() * weight / shard.world
+                sums["loss/value"] += stats.pop("loss/value").item() * weight / shard.world
                 for key, value in stats.items():  # token means → token-weighted over the whole step
-                    sums[key] += value.item() * part_mask.sum().item()
+                    sums[key] += value.item() * part_mask.sum().item() * weight
             done = update(params, optimizer, scheduler, cfg.max_grad_norm, step=step + 1)
             updates += 1
+    sums = shard.sum(sums)
     losses = {k: sums.pop(k) / updates for k in ("loss", "loss/policy", "loss/value")}
     total_tokens = mask.sum().item() * cfg.num_ppo_epochs
     kl_seq = ((old - ref) * mask).sum(1) if ref is not None else torch.zeros_like(scores)  # k1, per completion

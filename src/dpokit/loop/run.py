@@ -31,7 +31,7 @@ def train(config: TrainConfig | None = None, log=print, **overrides) -> TrainRes
     if not cfg.online:
         return train_offline(cfg, log)
     # GRPO / online DPO / iterative DPO: trains on its own samples, not on a pairs file
-    check_launch(cfg.loss_names, _one_process_only(cfg))
+    check_launch(cfg.loss_names)  # under torchrun: DDP (loop/online_dist.py); AOT refused
     with deterministic_kernels(cfg.deterministic), attention_kind(cfg.attention, log):
         if cfg.memory_check:
             log("memory check: not available for online runs (sampling is not modelled; docs/PERFORMANCE.md)")
@@ -39,11 +39,3 @@ def train(config: TrainConfig | None = None, log=print, **overrides) -> TrainRes
             return iterative_dpo(cfg, log)
         return train_online(cfg, log, ppo_method if cfg.loss_names == ["ppo"] else None)
 
-
-def _one_process_only(cfg: TrainConfig) -> str | None:
-    """The online methods that torchrun cannot run yet (GRPO, RLOO and online DPO can: loop/online_dist.py)."""
-    if cfg.rounds:  # each rank would sample the whole round's pairs file
-        return "iterative DPO (--rounds)"
-    if cfg.loss_names == ["ppo"]:  # two trained models, and its value passes bypass the DDP-hooked forward
-        return "PPO (--loss ppo)"
-    return None
