@@ -197,3 +197,11 @@ def test_random_configs_are_refused_naming_a_key_they_set():
             TrainConfig.from_dict(values)
         except ConfigError as e:
             assert any(k in str(e) for k in values), (values, str(e))
+
+
+def test_ranges_are_checked_only_for_options_the_run_reads():
+    """train-rm and sft have no prompt cap: max_prompt_length's default must not limit their --max-length."""
+    assert TrainConfig.from_dict({"stage": "reward_model", "max_length": 128}).max_length == 128
+    assert TrainConfig.from_dict({"stage": "sft", "max_length": 128}).max_length == 128
+    with pytest.raises(ConfigError, match=r"max_prompt_length = 256 is out of range"):
+        TrainConfig.from_dict({"max_length": 128})  # offline DPO reads both

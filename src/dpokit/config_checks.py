@@ -153,7 +153,10 @@ NEEDS = {  # name (a field's `needs`) → (cfg, key) → why setting `key` has n
 # ---- 3. values ------------------------------------------------------------------------------------------
 
 def value_problems(cfg) -> Iterator[str]:
+    run = cfg.run_kind
     for f in fields(cfg):
+        if run not in f.metadata["runs"]:  # not read by this run (set, unread_problems refused it): any value is moot
+            continue
         value, choices, valid = getattr(cfg, f.name), f.metadata["choices"], f.metadata["valid"]
         if choices and value not in choices:
             yield f"{_said(cfg, f.name)} is out of range: must be one of {', '.join(choices)}"
