@@ -133,8 +133,8 @@ def test_resume_refuses_exactly_the_options_outside_resume_may_change(tmp_path):
 
 
 def test_sweep_results_ignore_exactly_the_bookkeeping_options():
-    from dpokit.tasks.sweep import _result_options
-    assert set(_result_options(TrainConfig())) == set(FIELDS) - BOOKKEEPING
+    from dpokit.tasks.sweep_runs import result_options
+    assert set(result_options(TrainConfig())) == set(FIELDS) - BOOKKEEPING
 
 
 def test_help_has_one_section_per_group_holding_its_options(capsys):

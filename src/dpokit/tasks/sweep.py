@@ -27,14 +27,14 @@ from pathlib import Path
 
 import yaml
 
-from dpokit.config import BOOKKEEPING, ConfigError, TrainConfig
-from dpokit.data import builtin_path
+from dpokit.config import ConfigError, TrainConfig
 from dpokit.evaluation.generation import best_of_n, generation_metrics
 from dpokit.evaluation.rewards import load_reward
 from dpokit.generation import sample
 from dpokit.loop.checkpoint import complete_checkpoints
 from dpokit.models import load_model, load_tokenizer
 from dpokit.tasks.demo import SentimentTask, demo_train_config, make_task_pairs
+from dpokit.tasks.sweep_runs import count_pairs, online_train_config, result_options
 from dpokit.tasks.sweep_rl import (BUDGET, ONLINE_METHODS, Meter, check_rl_options, parse_online, rl_runs, rm_note,
                                    run_cost)
 
@@ -75,26 +75,6 @@ def evaluate_run(run_dir: Path, method: str, series: str, task: SentimentTask, e
     return points
 
 
-def _result_options(cfg: TrainConfig) -> dict:
-    """The options that change a run's result: all but the bookkeeping ones (checkpoint cadence, progress bar, …)."""
-    return {k: v for k, v in cfg.to_dict().items() if k not in BOOKKEEPING}
-
-
-ONLINE_OBJECTIVES = {"GRPO": {"loss": "grpo"}, "Online DPO": {"online_dpo": True, "pack_tokens": 0},
-                     "PPO": {"loss": "ppo"}}  # PPO's kl_coef and reward: tasks/sweep_rl.py
-
-
-def online_train_config(run_dir: Path, task: SentimentTask, method: str, steps: int, **overrides) -> TrainConfig:
-    """GRPO, online DPO or PPO on the task's training prompts, sampling as the task does (the same budget for each:
-    steps × 16 prompts × task.samples completions)."""
-    values = dict(model=task.model, output_dir=str(run_dir), prompts=task.train_prompts or builtin_path("sentiment_train"),
-                  reward=task.reward, num_generations=task.samples, max_new_tokens=task.max_new_tokens,
-                  batch_size=16, max_steps=steps, warmup_steps=5, max_length=128, max_prompt_length=64, seed=task.seed,
-                  lr=2e-5, **ONLINE_OBJECTIVES[method])
-    values.update(overrides)
-    return TrainConfig.from_dict(values, source=f"sweep {method}")
-
-
 def train_series(method: str, series: str, run_dir: Path, cfg: TrainConfig, depends: dict, steps: int,
                  checkpoints: int, evaluate, log) -> tuple[list[dict], dict]:
     """(frontier points, costs) of one series: trained and evaluated, or read back from RUN/points.json when that
@@ -104,7 +84,7 @@ def train_series(method: str, series: str, run_dir: Path, cfg: TrainConfig, depe
     # final model (rounded up, so the last checkpoint is not a near-copy of the final model)
     cfg.save_every = max(1, -(-steps // (checkpoints + 1))) if checkpoints else 0
     saved, cost = run_dir / "points.json", {"method": method, **run_cost(cfg, steps)}
-    options, depends = json.loads(json.dumps(_result_options(cfg))), json.loads(json.dumps(depends))
+    options, depends = json.loads(json.dumps(result_options(cfg))), json.loads(json.dumps(depends))
     if saved.is_file():
         record = json.loads(saved.read_text())
         if record["options"] == options and record.get("depends", {}) == depends:
@@ -194,10 +174,3 @@ def run_sweep(output_dir: str | Path, axis: str, task: SentimentTask | None = No
     report = write_report(out, None, frontier_points=points, notes=notes)
     log(f"sweep done in {frontier['seconds'] / 60:.1f} min: {out / 'frontier.json'}, {report}")
     return frontier
-
-
-def count_pairs(path: Path, cfg) -> int:
-    """Pairs training reads from `path` (a ranked row gives several)."""
-    from dpokit.data import load_pairs
-    return len(load_pairs(str(path), cfg.on_bad_row, ranked_pairs=cfg.ranked_pairs,
-                          ultrafeedback_score=cfg.ultrafeedback_score)[0])

@@ -9,7 +9,7 @@
               coefficient of --rlhf-kl; the value model starts from the reward model (TRL's recipe);
   ppo-gt      PPO on the task's reward directly (the paper's PPO-GT), one series at --ppo-gt-kl.
 The budget rule: every online method samples what GRPO's line samples — --online-steps steps × 16 prompts ×
-the task's samples per prompt, same lr, warm-up and lengths (tasks/sweep.py `online_train_config`); PPO then
+the task's samples per prompt, same lr, warm-up and lengths (tasks/sweep_runs.py `online_train_config`); PPO then
 makes TRL's default num_ppo_epochs = 4 passes over each rollout batch where GRPO makes one.
 
 Costs recorded per series in frontier.json (`costs`), for the cost table (issue 17 part 4):
@@ -111,10 +111,10 @@ def reward_model(out: Path, task, base: TrainConfig, progress: bool, log) -> dic
     """Train the RLHF reward model, or reuse the one in out/reward-model trained with the same options; its record
     (options, held-out accuracy before and after training, costs) as saved in reward-model/rm.json."""
     from dpokit.loop import train
-    from dpokit.tasks.sweep import _result_options, count_pairs
+    from dpokit.tasks.sweep_runs import count_pairs, result_options
     cfg = reward_model_config(out, task, base, progress)
     folder, saved = Path(cfg.output_dir), Path(cfg.output_dir) / "rm.json"
-    options = json.loads(json.dumps(_result_options(cfg)))
+    options = json.loads(json.dumps(result_options(cfg)))
     if saved.is_file() and (folder / "final" / "config.json").is_file():
         record = json.loads(saved.read_text(encoding="utf-8"))
         if record["options"] == options:
@@ -139,7 +139,7 @@ def rl_runs(out: Path, task, online: tuple[str, ...], steps: int, rlhf_kl, ppo_g
     """(method, series, folder, config, depends) of each `rlhf` and `ppo-gt` series, and the reward model's record
     (trained here, or reused) when rlhf is asked for. `depends`: what else a run's result depends on (the reward
     model's options), compared with a finished run's record before reusing it."""
-    from dpokit.tasks.sweep import online_train_config
+    from dpokit.tasks.sweep_runs import online_train_config
     runs, rm = [], None
     if "rlhf" in online:
         rm = reward_model(out, task, base, progress, log)

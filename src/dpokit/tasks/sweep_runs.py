@@ -1,0 +1,37 @@
+"""What every series of `dpokit sweep` shares (tasks/sweep.py, tasks/sweep_rl.py): the options that make a run's
+result, the online runs' config on the task, and the pairs a file gives."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dpokit.config import BOOKKEEPING, TrainConfig
+from dpokit.data import builtin_path
+from dpokit.tasks.demo import SentimentTask
+
+
+def result_options(cfg: TrainConfig) -> dict:
+    """The options that change a run's result: all but the bookkeeping ones (checkpoint cadence, progress bar, …)."""
+    return {k: v for k, v in cfg.to_dict().items() if k not in BOOKKEEPING}
+
+
+ONLINE_OBJECTIVES = {"GRPO": {"loss": "grpo"}, "Online DPO": {"online_dpo": True, "pack_tokens": 0},
+                     "PPO": {"loss": "ppo"}}  # PPO's kl_coef and reward: tasks/sweep_rl.py
+
+
+def online_train_config(run_dir: Path, task: SentimentTask, method: str, steps: int, **overrides) -> TrainConfig:
+    """GRPO, online DPO or PPO on the task's training prompts, sampling as the task does (the same budget for each:
+    steps × 16 prompts × task.samples completions)."""
+    values = dict(model=task.model, output_dir=str(run_dir), prompts=task.train_prompts or builtin_path("sentiment_train"),
+                  reward=task.reward, num_generations=task.samples, max_new_tokens=task.max_new_tokens,
+                  batch_size=16, max_steps=steps, warmup_steps=5, max_length=128, max_prompt_length=64, seed=task.seed,
+                  lr=2e-5, **ONLINE_OBJECTIVES[method])
+    values.update(overrides)
+    return TrainConfig.from_dict(values, source=f"sweep {method}")
+
+
+def count_pairs(path: Path, cfg) -> int:
+    """Pairs training reads from `path` (a ranked row gives several)."""
+    from dpokit.data import load_pairs
+    return len(load_pairs(str(path), cfg.on_bad_row, ranked_pairs=cfg.ranked_pairs,
+                          ultrafeedback_score=cfg.ultrafeedback_score)[0])
