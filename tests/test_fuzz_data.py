@@ -27,14 +27,20 @@ from dpokit.data.formats import ROLES, TURN_MARKERS, detect_format
 
 
 def fuzz(examples: int) -> settings:
-    """About 1,100 files in all (~30 s); DPOKIT_FUZZ_SCALE=10 fuzzes ten times longer."""
+    """About 1,100 files in all (~30 s); DPOKIT_FUZZ_SCALE=10 fuzzes ten times longer.
+
+    The same examples every run by default, so a landing is never red by the luck of the draw;
+    DPOKIT_FUZZ_RANDOM=1 explores new ones (do it when the loaders change)."""
     examples *= int(os.environ.get("DPOKIT_FUZZ_SCALE", "1"))
-    return settings(max_examples=examples, deadline=None, suppress_health_check=[
+    explore = os.environ.get("DPOKIT_FUZZ_RANDOM") == "1"
+    return settings(max_examples=examples, deadline=None, derandomize=not explore, database=None if not explore
+                    else settings.default.database, suppress_health_check=[
         HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much, HealthCheck.large_base_example])
 
 
 ANY = "*"  # the row is at fault, but which field is blamed depends on the format it is parsed as
 REQUIRED = {"prompt", "chosen", "rejected", "completion", "label"}
+READ = REQUIRED | {"margin", "scores", "completions", "instruction", "truncated", "ref_digest"}  # extras avoid them
 MARK = "\ue000"  # stands for invalid UTF-8 bytes in CSV values, replaced after encoding
 
 
@@ -73,7 +79,7 @@ JSON_VALUE = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(
                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(CHARS, max_size=4),
                                                                                         inner, max_size=3),
                           max_leaves=6)
-EXTRAS = st.dictionaries(st.text(CHARS, max_size=6).filter(lambda k: k not in REQUIRED), JSON_VALUE, max_size=2)
+EXTRAS = st.dictionaries(st.text(CHARS, max_size=6).filter(lambda k: k not in READ), JSON_VALUE, max_size=2)
 
 
 def insert(draw, s: str, piece: str) -> str:
@@ -131,7 +137,10 @@ def conversational_row(draw):
     if draw(st.booleans()):  # explicit prompt
         if norm(chosen) == norm(rejected):
             rejected[0] = {**rejected[0], "content": rejected[0]["content"] + " no"}
-        value = {**draw(EXTRAS), "prompt": prompt, "chosen": chosen, "rejected": rejected}
+        # a lone user turn may also be written as a string (UltraFeedback-style rows)
+        as_text = len(prompt) == 1 and prompt[0]["role"] == "user" and draw(st.booleans())
+        value = {**draw(EXTRAS), "prompt": prompt[0]["content"] if as_text else prompt, "chosen": chosen,
+                 "rejected": rejected}
     else:  # implicit: the shared leading messages are the prompt
         if norm(chosen[:1]) == norm(rejected[:1]):
             rejected[0] = {**rejected[0], "content": rejected[0]["content"] + " no"}
@@ -200,7 +209,7 @@ def broken_string_row(draw, strings_only=False):
 
 @st.composite
 def broken_conversational_row(draw):
-    base = draw(conversational_row().filter(lambda r: "prompt" in r.value))
+    base = draw(conversational_row().filter(lambda r: isinstance(r.value.get("prompt"), list)))
     row = {k: (list(v) if isinstance(v, list) else v) for k, v in base.value.items()}
     key = draw(st.sampled_from(["prompt", "chosen", "rejected"]))
     i = draw(st.integers(0, len(row[key]) - 1))
@@ -208,7 +217,10 @@ def broken_conversational_row(draw):
                                  "empty", "blank", "same", "surrogate"] + (["first_role"] if key != "prompt" else [])))
     field = key
     if kind == "not_list":
-        row[key] = draw(st.one_of(text(), st.integers(), st.just({"role": "user", "content": "hi"})))
+        # A string prompt beside assistant-only lists is valid (it is the user turn), so only chosen/rejected
+        # may turn into a string here.
+        row[key] = draw(st.one_of(*([text()] if key != "prompt" else []), st.integers(),
+                                  st.just({"role": "user", "content": "hi"})))
         if key == "chosen":
             field = ANY  # a non-list `chosen` makes the row explicit
     elif kind == "not_dict":
