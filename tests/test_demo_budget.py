@@ -40,10 +40,14 @@ def test_plan_grows_with_the_budget_cuts_in_order_and_stops_at_floors():
     smallest, largest = plans[0], plans[-1]
     assert smallest.warning and "too small" in smallest.warning
     assert all(getattr(smallest, s) == FLOORS[s] for s in ("steps", "eval_prompts", "k"))
-    assert smallest.train_prompts == demo_plan.prompts_for(smallest) == 87  # one pass of 30 steps × 16 pairs
+    assert demo_plan.prompts_for(smallest) == 58 and smallest.train_prompts == FLOORS["train_prompts"] == 64
     assert not largest.cuts and not largest.warning
     assert (largest.train_prompts, largest.samples, largest.eval_prompts, largest.k) == (280, 4, 60, 4)
     assert largest.steps == demo_plan.full_steps(280, 4, "all", 16, 1) == 97
+    # fewer steps than the full plan train with a proportionally larger lr, up to LR_SCALE_MAX
+    for p in plans:
+        assert p.lr_scale == pytest.approx(min(demo_plan.LR_SCALE_MAX, 97 / p.steps), rel=1e-3)
+        assert (p.lr_scale > 1) == (p.steps < 97) and ("lr ×" in demo_plan.describe(p)) == (p.lr_scale > 1)
     # a faster machine gets a bigger plan for the same budget
     fast = make_plan(15, Machine(263, 0.01, 135_000_000, 20), **FULL)
     assert all(getattr(fast, s) >= getattr(plans[5], s) for s in SIZES)
@@ -103,6 +107,28 @@ def test_stop_during_pairs_then_resume_skips_what_is_done(tmp_path, tiny_model_d
     (out / "report.html").unlink()
     assert main(["demo", "--output-dir", str(out), "--resume"]) == 0
     assert "evaluation: done before" in capsys.readouterr().out and (out / "report.html").is_file()
+
+
+@pytest.mark.parametrize("given_lr", [None, "1e-5"])
+def test_a_cut_plan_trains_with_the_scaled_lr_unless_lr_is_given(given_lr, tmp_path, tiny_model_dir, monkeypatch):
+    import dpokit.loop
+    from dpokit.tasks.demo import DEMO_LR
+    planned, used = make_plan, []
+
+    def cut_plan(*args, **kwargs):  # the tiny task is never cut: pretend this one was
+        plan = planned(*args, **kwargs)
+        plan.lr_scale = 2.5
+        return plan
+
+    def record_lr(cfg, **kwargs):
+        used.append(cfg.lr)
+        signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(demo_plan, "make_plan", cut_plan)
+    monkeypatch.setattr(dpokit.loop, "train", record_lr)
+    extra = ["--lr", given_lr] if given_lr else []
+    assert main(_demo(tiny_model_dir, tmp_path / "demo", *extra)) == 128 + signal.SIGINT
+    assert used == [float(given_lr) if given_lr else pytest.approx(2.5 * DEMO_LR)]
 
 
 def test_output_folder_of_something_else_is_refused(tmp_path, tiny_model_dir, capsys):

@@ -59,6 +59,9 @@ class SentimentTask:
         return train[:self.train_count or None], held[:self.eval_count or None]
 
 
+DEMO_LR = 3e-5  # the full-size plan's; tasks/demo_plan.py scales it up when it cuts steps
+
+
 def demo_train_config(output_dir: Path, task: SentimentTask, pairs_dir: Path | None = None,
                       **overrides) -> TrainConfig:
     """DPO settings for the task (short completions, so short sequences), on the pairs in pairs_dir
@@ -69,7 +72,7 @@ def demo_train_config(output_dir: Path, task: SentimentTask, pairs_dir: Path | N
                   # one pass over all pairs generalises better than three over best-vs-worst, which memorise
                   # their 280 pairs (held-out win rate 75.8 % vs 71.7 %, docs/RESULTS.md); with each ranked row's
                   # pairs in one micro-batch, lr 3e-5 reached 76.7 % where 2e-5 reached 72.9 % (same pairs)
-                  lr=3e-5,
+                  lr=DEMO_LR,
                   batch_size=16, epochs=1, warmup_steps=5, max_length=128, max_prompt_length=64,
                   # short rows (~140 tokens: a prompt and its 4 samples): one prompt per row; pairs of ~75 tokens one per
                   # row were faster than packed into 1024-token rows
@@ -208,8 +211,10 @@ def run_demo(output_dir: str | Path = "runs/demo", task: SentimentTask | None = 
         else:
             with state.phase("train"):
                 try:
+                    # a cut plan trains with a larger lr (tasks/demo_plan.py), unless --lr was given
+                    scaled = {} if "lr" in train_overrides else {"lr": DEMO_LR * plan.lr_scale}
                     cfg = demo_train_config(out, sized, max_steps=plan.steps, resume="auto" if resume else None,
-                                            **train_overrides)
+                                            **scaled, **train_overrides)
                     result = train(cfg, log=log)
                 except TrainingInterrupted as e:
                     raise DemoInterrupted(e.signum, "training", out, e.checkpoint) from None
