@@ -33,8 +33,7 @@ def fuzz(examples: int) -> settings:
     DPOKIT_FUZZ_RANDOM=1 explores new ones (do it when the loaders change)."""
     examples *= int(os.environ.get("DPOKIT_FUZZ_SCALE", "1"))
     explore = os.environ.get("DPOKIT_FUZZ_RANDOM") == "1"
-    return settings(max_examples=examples, deadline=None, derandomize=not explore, database=None if not explore
-                    else settings.default.database, suppress_health_check=[
+    return settings(max_examples=examples, deadline=None, derandomize=not explore, suppress_health_check=[
         HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much, HealthCheck.large_base_example])
 
 

@@ -31,10 +31,10 @@ BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 # Measured (docs/memory_calibration.py, docs/PERFORMANCE.md): stored activation bytes per token and layer,
 # divided by 4 · (6·hidden + 2·intermediate + 3·kv width) — the tensors a Llama-style layer saves for backward
 # with models/lean.py (norms and SwiGLU recompute their elementwise ops, and the norms' outputs and act(gate) · up
-# are rebuilt rather than kept: 4·hidden + 2·intermediate less than stock transformers). 1.4: in a freshly made
-# venv (make test from a clean clone) tests/test_estimate.py measured ~20 % more than in a long-used one with the
-# same packages (2026-12-03; cause not found yet, the lean rebuilds are the suspect): 1.4 keeps both inside ±25 %
-# (0.80–0.91 and 1.00–1.09 of the measured peaks), erring towards over-estimating.
+# are rebuilt rather than kept: 4·hidden + 2·intermediate less than stock transformers). 1.4, not the 1.0 fitted
+# on a quiet machine: one CI run (a fresh venv, the cores shared) measured ~20 % more; not reproduced since
+# (2026-12-03: the same source in that venv and the long-used one, 0.99–1.08 and 1.00–1.13 of the measured peaks
+# with 1.4), so 1.4 stays, erring towards over-estimating, inside tests/test_estimate.py's ±25 % in both.
 ACTIVATION_FACTOR = 1.4
 # LoRA layers keep more per token: this fraction of 4 bytes × Σ(in + out) of the adapted Linears of a layer
 # (without / with gradient checkpointing), and its backward holds about two [vocab, hidden] fp32 buffers more.

@@ -35,7 +35,9 @@ steps (at most LR_SCALE_MAX), so a slow machine still moves the policy as far. M
 (AVX2-only EPYC, 2026-12-03, docs/RESULTS.md): 35 steps on 99 prompts gave 65.0 % at lr 3e-5, 76.7 % at 6e-5 and
 77.7 % at 9e-5 (the full plan: 77.3 % in 97 steps at 3e-5); 23 steps on 64 prompts at 1.2e-4 gave 83.3 %. The KL
 to the reference grows with it (1.6, 5.5, 9.8 and 11.0 nats; 4.7 at full size); the report shows it beside the
-win rate. With that, the step floor is 20 (it was 30), so the issue's slowest CPU (45 GFLOP/s) fits 15 minutes.
+win rate. With that, the step floor is 20 (it was 30), so a 45 GFLOP/s CPU (issue 15's slowest) is predicted to
+fit 15 minutes (not yet run on one). A machine shared with another busy process is not: the best-of-5 matmul probe
+reads its free moments (docs/RESULTS.md, "A slow day, simulated").
 
 Sizing. The plan starts from the task's full sizes (one pass over every pair, or --epochs passes) and
 applies cuts in a fixed order until the predicted total fits: training prompts down to those whose pairs
