@@ -163,3 +163,49 @@ def test_sigterm_during_training_is_one_line_and_resume_finishes(tmp_path, tiny_
     assert "resumed from" in printed and (out / "eval.json").is_file()
     steps = [json.loads(line)["step"] for line in open(out / "metrics.jsonl") if "loss" in json.loads(line)]
     assert steps == list(range(1, len(steps) + 1))  # continued, not restarted: no step twice
+
+
+def test_replan_cuts_steps_then_k_when_the_pairs_ran_slower_than_predicted():
+    machine = Machine(matmul_gflops=120, step_overhead_s=0.05, params=135_000_000, prompt_tokens=20)
+    plan = make_plan(15, machine, **FULL)
+    assert FLOORS["steps"] < plan.steps < 97 and plan.full_steps == 97
+    predicted = plan.predicted_s["pairs_s"]
+    # as predicted, or faster: the plan stays (the same object)
+    for ratio in (0.5, 1.0, demo_plan.REPLAN_SLACK):
+        assert demo_plan.replan(plan, machine, predicted * ratio, 60 + predicted * ratio)[0] is plan
+    previous = plan
+    for ratio in (1.3, 2.0, 3.0, 50.0):
+        new, slower = demo_plan.replan(plan, machine, predicted * ratio, 60 + predicted * ratio)
+        assert slower == pytest.approx(ratio)
+        # what was sampled stays; steps (then k) shrink as the machine reads slower, never below their floors
+        assert (new.train_prompts, new.samples, new.eval_prompts) == (plan.train_prompts, 4, plan.eval_prompts)
+        assert FLOORS["steps"] <= new.steps <= previous.steps and new.steps < plan.steps and new.k <= previous.k
+        assert new.k == plan.k or new.steps == FLOORS["steps"]
+        assert new.lr_scale == pytest.approx(min(demo_plan.LR_SCALE_MAX, 97 / new.steps), rel=1e-3)
+        assert any(f"pairs took {ratio:.2f}×" in c for c in new.cuts) and plan.cuts == new.cuts[:len(plan.cuts)]
+        assert new.predicted_s["pairs_s"] == pytest.approx(predicted * ratio, abs=0.1)
+        assert new.predicted_s["total_s"] <= 15 * 60 + 0.1 or "running it anyway" in new.warning
+        previous = new
+    assert previous.steps == FLOORS["steps"] and previous.k == FLOORS["k"] and "slower than predicted" in \
+        previous.warning
+
+
+def test_demo_replans_after_slow_pairs_once_and_trains_the_new_steps(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    out, real, calls = tmp_path / "demo", demo_plan.replan, []
+
+    def slow_pairs(plan, machine, pairs_s, elapsed_s):  # the tiny plan sits at its floors: lower them, be slow
+        calls.append(plan.steps)
+        monkeypatch.setitem(demo_plan.FLOORS, "steps", 1)
+        return real(plan, machine, pairs_s * 1e4, elapsed_s)
+
+    monkeypatch.setattr(demo_plan, "replan", slow_pairs)
+    assert main(_demo(tiny_model_dir, out, "--minutes", "3")) == 0
+    printed = capsys.readouterr().out
+    assert "re-plan: the pairs took" in printed and "warning: sampling ran" in printed
+    record = json.loads((out / "demo.json").read_text())
+    before, after = record["replan"]["steps"]
+    assert calls == [before] and after == record["plan"]["steps"] == 1 < before
+    assert record["replan"]["pairs_slower"] > 1e3
+    assert sum(1 for r in map(json.loads, open(out / "metrics.jsonl")) if "pairs_per_s" in r) == 1
+    assert json.loads((out / "eval.json").read_text())["replan"] == record["replan"]
+    assert main(["demo", "--output-dir", str(out), "--resume"]) == 0 and calls == [before]  # not again

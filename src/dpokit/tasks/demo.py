@@ -28,6 +28,7 @@ from dpokit.data import builtin_path, load_prompts
 from dpokit.evaluation.generation import generation_metrics
 from dpokit.evaluation.rewards import load_reward
 from dpokit.logprobs.refcache import weights_digest
+from dpokit.loop.checkpoint import checkpoint_root
 from dpokit.models import load_model, load_tokenizer
 from dpokit.generation import Samples, sample
 from dpokit.tasks.pairs import make_pairs, pairs_from_samples, write_jsonl
@@ -159,6 +160,25 @@ def headline(g: dict) -> str:
             f"length {g['reference']['length_mean']:.1f} → {g['policy']['length_mean']:.1f} tokens")
 
 
+def replan_after_pairs(state, plan, log=print):
+    """The plan for training and evaluation once the pairs' actual time is known (demo_plan.replan): recorded
+    in demo.json once, before training starts, so a resumed demo trains with the steps it started with."""
+    from dpokit.tasks import demo_plan
+    actual = state.timings()
+    new, slower = demo_plan.replan(plan, demo_plan.Machine(**state.data["machine"]), actual["pairs_s"],
+                                   actual["total_s"])
+    state.data["replan"] = {"pairs_slower": round(slower, 3), "steps": [plan.steps, new.steps], "k": [plan.k, new.k]}
+    if new is not plan:
+        log(f"re-plan: the pairs took {actual['pairs_s'] / 60:.1f} min, {slower:.2f}× the "
+            f"{plan.predicted_s['pairs_s'] / 60:.1f} predicted (the machine is busier than its probe read); for "
+            f"the {(plan.minutes * 60 - actual['total_s']) / 60:.1f} min left: {new.steps} steps, k={new.k}, "
+            f"lr × {new.lr_scale:g}; total now predicted {new.predicted_s['total_s'] / 60:.1f} min"
+            + (f"\nwarning: {new.warning}" if new.warning and new.warning != plan.warning else ""))
+        state.data["plan"] = new.to_dict()
+    state.save()
+    return new
+
+
 def run_demo(output_dir: str | Path = "runs/demo", task: SentimentTask | None = None, log=print,
              minutes: float = 15.0, resume: bool = False, started_at: float | None = None,
              **train_overrides) -> dict:
@@ -203,6 +223,10 @@ def run_demo(output_dir: str | Path = "runs/demo", task: SentimentTask | None = 
         with state.phase("pairs"):
             make_task_pairs(sized, out, log, reuse=True, models=models)
         del models
+        # once, before training starts (a demo.json from before re-planning may hold a checkpoint of its plan)
+        if "train" not in state.done and "replan" not in state.data and not checkpoint_root(out).is_dir():
+            plan = replan_after_pairs(state, plan, log)
+            sized = replace(sized, k=plan.k)
 
         log("[2/4] training DPO")
         phase.name = "training"
@@ -234,7 +258,8 @@ def run_demo(output_dir: str | Path = "runs/demo", task: SentimentTask | None = 
         log("[4/4] writing the report")
         eval_result = {"model": str(out / "final"), "ref_model": task.model, "task": asdict(sized),
                        **(state.results.get("eval_after") or {}), "generation": generation,
-                       "plan": state.plan, "timings": state.timings()}
+                       "plan": state.plan, "replan": state.data.get("replan"),
+                       "timings": state.timings()}
         state.write_json("eval.json", eval_result)
         report = write_report(out, eval_result)
     log(f"held-out: {headline(generation)}")

@@ -39,6 +39,11 @@ win rate. With that, the step floor is 20 (it was 30), so a 45 GFLOP/s CPU (issu
 fit 15 minutes (not yet run on one). A machine shared with another busy process is not: the best-of-5 matmul probe
 reads its free moments (docs/RESULTS.md, "A slow day, simulated").
 
+Re-plan. So the pairs phase, minutes of sampling, is the second measurement: when it took more than REPLAN_SLACK ×
+its prediction, `replan` predicts the rest on a machine that many times slower and cuts steps (lr rescaled), then
+k, to what is left of the budget. The sampled prompts and held-out pairs stay; sampling waits for busy cores as
+training does, though not always as much (on the simulated slow day pairs ran 1.7×, training 2.0× the plan).
+
 Sizing. The plan starts from the task's full sizes (one pass over every pair, or --epochs passes) and
 applies cuts in a fixed order until the predicted total fits: training prompts down to those whose pairs
 the planned steps use (more prompts only cost sampling), then training steps — the training prompts
@@ -65,6 +70,7 @@ OVERHEAD_S = 25.0
 SAMPLE_PROBE, PROBE_STEPS = 4, 4
 FLOORS = dict(train_prompts=64, steps=20, eval_prompts=24, k=2)
 LR_SCALE_MAX = 4.0
+REPLAN_SLACK = 1.15           # replan: pairs slower than predicted by more than this re-size the rest
 
 
 @dataclass
@@ -91,6 +97,7 @@ class Plan:
     minutes: float
     passes: int = 1               # passes over the pairs the full plan makes (--epochs)
     lr_scale: float = 1.0         # the demo's lr × this when steps were cut (module docstring: learning rate)
+    full_steps: int = 0           # the uncut plan's steps (0 in a demo.json from before it was recorded)
     predicted_s: dict = field(default_factory=dict)
     cuts: list = field(default_factory=list)
     warning: str | None = None
@@ -200,12 +207,58 @@ def make_plan(minutes: float, machine: Machine, train_prompts: int, samples: int
         if plan.predicted_s["total_s"] <= budget:
             break
         plan = replace(smaller, predicted_s=predict(smaller, machine))
-    if plan.steps < steps:
-        plan.lr_scale = round(min(LR_SCALE_MAX, steps / plan.steps), 3)
+    plan.full_steps = steps
+    plan.lr_scale = lr_scale(plan)
     if plan.predicted_s["total_s"] > budget:
         plan.warning = (f"--minutes {minutes:g} is too small for this machine: even the smallest plan "
                         f"(at every floor) needs about {plan.predicted_s['total_s'] / 60:.1f} min; running it anyway")
     return plan
+
+
+def lr_scale(plan: Plan) -> float:
+    """full steps / planned steps, at most LR_SCALE_MAX; 1 for an uncut plan (module docstring: learning rate)."""
+    full = plan.full_steps or round(plan.steps * plan.lr_scale)
+    return round(min(LR_SCALE_MAX, full / plan.steps), 3) if plan.steps < full else 1.0
+
+
+def replan(plan: Plan, machine: Machine, pairs_s: float, elapsed_s: float) -> tuple[Plan, float]:
+    """After the pairs phase: (the plan for the rest of the budget, how many times slower sampling ran than
+    predicted). A machine shared with a busy process reads fast in the probe's best-of-5 matmul and then runs
+    slower (module docstring); sampling and training wait for the cores alike, so when the pairs took over
+    REPLAN_SLACK × their prediction the rest is predicted on a machine that much slower and cut to what is left
+    of `plan.minutes` after `elapsed_s`: steps first (lr rescaled), then k. The pairs are made, so training
+    prompts, samples and held-out prompts stay. A faster machine keeps its plan (the prompts sampled bound
+    the steps)."""
+    slower = pairs_s / max(plan.predicted_s.get("pairs_s", 0.0), 1e-9)
+    if slower <= REPLAN_SLACK:
+        return plan, slower
+    busy = replace(machine, matmul_gflops=machine.matmul_gflops / slower,
+                   step_overhead_s=machine.step_overhead_s * slower)
+    left = plan.minutes * 60 - elapsed_s
+
+    def rest(p: Plan) -> float:
+        t = predict(p, busy)
+        return t["train_s"] + t["eval_s"] + t["overhead_s"]
+
+    new = replace(plan, cuts=list(plan.cuts))
+    for name, factor in (("steps", 0.85), ("k", None)):
+        floor = min(FLOORS[name], getattr(plan, name))
+        while rest(new) > left and getattr(new, name) > floor:
+            value = getattr(new, name)
+            smaller = max(floor, int(value * factor) if factor else value - 1)
+            new = replace(new, **{name: smaller})
+        if getattr(new, name) != getattr(plan, name):
+            new.cuts.append(f"{name} {getattr(plan, name)} → {getattr(new, name)} (pairs took {slower:.2f}× "
+                            "their prediction)")
+    over = rest(new) > left
+    if (new.steps, new.k) == (plan.steps, plan.k) and not over:
+        return plan, slower  # it fits as planned (on a tiny model the fixed costs dwarf every prediction)
+    new.predicted_s = predict(new, busy) | {"pairs_s": round(pairs_s, 1), "total_s": round(elapsed_s + rest(new), 1)}
+    new.lr_scale = lr_scale(new) if new.steps != plan.steps else plan.lr_scale
+    if over:
+        new.warning = (f"sampling ran {slower:.2f}× slower than predicted: even at the floors the rest needs about "
+                       f"{rest(new) / 60:.1f} min of the {max(left, 0) / 60:.1f} left; running it anyway")
+    return new, slower
 
 
 def describe(plan: Plan) -> str:
