@@ -71,12 +71,15 @@ def test_sweep_puts_runs_and_baselines_on_one_frontier(tmp_path, tiny_model_dir,
                  "--best-of", "1,2", "--online", "grpo,online-dpo", "--online-steps", "2", *TASK]) == 0
     printed = capsys.readouterr().out
     assert printed.count("reusing the finished run") == 3 and "[grpo] training 2 steps" in printed
+    assert "reusing the reference's 2 held-out continuations" in printed  # not sampled again
     again = json.loads((out / "frontier.json").read_text())
     assert {p["method"] for p in again["points"]} == {"DPO", "Preferred-FT", "Best-of-N", "GRPO", "Online DPO"}
     assert {(p["method"], p["label"]) for p in again["points"] if p["method"] in ("GRPO", "Online DPO")} == \
         {(m, label) for m in ("GRPO", "Online DPO") for label in ("step 1", "final")}  # checkpoints along the run
     assert [p for p in again["points"] if p["method"] == "DPO"] == \
         [p for p in frontier["points"] if p["method"] == "DPO"]
+    assert [p for p in again["points"] if p["method"] == "Best-of-N"] == \
+        [p for p in frontier["points"] if p["method"] == "Best-of-N"]
     assert main(["sweep", "beta=0.1", "--output-dir", str(out), "--online", "ppo"]) == 2
 
 

@@ -6,7 +6,8 @@ ids, so every later run finds them). Checkpoints along each run are sampled on t
 placed at (KL(π‖π_ref), mean reward). Baselines on the same axes, as in the paper:
 - Preferred-FT: supervised fine-tuning on the chosen completions only (`--loss sft`), checkpoints too;
 - Best-of-N from the reference (N = 1, 4, 16): reward of the best of N samples, KL log N − (N−1)/N.
-The reference's held-out samples are drawn once (max(N), k per prompt) and shared by every evaluation.
+The reference's held-out samples are drawn once (max(N), k per prompt), shared by every evaluation and kept
+in the sweep folder (reference_samples.json) for a later sweep into it.
 Online methods (`--online grpo,online-dpo,rlhf,ppo-gt`: GRPO, online DPO, RLHF = a reward model fitted to the
 same pairs + PPO against it at several KL coefficients, PPO on the ground-truth reward; tasks/sweep_rl.py) train
 on their own samples of the training prompts, each the same number of samples, and add their checkpoints and
@@ -22,6 +23,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
@@ -30,10 +32,10 @@ import yaml
 from dpokit.config import ConfigError, TrainConfig
 from dpokit.evaluation.generation import best_of_n, generation_metrics
 from dpokit.evaluation.rewards import load_reward
-from dpokit.generation import sample
+from dpokit.generation import Samples, sample
 from dpokit.loop.checkpoint import complete_checkpoints
 from dpokit.models import load_model, load_tokenizer
-from dpokit.tasks.demo import SentimentTask, demo_train_config, make_task_pairs
+from dpokit.tasks.demo import SentimentTask, demo_train_config, make_task_pairs, write_json
 from dpokit.tasks.sweep_runs import count_pairs, online_train_config, result_options
 from dpokit.tasks.sweep_rl import (BUDGET, ONLINE_METHODS, Meter, check_rl_options, parse_online, rl_runs, rm_note,
                                    run_cost)
@@ -119,6 +121,28 @@ def make_pairs_once(task: SentimentTask, out: Path, log) -> dict:
     return record
 
 
+REFERENCE_SAMPLES = "reference_samples.json"
+
+
+def reference_continuations(out: Path, task: SentimentTask, eval_prompts: list, n: int, reference, tokenizer, reward,
+                            log) -> tuple[Samples, list[float]]:
+    """The reference's n held-out continuations per prompt and their rewards, shared by every evaluation: sampled
+    once per sweep folder and kept in REFERENCE_SAMPLES (minutes of sampling a later sweep into the folder skips),
+    reused only when drawn the same way (model, n, length, seed, reward, the same prompts)."""
+    path, seed = out / REFERENCE_SAMPLES, task.seed + 201
+    drawn_as = {"model": task.model, "n": n, "max_new_tokens": task.max_new_tokens, "seed": seed, "reward": task.reward}
+    if path.is_file():
+        kept = json.loads(path.read_text(encoding="utf-8"))
+        if kept["drawn_as"] == drawn_as and kept["samples"]["prompts"] == eval_prompts:
+            log(f"reusing the reference's {n} held-out continuations per prompt in {path}")
+            return Samples(**kept["samples"]), kept["rewards"]
+    log(f"sampling {n} reference continuations per held-out prompt (shared by every evaluation)")
+    drawn = sample(reference, tokenizer, eval_prompts, n, task.max_new_tokens, seed=seed)
+    rewards = reward([drawn.prompt_of(i) for i in range(len(drawn.texts))], drawn.texts)
+    write_json({"drawn_as": drawn_as, "samples": asdict(drawn), "rewards": rewards}, path)
+    return drawn, rewards
+
+
 def run_sweep(output_dir: str | Path, axis: str, task: SentimentTask | None = None, checkpoints: int = 3,
               best_of: tuple[int, ...] = (1, 4, 16), preferred_ft: bool = True, keep_checkpoints: bool = False,
               online: tuple[str, ...] | str = (), online_steps: int = 35, rlhf_kl=None, ppo_gt_kl: float | None = None,
@@ -133,10 +157,8 @@ def run_sweep(output_dir: str | Path, axis: str, task: SentimentTask | None = No
 
     _, eval_prompts = task.prompts()
     tokenizer, reference, reward = load_tokenizer(task.model), load_model(task.model), load_reward(task.reward)
-    n_ref = max([task.k, *best_of])
-    log(f"sampling {n_ref} reference continuations per held-out prompt (shared by every evaluation)")
-    ref_s = sample(reference, tokenizer, eval_prompts, n_ref, task.max_new_tokens, seed=task.seed + 201)
-    ref_rewards = reward([ref_s.prompt_of(i) for i in range(len(ref_s.texts))], ref_s.texts)
+    ref_s, ref_rewards = reference_continuations(out, task, eval_prompts, max([task.k, *best_of]), reference,
+                                                 tokenizer, reward, log)
     points = [{"method": "Best-of-N", "series": "Best-of-N", "label": f"N={b['n']}", "kl": b["kl"],
                "reward": b["reward_mean"], "reward_ci95": b["reward_ci95"]}
               for b in (best_of_n(ref_s, ref_rewards, n) for n in best_of)]
