@@ -187,12 +187,20 @@ def _cuts(full: Plan):
     plan = prompts_follow(full)
     if plan is not full:
         yield plan
-    for name, factor in (("steps", 0.85), ("eval_prompts", 0.8), ("k", None)):
+    for name in ("steps", "eval_prompts", "k"):
         while getattr(plan, name) > floor(name):
-            value = getattr(plan, name)
-            plan = cut(plan, name, max(floor(name), int(value * factor) if factor else value - 1))
+            plan = cut(plan, name, smaller(plan, name, floor(name)))
             plan = prompts_follow(plan) if name == "steps" else plan
             yield plan
+
+
+CUT_FACTORS = {"steps": 0.85, "eval_prompts": 0.8, "k": None}  # None: one at a time
+
+
+def smaller(plan: Plan, name: str, floor: int) -> int:
+    """The next value of `name` in the cut sequence: × its CUT_FACTORS entry (k: minus one), not below `floor`."""
+    value, factor = getattr(plan, name), CUT_FACTORS[name]
+    return max(floor, int(value * factor) if factor else value - 1)
 
 
 def make_plan(minutes: float, machine: Machine, train_prompts: int, samples: int, eval_prompts: int, k: int,
@@ -241,12 +249,10 @@ def replan(plan: Plan, machine: Machine, pairs_s: float, elapsed_s: float) -> tu
         return t["train_s"] + t["eval_s"] + t["overhead_s"]
 
     new = replace(plan, cuts=list(plan.cuts))
-    for name, factor in (("steps", 0.85), ("k", None)):
+    for name in ("steps", "k"):
         floor = min(FLOORS[name], getattr(plan, name))
         while rest(new) > left and getattr(new, name) > floor:
-            value = getattr(new, name)
-            smaller = max(floor, int(value * factor) if factor else value - 1)
-            new = replace(new, **{name: smaller})
+            new = replace(new, **{name: smaller(new, name, floor)})
         if getattr(new, name) != getattr(plan, name):
             new.cuts.append(f"{name} {getattr(plan, name)} → {getattr(new, name)} (pairs took {slower:.2f}× "
                             "their prediction)")
@@ -254,7 +260,7 @@ def replan(plan: Plan, machine: Machine, pairs_s: float, elapsed_s: float) -> tu
     if (new.steps, new.k) == (plan.steps, plan.k) and not over:
         return plan, slower  # it fits as planned (on a tiny model the fixed costs dwarf every prediction)
     new.predicted_s = predict(new, busy) | {"pairs_s": round(pairs_s, 1), "total_s": round(elapsed_s + rest(new), 1)}
-    new.lr_scale = lr_scale(new) if new.steps != plan.steps else plan.lr_scale
+    new.lr_scale = lr_scale(new)
     if over:
         new.warning = (f"sampling ran {slower:.2f}× slower than predicted: even at the floors the rest needs about "
                        f"{rest(new) / 60:.1f} min of the {max(left, 0) / 60:.1f} left; running it anyway")
