@@ -72,6 +72,8 @@ def test_sweep_puts_runs_and_baselines_on_one_frontier(tmp_path, tiny_model_dir,
     printed = capsys.readouterr().out
     assert printed.count("reusing the finished run") == 3 and "[grpo] training 2 steps" in printed
     assert "reusing the reference's 2 held-out continuations" in printed  # not sampled again
+    assert "what each method cost" in printed and "| GRPO | grpo |" in printed  # the cost table, printed and in the report
+    assert "What each method cost" in (out / "report.html").read_text()
     again = json.loads((out / "frontier.json").read_text())
     assert {p["method"] for p in again["points"]} == {"DPO", "Preferred-FT", "Best-of-N", "GRPO", "Online DPO"}
     assert {(p["method"], p["label"]) for p in again["points"] if p["method"] in ("GRPO", "Online DPO")} == \

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import yaml
 
+from dpokit.report.costs import COLUMNS, comparisons, cost_rows, series_costs
 from dpokit.report.plots import plot_frontier, plot_reward_histogram, plot_training_curves
 
 MAX_SAMPLES = 10
@@ -155,9 +156,12 @@ def config_rows(run_dir: Path) -> tuple[list[list[str]], str]:
 
 
 def write_report(run_dir, eval_result: dict | None = None, out_path=None, frontier_points: list[dict] | None = None,
-                 notes: list[str] | None = None) -> Path:
+                 notes: list[str] | None = None, frontier: dict | None = None) -> Path:
     """Write run_dir/report.html (or out_path) and its PNGs next to it; return the HTML's path. `notes`: lines shown
-    under the frontier (a sweep's budget rule, its reward model's held-out accuracy)."""
+    under the frontier (a sweep's budget rule, its reward model's held-out accuracy). `frontier`: a sweep's
+    frontier.json, whose points and notes stand in for those not given and whose costs become a table."""
+    if frontier:
+        frontier_points, notes = frontier_points or frontier.get("points"), notes or frontier.get("notes")
     run_dir = Path(run_dir)
     out_path = Path(out_path) if out_path is not None else run_dir / "report.html"
     folder = out_path.parent
@@ -203,15 +207,23 @@ def write_report(run_dir, eval_result: dict | None = None, out_path=None, fronti
 
     if frontier_points:
         parts.append("<h2>Reward vs KL frontier</h2>")
-        frontier = plot_frontier(frontier_points, folder / "frontier.png")
-        if frontier:
-            parts.append(f'<img src="{frontier.name}" alt="reward vs KL frontier">')
+        png = plot_frontier(frontier_points, folder / "frontier.png")
+        if png:
+            parts.append(f'<img src="{png.name}" alt="reward vs KL frontier">')
         rows = [[escape(str(p.get("method", ""))), escape(str(p.get("series") or "")), escape(str(p.get("label", ""))),
                  (escape(fmt(p.get("kl"))), "num"), (escape(fmt_ci(p.get("reward"), p.get("reward_ci95"))), "num")]
                 for p in sorted(frontier_points, key=lambda p: (str(p.get("method", "")), str(p.get("series") or ""),
                                                         p.get("kl") or 0.0))]
         parts.append(table(["method", "series", "label", "KL (nats)", "mean reward ± 95% CI"], rows))
         parts += [f"<p>{escape(str(note))}</p>" for note in notes or []]
+    cost_records = series_costs(frontier) if frontier else []
+    if cost_records:
+        parts.append("<h2>What each method cost</h2>")
+        parts.append(table(COLUMNS, [[escape(c) for c in row] for row in cost_rows(cost_records)]))
+        parts += [f"<p>{escape(line)}</p>" for line in comparisons(cost_records)]
+        parts.append('<p class="muted">Wall time from the reference model on, held-out evaluation excluded; '
+                     'DPO and RLHF are charged for making the pairs file, RLHF also for its reward model; '
+                     'comparisons interpolate between checkpoints (dpokit/report/costs.py).</p>')
 
     parts.append("<h2>Config</h2>")
     rows, note = config_rows(run_dir)

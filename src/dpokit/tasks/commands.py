@@ -154,7 +154,7 @@ def cmd_report(args) -> int:
     eval_path = Path(args.eval) if args.eval else run / "eval.json"
     result = _read_json(eval_path) if eval_path.is_file() else None
     frontier = _read_json(run / "frontier.json") if (run / "frontier.json").is_file() else {}
-    print(f"wrote {write_report(run, result, frontier_points=frontier.get('points'), notes=frontier.get('notes'))}")
+    print(f"wrote {write_report(run, result, frontier=frontier)}")
     return 0
 
 

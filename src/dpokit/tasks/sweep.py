@@ -35,6 +35,7 @@ from dpokit.evaluation.rewards import load_reward
 from dpokit.generation import Samples, sample
 from dpokit.loop.checkpoint import complete_checkpoints
 from dpokit.models import load_model, load_tokenizer
+from dpokit.report.costs import cost_markdown
 from dpokit.tasks.demo import SentimentTask, demo_train_config, make_task_pairs, write_json
 from dpokit.tasks.sweep_runs import count_pairs, online_train_config, result_options
 from dpokit.tasks.sweep_rl import (BUDGET, ONLINE_METHODS, Meter, check_rl_options, parse_online, rl_runs, rm_note,
@@ -193,6 +194,10 @@ def run_sweep(output_dir: str | Path, axis: str, task: SentimentTask | None = No
                 **({"reward_model": {k: v for k, v in rm.items() if k != "options"}} if rm else {}),
                 "notes": notes, "seconds": time.perf_counter() - start}
     (out / "frontier.json").write_text(json.dumps(frontier, indent=1), encoding="utf-8")
-    report = write_report(out, None, frontier_points=points, notes=notes)
+    report = write_report(out, None, frontier=frontier)
+    costs_table = cost_markdown(frontier)
+    if costs_table:
+        log("what each method cost (report/costs.py: wall time from the reference model on, evaluation excluded):\n"
+            + costs_table)
     log(f"sweep done in {frontier['seconds'] / 60:.1f} min: {out / 'frontier.json'}, {report}")
     return frontier
