@@ -44,6 +44,10 @@ def test_each_method_is_charged_for_its_stages():
     assert dpo["timeline"] == [(0, 0.1, 0.0), (120, 0.1, 0.0), (240, 0.3, 1.0), (360, 0.5, 1.0)]
     assert rlhf["timeline"] == [(0, 0.1, 0.0), (420, 0.1, 0.0), (1020, 0.2, 1.0), (1620, 0.4, 1.0)]
     assert gt["timeline"][0] == (0, 0.1, 0.0) and gt["timeline"][-1] == (1000, 0.45, 1.0)
+    assert not dpo["resumed"]
+    resumed = frontier()
+    resumed["costs"]["ppo-gt"]["resumed_at_step"] = 5
+    assert "(resumed: training after step 5 only)" in cost_markdown(resumed)
 
 
 def test_interpolation_along_a_timeline():

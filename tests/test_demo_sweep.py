@@ -99,3 +99,26 @@ def test_make_pairs_command(tmp_path, tiny_model_dir, capsys):
     assert 1 <= len(rows) <= 6 and "pairs from 2 prompts" in capsys.readouterr().out
     assert main(["make-pairs", "--prompts", prompts, "--output", str(tmp_path / "x.jsonl"), "--model",
                  tiny_model_dir, "--reward", "nope"]) == 2
+
+
+def test_a_stopped_sweep_continues_its_run_from_the_checkpoint(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    import importlib
+    import signal
+    offline = importlib.import_module("dpokit.loop.train")  # the module: dpokit.loop's `train` is a function
+    step_fn = offline.optimizer_step
+
+    def interrupted(run, step):
+        if step == 1:
+            signal.raise_signal(signal.SIGTERM)  # mid-step 2: the loop checkpoints after it, then stops
+        return step_fn(run, step)
+    monkeypatch.setattr(offline, "optimizer_step", interrupted)
+    out, args = tmp_path / "sweep", ["--checkpoints", "1", "--best-of", "1", "--no-preferred-ft", *TASK]
+    assert main(["sweep", "beta=0.1", "--model", tiny_model_dir, "--output-dir", str(out), *args]) == \
+        128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert "dpokit sweep: stopped by SIGTERM" in err and "Traceback" not in err and "the same command continues" in err
+    monkeypatch.setattr(offline, "optimizer_step", step_fn)
+    assert main(["sweep", "beta=0.1", "--model", tiny_model_dir, "--output-dir", str(out), *args]) == 0
+    frontier = json.loads((out / "frontier.json").read_text())
+    assert frontier["costs"]["beta=0.1"]["resumed_at_step"] == 2
+    assert [p["label"] for p in frontier["points"] if p["method"] == "DPO"][-1] == "final"

@@ -255,3 +255,30 @@ def test_first_step_loss_equals_trl_reward_trainer(tmp_path, tiny_model_dir, tok
     prepared = trainer._prepare_dataset(raw, plain, args, "raw")
     ids = load_reward_pairs(data, cfg, plain, "train", lambda *_: None)
     assert [p["chosen_ids"] for p in prepared] == [r.chosen_ids + [plain.eos_token_id] for r in ids]
+
+
+def test_each_distinct_row_is_scored_once_with_the_same_losses_and_gradients(tmp_path, tiny_model_dir, tokenizer):
+    # ranked rows' pairs repeat completions: 4 scored completions give 6 pairs, 12 rows, 4 of them distinct
+    ranked = [{"prompt": "Name a fruit.", "completions": [" An apple.", " A chair.", " Pear.", " Plum!"],
+               "scores": [3, 1, 2, 0]},
+              {"prompt": "Say hi.", "completions": [" Hi!", " No."], "scores": [1, 0]}]
+    cfg = _cfg(tiny_model_dir, write_jsonl(tmp_path / "r.jsonl", ranked), tmp_path / "rm")
+    rows = load_reward_pairs(cfg.data, cfg, tokenizer, "train", lambda *_: None)
+    assert len(rows) == 7
+    model, seen = build_reward_model(cfg, tokenizer, torch.device("cpu")), []
+    model.register_forward_hook(lambda _m, args, kwargs, _o: seen.append(kwargs["input_ids"].shape[0]),
+                                with_kwargs=True)
+    margin = torch.zeros(len(rows))
+    c, r = pair_scores(model, tokenizer, rows, torch.device("cpu"), "fp32")
+    assert seen == [6]  # 4 + 2 distinct rows, not 14
+    bradley_terry_loss(c, r, margin, 0.01).sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    # every pair's two rows scored in a batch of their own, as before the rows were shared
+    from dpokit.evaluation.rewards import reward_model_batch
+    one = [model(**reward_model_batch(tokenizer, [x.chosen_ids, x.rejected_ids])).logits.squeeze(-1) for x in rows]
+    c1, r1 = torch.stack([s[0] for s in one]), torch.stack([s[1] for s in one])
+    assert torch.allclose(c, c1, atol=1e-6, rtol=1e-5) and torch.allclose(r, r1, atol=1e-6, rtol=1e-5)
+    bradley_terry_loss(c1, r1, margin, 0.01).sum().backward()
+    for g, p in zip(grads, model.parameters()):
+        assert torch.allclose(g, p.grad, atol=1e-6, rtol=1e-5)

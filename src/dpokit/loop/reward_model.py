@@ -110,10 +110,19 @@ def build_reward_model(cfg: TrainConfig, tokenizer, device):
 
 
 def pair_scores(model, tokenizer, rows: list[RewardPair], device, dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scores [B] of the chosen and of the rejected rows, as one padded batch of 2B rows (chosen first, as TRL)."""
-    batch = reward_model_batch(tokenizer, [r.chosen_ids for r in rows] + [r.rejected_ids for r in rows], device)
+    """Scores [B] of the chosen and of the rejected rows. Each distinct row is computed once, in one right-padded
+    batch (chosen rows first, as TRL): a ranked row's completion sits in up to k − 1 of its pairs, all in one
+    micro-batch (pair_groups), and a score depends on the row's ids alone, so the pairs read copies of it —
+    the same losses, and gradients summed over the copies (the gather's backward), as scoring every pair's two
+    rows (tests/test_reward_model.py)."""
+    ids = [r.chosen_ids for r in rows] + [r.rejected_ids for r in rows]
+    first: dict[tuple, int] = {}
+    where = [first.setdefault(tuple(x), len(first)) for x in ids]
+    distinct = [list(x) for x in first]
+    batch = reward_model_batch(tokenizer, distinct, device)
     with compute_precision(device, dtype):
         scores = model(**batch, use_cache=False).logits.squeeze(-1).float()
+    scores = scores[torch.tensor(where, device=scores.device)]
     return scores[:len(rows)], scores[len(rows):]
 
 

@@ -56,7 +56,11 @@ def series_costs(frontier: dict) -> list[dict]:
                      "samples": (pairs.get("samples", 0) if stages else 0) + (cost.get("samples_generated") or 0),
                      "labels": labelled, "reward_calls": cost.get("reward_calls") or 0,
                      "reward_model_calls": cost.get("reward_model_calls") or 0,
-                     "final": final, "timeline": sorted(timeline, key=lambda t: t[0])})
+                     "final": final, "timeline": sorted(timeline, key=lambda t: t[0]),
+                     # a run a signal stopped and the sweep resumed: its time counts the steps after the checkpoint
+                     "resumed": [f"{name} after step {c['resumed_at_step']}" for name, c in
+                                 (("training", cost), ("reward model", rm if method == "RLHF" else {}))
+                                 if c.get("resumed_at_step")]})
     return rows
 
 
@@ -123,7 +127,9 @@ def cost_rows(rows: list[dict]) -> list[list[str]]:
         parts = [f"{name} {s / 60:.1f}" for name, s in r["stages"] if s is not None] + \
             ([f"training {r['train_seconds'] / 60:.1f}"] if r["stages"] else [])
         final = r["final"] or {}
-        table.append([r["method"], r["series"], f"{r['seconds'] / 60:.1f}" + (f" ({' + '.join(parts)})" if parts else ""),
+        notes = ([" + ".join(parts)] if parts else []) + \
+            ([f"resumed: {', '.join(r['resumed'])} only"] if r["resumed"] else [])
+        table.append([r["method"], r["series"], f"{r['seconds'] / 60:.1f}" + (f" ({'; '.join(notes)})" if notes else ""),
                       num(r["peak_rss_gb"], ".2f"), f"{r['models_held']} ({', '.join(r['models'])})",
                       f"{r['samples']:,}", f"{r['labels']:,} / {r['reward_calls']:,} / {r['reward_model_calls']:,}",
                       num(final.get("reward"), "+.3f"), num(final.get("kl"), ".2f"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -128,8 +129,15 @@ def cmd_sweep(args) -> int:
     task, overrides = task_from_args(args)
     best_of = args.best_of  # a tuple: parsed by int_list
     # --online, --rlhf-kl and --ppo-gt-kl are checked by run_sweep before it samples anything (tasks/sweep_rl.py)
-    run_sweep(args.output_dir, args.axis, task, args.checkpoints, best_of, args.preferred_ft, args.keep_checkpoints,
-              args.online, args.online_steps, args.rlhf_kl, args.ppo_gt_kl, progress=False, **overrides)
+    from dpokit.loop.signals import TrainingInterrupted
+    try:
+        run_sweep(args.output_dir, args.axis, task, args.checkpoints, best_of, args.preferred_ft,
+                  args.keep_checkpoints, args.online, args.online_steps, args.rlhf_kl, args.ppo_gt_kl, progress=False,
+                  **overrides)
+    except TrainingInterrupted as e:  # one line, no traceback: the user asked it to stop
+        print(f"dpokit sweep: stopped by {signal.Signals(e.signum).name} (checkpoint {e.checkpoint}); the same "
+              "command continues: finished runs are reused and this one resumes from its checkpoint", file=sys.stderr)
+        return 128 + e.signum
     return 0
 
 

@@ -13,7 +13,9 @@ same pairs + PPO against it at several KL coefficients, PPO on the ground-truth 
 on their own samples of the training prompts, each the same number of samples, and add their checkpoints and
 final models to the same axes.
 Each finished run leaves RUN/points.json with the options it was trained with; a later sweep into the
-same folder reuses a run whose options match (e.g. adding online methods or a β to an existing sweep).
+same folder reuses a run whose options match (e.g. adding online methods or a β to an existing sweep), and a run
+stopped by a signal (SIGTERM, Ctrl-C: it checkpoints first) resumes from its checkpoint (its measured time then
+covers the steps after it, and its costs say so: `resumed_at_step`).
 Writes frontier.json (points, and per series the costs of tasks/sweep_rl.py: wall time, peak RSS, samples,
 reward calls, models held), frontier.png and report.html in the sweep folder.
 """
@@ -95,14 +97,16 @@ def train_series(method: str, series: str, run_dir: Path, cfg: TrainConfig, depe
             measured = record.get("measured") or {"train_seconds": record["points"][0].get("train_seconds")}
             return record["points"], {**cost, **measured}
     log(f"[{series}] training {steps} steps → {run_dir}")
+    cfg.resume = "auto"  # a sweep stopped by a signal continues this run from its checkpoint when run again
     with Meter() as meter:
-        train(cfg, log=lambda *a, **k: None)
+        result = train(cfg, log=lambda *a, **k: None)
+    measured = meter.fields() | ({"resumed_at_step": result.resumed_at} if result.resumed_at else {})
     points = evaluate(run_dir, method, series)
     for p in points:
         p["train_seconds"] = meter.seconds
     saved.write_text(json.dumps({"options": options, "depends": depends, "points": points,
-                                 "measured": meter.fields()}, indent=1))
-    return points, {**cost, **meter.fields()}
+                                 "measured": measured}, indent=1))
+    return points, {**cost, **measured}
 
 
 def make_pairs_once(task: SentimentTask, out: Path, log) -> dict:

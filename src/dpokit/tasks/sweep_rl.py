@@ -121,13 +121,15 @@ def reward_model(out: Path, task, base: TrainConfig, progress: bool, log) -> dic
             log(f"[reward model] reusing {folder / 'final'} (held-out accuracy {record['accuracy']:.3f})")
             return record
     log(f"[reward model] training a Bradley–Terry reward model on {cfg.data} → {folder}")
+    cfg.resume = "auto"  # continues a run a signal stopped (tasks/sweep.py)
     with Meter() as cost:
         result = train(cfg, log=lambda *a, **k: None)
     after, before = result.eval_after or {}, result.eval_before or {}
     record = {"options": options, "final": str(result.final_dir), "accuracy": after.get("eval/accuracy"),
               "accuracy_before": before.get("eval/accuracy"), "eval_loss": after.get("eval/loss"),
               "eval_pairs": count_pairs(Path(cfg.eval_data), cfg), "steps": result.steps,
-              "cost": {**cost.fields(), "models": ["reward model"], "models_held": 1}}
+              "cost": {**cost.fields(), "models": ["reward model"], "models_held": 1,
+                       **({"resumed_at_step": result.resumed_at} if result.resumed_at else {})}}
     log(f"[reward model] held-out accuracy {record['accuracy']:.3f} (untrained head: "
         f"{record['accuracy_before']:.3f}) in {cost.seconds / 60:.1f} min")
     saved.write_text(json.dumps(record, indent=1), encoding="utf-8")
