@@ -47,7 +47,9 @@ def test_each_method_is_charged_for_its_stages():
     assert not dpo["resumed"]
     resumed = frontier()
     resumed["costs"]["ppo-gt"]["resumed_at_step"] = 5
-    assert "(resumed: training after step 5 only)" in cost_markdown(resumed)
+    assert "(resumed: training after step 5, time extrapolated)" in cost_markdown(resumed)
+    gt = next(r for r in series_costs(resumed) if r["series"] == "ppo-gt")
+    assert gt["seconds"] == pytest.approx(1000 * 12 / 7)  # 1000 s measured for the 7 steps after step 5
 
 
 def test_interpolation_along_a_timeline():

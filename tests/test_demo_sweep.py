@@ -118,7 +118,22 @@ def test_a_stopped_sweep_continues_its_run_from_the_checkpoint(tmp_path, tiny_mo
     err = capsys.readouterr().err
     assert "dpokit sweep: stopped by SIGTERM" in err and "Traceback" not in err and "the same command continues" in err
     monkeypatch.setattr(offline, "optimizer_step", step_fn)
+    # a checkpoint of other options (an earlier sweep's) is not resumed but removed: that run starts fresh
+    import shutil
+
+    from dpokit.config import TrainConfig
+    from dpokit.tasks.sweep_runs import continue_or_start
+    other = tmp_path / "other"
+    shutil.copytree(out / "beta-0.1", other)
+    cfg = TrainConfig.from_dict({**TrainConfig.from_yaml(str(other / "config.yaml")).to_dict(), "beta": 0.5,
+                                 "output_dir": str(other)})
+    continue_or_start(cfg, print)
+    assert not (other / "checkpoints").exists() and cfg.resume == "auto"
+
     assert main(["sweep", "beta=0.1", "--model", tiny_model_dir, "--output-dir", str(out), *args]) == 0
     frontier = json.loads((out / "frontier.json").read_text())
     assert frontier["costs"]["beta=0.1"]["resumed_at_step"] == 2
-    assert [p["label"] for p in frontier["points"] if p["method"] == "DPO"][-1] == "final"
+    every = TrainConfig.from_yaml(str(out / "beta-0.1" / "config.yaml")).save_every
+    labels = [p["label"] for p in frontier["points"] if p["method"] == "DPO"]
+    assert labels[-1] == "final" and labels[:-1] == [f"step {every}"]  # the signal's checkpoint is not a point
+    assert every != 2

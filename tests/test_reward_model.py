@@ -282,3 +282,8 @@ def test_each_distinct_row_is_scored_once_with_the_same_losses_and_gradients(tmp
     bradley_terry_loss(c1, r1, margin, 0.01).sum().backward()
     for g, p in zip(grads, model.parameters()):
         assert torch.allclose(g, p.grad, atol=1e-6, rtol=1e-5)
+    # with dropout active (LoRA's --lora-dropout) each row draws its own mask: no row is shared
+    model.add_module("some_dropout", torch.nn.Dropout(0.1))
+    seen.clear()
+    pair_scores(model.train(), tokenizer, rows, torch.device("cpu"), "fp32")
+    assert seen == [14]

@@ -111,14 +111,18 @@ def build_reward_model(cfg: TrainConfig, tokenizer, device):
 
 def pair_scores(model, tokenizer, rows: list[RewardPair], device, dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores [B] of the chosen and of the rejected rows. Each distinct row is computed once, in one right-padded
-    batch (chosen rows first, as TRL): a ranked row's completion sits in up to k − 1 of its pairs, all in one
-    micro-batch (pair_groups), and a score depends on the row's ids alone, so the pairs read copies of it —
-    the same losses, and gradients summed over the copies (the gather's backward), as scoring every pair's two
-    rows (tests/test_reward_model.py)."""
+    batch (chosen rows first, as TRL): a ranked row's completion sits in up to k − 1 of its pairs, which a
+    micro-batch mostly holds together (pair_groups; its two ends may cut a row's pairs), and without dropout a
+    score depends on the row's ids alone, so the pairs read copies of it — the same losses, and gradients summed
+    over the copies (the gather's backward), as scoring every pair's two rows, up to the rounding of another batch
+    shape (tests/test_reward_model.py). With dropout active (LoRA's --lora-dropout) every row keeps its own mask."""
     ids = [r.chosen_ids for r in rows] + [r.rejected_ids for r in rows]
-    first: dict[tuple, int] = {}
-    where = [first.setdefault(tuple(x), len(first)) for x in ids]
-    distinct = [list(x) for x in first]
+    if model.training and any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()):
+        where, distinct = list(range(len(ids))), ids
+    else:
+        first: dict[tuple, int] = {}
+        where = [first.setdefault(tuple(x), len(first)) for x in ids]
+        distinct = [list(x) for x in first]
     batch = reward_model_batch(tokenizer, distinct, device)
     with compute_precision(device, dtype):
         scores = model(**batch, use_cache=False).logits.squeeze(-1).float()

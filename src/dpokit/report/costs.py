@@ -33,9 +33,11 @@ def series_costs(frontier: dict) -> list[dict]:
         if method in OFFLINE or method == "RLHF":
             stages.append(("pairs", pairs.get("seconds"), pairs.get("peak_rss_gb")))
         if method == "RLHF":
-            stages.append(("reward model", rm.get("train_seconds"), rm.get("peak_rss_gb")))
+            stages.append(("reward model", _whole(rm.get("train_seconds"), (frontier.get("reward_model") or {})
+                                                  .get("steps"), rm.get("resumed_at_step")), rm.get("peak_rss_gb")))
         setup = sum(s or 0.0 for _, s, _ in stages)
-        train_s, steps = cost.get("train_seconds") or 0.0, cost.get("steps") or 1
+        steps = cost.get("steps") or 1
+        train_s = _whole(cost.get("train_seconds") or 0.0, steps, cost.get("resumed_at_step"))
         labelled = pairs.get("reward_calls", 0) if stages else 0  # the pairs' labels (human ones in practice)
         # until training starts the policy is the reference: its reward from time 0 to the end of the stages
         timeline = [] if reference_reward is None else \
@@ -57,11 +59,20 @@ def series_costs(frontier: dict) -> list[dict]:
                      "labels": labelled, "reward_calls": cost.get("reward_calls") or 0,
                      "reward_model_calls": cost.get("reward_model_calls") or 0,
                      "final": final, "timeline": sorted(timeline, key=lambda t: t[0]),
-                     # a run a signal stopped and the sweep resumed: its time counts the steps after the checkpoint
+                     # a run a signal stopped and the sweep resumed: its time is extrapolated from the steps after
+                     # the checkpoint (_whole), and the table says so
                      "resumed": [f"{name} after step {c['resumed_at_step']}" for name, c in
                                  (("training", cost), ("reward model", rm if method == "RLHF" else {}))
                                  if c.get("resumed_at_step")]})
     return rows
+
+
+def _whole(seconds, steps, resumed_at):
+    """A run's time, extrapolated to all its steps when it was resumed at step `resumed_at` (its measured time
+    covers the steps after it only); as measured otherwise."""
+    if seconds is None or not resumed_at or not steps or steps <= resumed_at:
+        return seconds
+    return seconds * steps / (steps - resumed_at)
 
 
 def time_to_reward(row: dict, target: float) -> float | None:
@@ -128,9 +139,10 @@ def cost_rows(rows: list[dict]) -> list[list[str]]:
             ([f"training {r['train_seconds'] / 60:.1f}"] if r["stages"] else [])
         final = r["final"] or {}
         notes = ([" + ".join(parts)] if parts else []) + \
-            ([f"resumed: {', '.join(r['resumed'])} only"] if r["resumed"] else [])
+            ([f"resumed: {', '.join(r['resumed'])}, time extrapolated"] if r["resumed"] else [])
         table.append([r["method"], r["series"], f"{r['seconds'] / 60:.1f}" + (f" ({'; '.join(notes)})" if notes else ""),
-                      num(r["peak_rss_gb"], ".2f"), f"{r['models_held']} ({', '.join(r['models'])})",
+                      num(r["peak_rss_gb"], ".2f"),
+                      "–" if r["models_held"] is None else f"{r['models_held']} ({', '.join(r['models'])})",
                       f"{r['samples']:,}", f"{r['labels']:,} / {r['reward_calls']:,} / {r['reward_model_calls']:,}",
                       num(final.get("reward"), "+.3f"), num(final.get("kl"), ".2f"),
                       "–" if final.get("win_rate") is None else f"{final['win_rate']:.1%}"])

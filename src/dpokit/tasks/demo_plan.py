@@ -211,10 +211,10 @@ def make_plan(minutes: float, machine: Machine, train_prompts: int, samples: int
                 passes=max(1, epochs))
     plan.predicted_s = predict(plan, machine)
     budget = minutes * 60
-    for smaller in _cuts(plan):
+    for cut in _cuts(plan):
         if plan.predicted_s["total_s"] <= budget:
             break
-        plan = replace(smaller, predicted_s=predict(smaller, machine))
+        plan = replace(cut, predicted_s=predict(cut, machine))
     plan.full_steps = steps
     plan.lr_scale = lr_scale(plan)
     if plan.predicted_s["total_s"] > budget:
@@ -260,7 +260,7 @@ def replan(plan: Plan, machine: Machine, pairs_s: float, elapsed_s: float) -> tu
     if (new.steps, new.k) == (plan.steps, plan.k) and not over:
         return plan, slower  # it fits as planned (on a tiny model the fixed costs dwarf every prediction)
     new.predicted_s = predict(new, busy) | {"pairs_s": round(pairs_s, 1), "total_s": round(elapsed_s + rest(new), 1)}
-    new.lr_scale = lr_scale(new)
+    new.lr_scale = lr_scale(new) if new.steps != plan.steps else plan.lr_scale  # unchanged steps: unchanged lr
     if over:
         new.warning = (f"sampling ran {slower:.2f}× slower than predicted: even at the floors the rest needs about "
                        f"{rest(new) / 60:.1f} min of the {max(left, 0) / 60:.1f} left; running it anyway")

@@ -39,7 +39,7 @@ from dpokit.loop.checkpoint import complete_checkpoints
 from dpokit.models import load_model, load_tokenizer
 from dpokit.report.costs import cost_markdown
 from dpokit.tasks.demo import SentimentTask, demo_train_config, make_task_pairs, write_json
-from dpokit.tasks.sweep_runs import count_pairs, online_train_config, result_options
+from dpokit.tasks.sweep_runs import continue_or_start, count_pairs, online_train_config, result_options
 from dpokit.tasks.sweep_rl import (BUDGET, ONLINE_METHODS, Meter, check_rl_options, parse_online, rl_runs, rm_note,
                                    run_cost)
 
@@ -63,11 +63,13 @@ def _point(method: str, series: str, label: str, g: dict) -> dict:
             "win_rate": g["win_rate"], "length": g["policy"]["length_mean"]}
 
 
-def evaluate_run(run_dir: Path, method: str, series: str, task: SentimentTask, eval_prompts: list, reward,
-                 reference, tokenizer, reference_samples, keep_checkpoints: bool, log) -> list[dict]:
-    """One frontier point per checkpoint of a finished run, plus its final model."""
+def evaluate_run(run_dir: Path, method: str, series: str, save_every: int, task: SentimentTask, eval_prompts: list,
+                 reward, reference, tokenizer, reference_samples, keep_checkpoints: bool, log) -> list[dict]:
+    """One frontier point per checkpoint of a finished run on its `save_every` spacing (not the one a signal wrote
+    before the run was resumed: the frontier is the uninterrupted run's), plus its final model."""
     points = []
-    folders = [(c, f"step {int(c.name.split('-')[-1])}") for c in complete_checkpoints(str(run_dir))]
+    steps = [(c, int(c.name.split('-')[-1])) for c in complete_checkpoints(str(run_dir))]
+    folders = [(c, f"step {step}") for c, step in steps if save_every and step % save_every == 0]
     for folder, label in folders + [(run_dir / "final", "final")]:
         g, _ = generation_metrics(load_model(str(folder)), reference, tokenizer, eval_prompts, reward, task.k,
                                   task.max_new_tokens, seed=task.seed + 200, reference_samples=reference_samples,
@@ -97,11 +99,11 @@ def train_series(method: str, series: str, run_dir: Path, cfg: TrainConfig, depe
             measured = record.get("measured") or {"train_seconds": record["points"][0].get("train_seconds")}
             return record["points"], {**cost, **measured}
     log(f"[{series}] training {steps} steps → {run_dir}")
-    cfg.resume = "auto"  # a sweep stopped by a signal continues this run from its checkpoint when run again
+    continue_or_start(cfg, log)
     with Meter() as meter:
         result = train(cfg, log=lambda *a, **k: None)
     measured = meter.fields() | ({"resumed_at_step": result.resumed_at} if result.resumed_at else {})
-    points = evaluate(run_dir, method, series)
+    points = evaluate(run_dir, method, series, cfg.save_every)
     for p in points:
         p["train_seconds"] = meter.seconds
     saved.write_text(json.dumps({"options": options, "depends": depends, "points": points,
@@ -194,7 +196,7 @@ def run_sweep(output_dir: str | Path, axis: str, task: SentimentTask | None = No
 
     notes = ([f"Budget: {BUDGET}."] if online else []) + ([rm_note(rm)] if rm else [])
     frontier = {"axis": name, "values": values, "task": vars(task), "train_overrides": train_overrides,
-                "reference_reward": points[0]["reward"], "points": points, "costs": costs, "pairs": pairs,
+                "reference_reward": sum(ref_rewards) / len(ref_rewards), "points": points, "costs": costs, "pairs": pairs,
                 **({"reward_model": {k: v for k, v in rm.items() if k != "options"}} if rm else {}),
                 "notes": notes, "seconds": time.perf_counter() - start}
     (out / "frontier.json").write_text(json.dumps(frontier, indent=1), encoding="utf-8")

@@ -31,6 +31,7 @@ import json
 import math
 import re
 import resource
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -111,7 +112,7 @@ def reward_model(out: Path, task, base: TrainConfig, progress: bool, log) -> dic
     """Train the RLHF reward model, or reuse the one in out/reward-model trained with the same options; its record
     (options, held-out accuracy before and after training, costs) as saved in reward-model/rm.json."""
     from dpokit.loop import train
-    from dpokit.tasks.sweep_runs import count_pairs, result_options
+    from dpokit.tasks.sweep_runs import continue_or_start, count_pairs, result_options
     cfg = reward_model_config(out, task, base, progress)
     folder, saved = Path(cfg.output_dir), Path(cfg.output_dir) / "rm.json"
     options = json.loads(json.dumps(result_options(cfg)))
@@ -121,9 +122,10 @@ def reward_model(out: Path, task, base: TrainConfig, progress: bool, log) -> dic
             log(f"[reward model] reusing {folder / 'final'} (held-out accuracy {record['accuracy']:.3f})")
             return record
     log(f"[reward model] training a Bradley–Terry reward model on {cfg.data} → {folder}")
-    cfg.resume = "auto"  # continues a run a signal stopped (tasks/sweep.py)
+    continue_or_start(cfg, log)  # a run a signal stopped continues (tasks/sweep.py)
     with Meter() as cost:
         result = train(cfg, log=lambda *a, **k: None)
+    shutil.rmtree(folder / "checkpoints", ignore_errors=True)  # final/ is what PPO reads
     after, before = result.eval_after or {}, result.eval_before or {}
     record = {"options": options, "final": str(result.final_dir), "accuracy": after.get("eval/accuracy"),
               "accuracy_before": before.get("eval/accuracy"), "eval_loss": after.get("eval/loss"),
@@ -160,7 +162,9 @@ def rl_runs(out: Path, task, online: tuple[str, ...], steps: int, rlhf_kl, ppo_g
 def rm_note(rm: dict) -> str:
     return (f"RLHF reward model (Bradley–Terry, trained on pairs_train.jsonl): held-out accuracy "
             f"{rm['accuracy']:.3f} "
-            f"on {rm['eval_pairs']} pairs of pairs_eval.jsonl (untrained head {rm['accuracy_before']:.3f}), "
+            f"on {rm['eval_pairs']} pairs of pairs_eval.jsonl ("
+            + (f"at its resume, step {rm['cost']['resumed_at_step']}" if rm["cost"].get("resumed_at_step")
+               else "untrained head") + f" {rm['accuracy_before']:.3f}), "
             f"{rm['steps']} steps, {rm['cost']['train_seconds'] / 60:.1f} min")
 
 

@@ -1,12 +1,14 @@
 """What every series of `dpokit sweep` shares (tasks/sweep.py, tasks/sweep_rl.py): the options that make a run's
-result, the online runs' config on the task, and the pairs a file gives."""
+result, the online runs' config on the task, the pairs a file gives, and continuing a run a signal stopped."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from dpokit.config import BOOKKEEPING, TrainConfig
 from dpokit.data import builtin_path
+from dpokit.loop.checkpoint import CheckpointError, check_same_run, checkpoint_root, complete_checkpoints
 from dpokit.tasks.demo import SentimentTask
 
 
@@ -35,3 +37,17 @@ def count_pairs(path: Path, cfg) -> int:
     from dpokit.data import load_pairs
     return len(load_pairs(str(path), cfg.on_bad_row, ranked_pairs=cfg.ranked_pairs,
                           ultrafeedback_score=cfg.ultrafeedback_score)[0])
+
+
+def continue_or_start(cfg: TrainConfig, log) -> None:
+    """Resume the run from its folder's newest checkpoint when that checkpoint is this very run's (a sweep a signal
+    stopped: the same command continues it); a checkpoint written with other options (an earlier sweep's, kept by
+    --keep-checkpoints) is removed, so the run starts fresh instead of being refused."""
+    found = complete_checkpoints(cfg.output_dir)
+    if found:
+        try:
+            check_same_run(found[-1], cfg.to_dict())
+        except CheckpointError as e:
+            log(f"  starting fresh: {e}")
+            shutil.rmtree(checkpoint_root(cfg.output_dir))
+    cfg.resume = "auto"
