@@ -15,7 +15,7 @@ final models to the same axes.
 Each finished run leaves RUN/points.json with the options it was trained with; a later sweep into the
 same folder reuses a run whose options match (e.g. adding online methods or a β to an existing sweep), and a run
 stopped by a signal (SIGTERM, Ctrl-C: it checkpoints first) resumes from its checkpoint (its measured time then
-covers the steps after it, and its costs say so: `resumed_at_step`).
+covers the steps after it: its costs record `resumed_at_step`, and the cost table extrapolates and flags it).
 Writes frontier.json (points, and per series the costs of tasks/sweep_rl.py: wall time, peak RSS, samples,
 reward calls, models held), frontier.png and report.html in the sweep folder.
 """
