@@ -65,8 +65,8 @@ def _metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in open(out / "metrics.jsonl", encoding="utf-8")]
 
 
-def _close(a: float, b: float) -> bool:
-    return abs(a - b) <= TOL * max(1.0, abs(a), abs(b))
+def _close(a: float, b: float, scale: float = 1.0) -> bool:
+    return abs(a - b) <= TOL * max(1.0, scale, abs(a), abs(b))
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +107,10 @@ def test_two_processes_match_one_process(base, tiny_model_dir, one_process, mode
         assert set(g) == set(e)
         for key in e:
             if not key.endswith("_per_s"):
-                assert _close(g[key], e[key]), (g["step"], key, g[key], e[key])
+                # a log-prob shift is the difference of two sums of ~100 nats, each equal to TOL of its size: it is
+                # compared at that size (seen: 1.7e-5 apart on an AVX-512 Xeon, DDP + LoRA, step 3)
+                scale = abs(e.get(key.removesuffix("_shift"), 1.0)) if key.endswith("_shift") else 1.0
+                assert _close(g[key], e[key], scale), (g["step"], key, g[key], e[key])
     assert any("eval/rewards/margins" in m for m in got[:-1])  # a held-out evaluation mid-run, split over ranks
 
     # weights (the adapter alone for LoRA): same names, same values
