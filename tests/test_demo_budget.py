@@ -193,8 +193,10 @@ def test_replan_cuts_steps_then_k_when_the_pairs_ran_slower_than_predicted():
 def test_demo_replans_after_slow_pairs_once_and_trains_the_new_steps(tmp_path, tiny_model_dir, monkeypatch, capsys):
     out, real, calls = tmp_path / "demo", demo_plan.replan, []
 
-    def slow_pairs(plan, machine, pairs_s, elapsed_s):  # the tiny plan sits at its floors: lower them, be slow
-        calls.append(plan.steps)
+    def slow_pairs(plan, machine, pairs_s, elapsed_s, held_out_only=False):  # slow once both files are made
+        if held_out_only:
+            return real(plan, machine, pairs_s, elapsed_s, held_out_only)
+        calls.append(plan.steps)  # the tiny plan sits at its floors: lower them
         monkeypatch.setitem(demo_plan.FLOORS, "steps", 1)
         return real(plan, machine, pairs_s * 1e4, elapsed_s)
 
@@ -205,7 +207,60 @@ def test_demo_replans_after_slow_pairs_once_and_trains_the_new_steps(tmp_path, t
     record = json.loads((out / "demo.json").read_text())
     before, after = record["replan"]["steps"]
     assert calls == [before] and after == record["plan"]["steps"] == 1 < before
-    assert record["replan"]["pairs_slower"] > 1e3
+    assert record["replan"]["slower"] > 1e3 and record["replan"]["cut"]
     assert sum(1 for r in map(json.loads, open(out / "metrics.jsonl")) if "pairs_per_s" in r) == 1
     assert json.loads((out / "eval.json").read_text())["replan"] == record["replan"]
     assert main(["demo", "--output-dir", str(out), "--resume"]) == 0 and calls == [before]  # not again
+
+
+def test_held_out_replan_cuts_the_training_prompts_still_to_sample():
+    machine = Machine(matmul_gflops=120, step_overhead_s=0.05, params=135_000_000, prompt_tokens=20)
+    plan = make_plan(15, machine, **FULL)
+    held_out = demo_plan.sampling_s(plan.eval_prompts * plan.samples, plan, machine)
+    for ratio in (0.5, 1.0, demo_plan.REPLAN_SLACK):
+        assert demo_plan.replan(plan, machine, held_out * ratio, 60 + held_out * ratio, held_out_only=True)[0] is plan
+    previous = plan
+    for ratio in (1.3, 2.0, 3.0, 50.0):
+        new, slower = demo_plan.replan(plan, machine, held_out * ratio, 60 + held_out * ratio, held_out_only=True)
+        assert slower == pytest.approx(ratio)
+        # the training prompts are not sampled yet: they follow the cut steps down (one pass over their pairs)
+        assert new.train_prompts == max(FLOORS["train_prompts"], demo_plan.prompts_for(new)) < plan.train_prompts
+        assert new.train_prompts <= previous.train_prompts and new.steps <= previous.steps
+        assert (new.samples, new.eval_prompts) == (4, plan.eval_prompts) and new.k <= previous.k
+        assert any(f"train_prompts {plan.train_prompts} → {new.train_prompts} (held-out samples took {ratio:.2f}×"
+                   in c for c in new.cuts)
+        # pairs: the held-out part as measured, the training part predicted on the machine found
+        busy = demo_plan.slowed(machine, ratio)
+        expected = held_out * ratio + demo_plan.sampling_s(new.train_prompts * 4, new, busy)
+        assert new.predicted_s["pairs_s"] == pytest.approx(expected, abs=0.1)
+        assert new.predicted_s["total_s"] <= 15 * 60 + 0.1 or "running it anyway" in new.warning
+        # cut before sampling, the same slow machine fits more steps than a re-plan after sampling the full prompts
+        late, _ = demo_plan.replan(plan, machine, plan.predicted_s["pairs_s"] * ratio,
+                                   60 + plan.predicted_s["pairs_s"] * ratio)
+        assert new.steps >= late.steps
+        previous = new
+    assert previous.steps == FLOORS["steps"] and previous.train_prompts == FLOORS["train_prompts"]
+
+
+def test_demo_cuts_training_prompts_when_held_out_sampling_is_slow(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    out, real, calls = tmp_path / "demo", demo_plan.replan, []
+
+    def slow_held_out(plan, machine, sampled_s, elapsed_s, held_out_only=False):
+        calls.append(held_out_only)
+        return real(plan, machine, sampled_s * (1e4 if held_out_only else 1.0), elapsed_s, held_out_only)
+
+    monkeypatch.setattr(demo_plan, "replan", slow_held_out)
+    monkeypatch.setattr(demo_plan, "FLOORS", dict(train_prompts=2, steps=1, eval_prompts=1, k=1))
+    assert main(_demo(tiny_model_dir, out, "--minutes", "3")) == 0
+    printed = capsys.readouterr().out
+    assert "re-plan: the held-out samples took" in printed and printed.index("eval pairs:") < \
+        printed.index("train pairs:")  # held-out first, then only the prompts the cut plan uses
+    record = json.loads((out / "demo.json").read_text())
+    early = record["held_out_replan"]
+    assert calls == [True, False] and early["cut"] and early["slower"] > 1e3
+    assert early["train_prompts"] == [4, 2] and record["plan"]["train_prompts"] == 2
+    rows = {name: sum(1 for _ in open(out / f"pairs_{name}.jsonl")) for name in ("train", "eval")}
+    assert 1 <= rows["train"] <= 2 and rows["eval"] > 1
+    # the later re-plan predicts on the slow machine found: the pairs were not slower than that, nothing more cut
+    assert not record["replan"]["cut"] and record["replan"]["slower"] < 1
+    assert json.loads((out / "eval.json").read_text())["held_out_replan"] == early

@@ -4,8 +4,9 @@ The paper (Sec. 6.1) continues IMDb review prefixes with GPT-2 and rewards posit
 the prompts are 280 + 60 movie-review openings written for dpokit (data/builtin/sentiment_*.jsonl), the
 reference is the embedded SmolLM2-135M-Instruct continuing them as plain text, and the ground-truth
 reward is VADER sentiment. Steps, each logged with its time:
-  1. pairs: n samples per prompt from the reference, scored; for training one ranked row per prompt (all
-     pairs with different rewards, each completion computed once), for held-out pairs best vs worst;
+  1. pairs: n samples per prompt from the reference, scored; held-out pairs (best vs worst) first, timed, so a
+     machine slower than the plan assumed samples fewer training prompts; for training one ranked row per
+     prompt (all pairs with different rewards, each completion computed once);
   2. DPO on the training pairs (held-out pairs from the eval prompts give implicit-reward accuracy);
   3. generation metrics on the held-out prompts: policy vs reference win rate, rewards, KL, length — the
      reference's side is the held-out samples of step 1 (drawn once, at T = 1 as evaluation draws);
@@ -86,37 +87,46 @@ def demo_train_config(output_dir: Path, task: SentimentTask, pairs_dir: Path | N
 def make_task_pairs(task: SentimentTask, output_dir: Path, log=print, reuse: bool = False,
                     models=None) -> tuple[Path, Path]:
     """Pairs for training (train prompts) and held-out preference metrics (eval prompts), sampled from
-    the reference; written as pairs_train.jsonl / pairs_eval.jsonl in output_dir. With pairing "all" the
-    training file holds ranked rows (one per prompt: its samples and rewards), which training reads as every
-    pair with different rewards and computes each sample once (batches/packing.py). With `reuse`, a file
-    already there is kept (write_jsonl renames a complete temporary file into place, so one that exists
-    is whole). `models`: (tokenizer, reference) already loaded."""
-    train_prompts, eval_prompts = task.prompts()
+    the reference; written as pairs_train.jsonl / pairs_eval.jsonl in output_dir (`make_part_pairs`).
+    `models`: (tokenizer, reference) already loaded."""
     tokenizer, reference = models or (load_tokenizer(task.model), load_model(task.model))
-    reward = load_reward(task.reward)
-    paths, digest = [], None
-    # held-out pairs are always best-vs-worst: one per prompt keeps evaluation cheap and its prompts equal
-    for name, prompts, seed, pairing in (("train", train_prompts, task.seed, task.pairing),
-                                         ("eval", eval_prompts, task.seed + 100, "best-worst")):
-        if reuse and (output_dir / f"pairs_{name}.jsonl").is_file():
-            paths.append(output_dir / f"pairs_{name}.jsonl")
-            log(f"{name} pairs: reusing {paths[-1]}")
-            continue
-        digest = digest or weights_digest(reference)  # once for both files
-        ranked = pairing == "all"
-        if name == "train":
-            rows, stats = make_pairs(reference, tokenizer, prompts, reward, task.samples,
-                                     "best-worst" if ranked else pairing, max_new_tokens=task.max_new_tokens, seed=seed,
-                                     digest=digest, ranked=ranked)
-        else:  # kept: the held-out win rate compares the policy with these same reference samples (T = 1)
-            drawn = sample(reference, tokenizer, prompts, task.samples, task.max_new_tokens, seed=seed)
-            scores = reward([drawn.prompt_of(i) for i in range(len(drawn.texts))], drawn.texts)
-            rows, stats = pairs_from_samples(drawn, scores, tokenizer, pairing, digest=digest)
-            write_json({"samples": asdict(drawn), "rewards": scores, "max_new_tokens": task.max_new_tokens},
-                       output_dir / HELD_OUT_SAMPLES)
-        paths.append(write_jsonl(rows, output_dir / f"pairs_{name}.jsonl"))
-        log(f"{name} pairs: {stats.summary()} → {paths[-1]}")
-    return paths[0], paths[1]
+    reward, digest = load_reward(task.reward), {}
+    return tuple(make_part_pairs(name, task, output_dir, (tokenizer, reference), reward, log, reuse, digest)
+                 for name in ("train", "eval"))
+
+
+def make_part_pairs(name: str, task: SentimentTask, output_dir: Path, models, reward, log=print,
+                    reuse: bool = False, digest: dict | None = None) -> Path:
+    """pairs_{name}.jsonl ("train": the train prompts, "eval": the held-out ones) sampled from the reference
+    `models` = (tokenizer, reference), scored by `reward`. With pairing "all" the training file holds ranked rows
+    (one per prompt: its samples and rewards), which training reads as every pair with different rewards and
+    computes each sample once (batches/packing.py); held-out pairs are always best-vs-worst: one per prompt
+    keeps evaluation cheap and its prompts equal. With `reuse`, a file already there is kept (write_jsonl
+    renames a complete temporary file into place, so one that exists is whole). `digest`: a dict shared by the
+    calls of one run, so the reference's weights are hashed once."""
+    path = output_dir / f"pairs_{name}.jsonl"
+    if reuse and path.is_file():
+        log(f"{name} pairs: reusing {path}")
+        return path
+    tokenizer, reference = models
+    digest = {} if digest is None else digest
+    if "weights" not in digest:
+        digest["weights"] = weights_digest(reference)
+    train_prompts, eval_prompts = task.prompts()
+    if name == "train":
+        ranked = task.pairing == "all"
+        rows, stats = make_pairs(reference, tokenizer, train_prompts, reward, task.samples,
+                                 "best-worst" if ranked else task.pairing, max_new_tokens=task.max_new_tokens,
+                                 seed=task.seed, digest=digest["weights"], ranked=ranked)
+    else:  # kept: the held-out win rate compares the policy with these same reference samples (T = 1)
+        drawn = sample(reference, tokenizer, eval_prompts, task.samples, task.max_new_tokens, seed=task.seed + 100)
+        scores = reward([drawn.prompt_of(i) for i in range(len(drawn.texts))], drawn.texts)
+        rows, stats = pairs_from_samples(drawn, scores, tokenizer, "best-worst", digest=digest["weights"])
+        write_json({"samples": asdict(drawn), "rewards": scores, "max_new_tokens": task.max_new_tokens},
+                   output_dir / HELD_OUT_SAMPLES)
+    write_jsonl(rows, path)
+    log(f"{name} pairs: {stats.summary()} → {path}")
+    return path
 
 
 def held_out_reference_samples(output_dir: Path, task: SentimentTask) -> tuple[Samples, list[float]] | None:
@@ -160,19 +170,50 @@ def headline(g: dict) -> str:
             f"length {g['reference']['length_mean']:.1f} → {g['policy']['length_mean']:.1f} tokens")
 
 
-def replan_after_pairs(state, plan, log=print):
-    """The plan for training and evaluation once the pairs' actual time is known (demo_plan.replan): recorded
-    in demo.json once, before training starts, so a resumed demo trains with the steps it started with."""
+def make_demo_pairs(state, plan, task: SentimentTask, out: Path, models, log=print):
+    """The pairs phase of the demo: (plan, task) for what follows. The held-out pairs are sampled first and timed:
+    on a machine slower than its probe read, the plan is cut (`replan` with held_out_only) before the training
+    prompts are sampled, so a busy machine samples no more prompts than its cut steps use; then the training
+    pairs. A file made by an earlier invocation is reused, and the re-plan is recorded in demo.json once."""
+    models = models or (load_tokenizer(task.model), load_model(task.model))
+    reward, digest = load_reward(task.reward), {}
+    fresh = not (out / "pairs_eval.jsonl").is_file() and not (out / "pairs_train.jsonl").is_file()
+    if fresh:
+        digest["weights"] = weights_digest(models[1])  # outside the timed part: the prediction is sampling only
+    start = time.perf_counter()
+    make_part_pairs("eval", task, out, models, reward, log, reuse=True, digest=digest)
+    if fresh and "held_out_replan" not in state.data:
+        plan = replan_and_record(state, plan, time.perf_counter() - start, log, held_out_only=True)
+        task = replace(task, train_count=plan.train_prompts, k=plan.k)
+    make_part_pairs("train", task, out, models, reward, log, reuse=True, digest=digest)
+    return plan, task
+
+
+def replan_and_record(state, plan, sampled_s: float, log=print, held_out_only: bool = False):
+    """The plan for the rest once sampling's actual time is known (demo_plan.replan): after the held-out samples
+    (held_out_only, recorded as held_out_replan) and after both pair files (recorded as replan), each once and
+    before training starts, so a resumed demo trains with the steps it started with. After a held-out re-plan
+    that cut the plan, predictions are on the machine it found (the probe's, that many times slower)."""
     from dpokit.tasks import demo_plan
-    actual = state.timings()
-    new, slower = demo_plan.replan(plan, demo_plan.Machine(**state.data["machine"]), actual["pairs_s"],
-                                   actual["total_s"])
-    state.data["replan"] = {"pairs_slower": round(slower, 3), "steps": [plan.steps, new.steps], "k": [plan.k, new.k]}
+    machine = demo_plan.Machine(**state.data["machine"])
+    early = state.data.get("held_out_replan") or {}
+    if not held_out_only and early.get("cut"):
+        machine = demo_plan.slowed(machine, early["slower"])
+    elapsed = state.timings()["total_s"]
+    new, slower = demo_plan.replan(plan, machine, sampled_s, elapsed, held_out_only)
+    what = "the held-out samples" if held_out_only else "the pairs"
+    predicted = demo_plan.sampling_s(plan.eval_prompts * plan.samples, plan, machine) if held_out_only \
+        else plan.predicted_s["pairs_s"]
+    state.data["held_out_replan" if held_out_only else "replan"] = {
+        "sampled_s": round(sampled_s, 1), "predicted_s": round(predicted, 1), "slower": round(slower, 3),
+        "cut": new is not plan, "train_prompts": [plan.train_prompts, new.train_prompts],
+        "steps": [plan.steps, new.steps], "k": [plan.k, new.k]}
     if new is not plan:
-        log(f"re-plan: the pairs took {actual['pairs_s'] / 60:.1f} min, {slower:.2f}× the "
-            f"{plan.predicted_s['pairs_s'] / 60:.1f} predicted (the machine is busier than its probe read); for "
-            f"the {(plan.minutes * 60 - actual['total_s']) / 60:.1f} min left: {new.steps} steps, k={new.k}, "
-            f"lr × {new.lr_scale:g}; total now predicted {new.predicted_s['total_s'] / 60:.1f} min"
+        log(f"re-plan: {what} took {sampled_s / 60:.1f} min, {slower:.2f}× the {predicted / 60:.1f} predicted (the "
+            f"machine is busier than its probe read); for the {(plan.minutes * 60 - elapsed) / 60:.1f} min left: "
+            + (f"{new.train_prompts} training prompts, " if held_out_only else "")
+            + f"{new.steps} steps, k={new.k}, lr × {new.lr_scale:g}; total now predicted "
+            f"{new.predicted_s['total_s'] / 60:.1f} min"
             + (f"\nwarning: {new.warning}" if new.warning and new.warning != plan.warning else ""))
         state.data["plan"] = new.to_dict()
     state.save()
@@ -221,11 +262,11 @@ def run_demo(output_dir: str | Path = "runs/demo", task: SentimentTask | None = 
         log("[1/4] sampling preference pairs from the reference")
         phase.name = "sampling pairs"
         with state.phase("pairs"):
-            make_task_pairs(sized, out, log, reuse=True, models=models)
+            plan, sized = make_demo_pairs(state, plan, sized, out, models, log)
         del models
         # once, before training starts (a demo.json from before re-planning may hold a checkpoint of its plan)
         if "train" not in state.done and "replan" not in state.data and not checkpoint_root(out).is_dir():
-            plan = replan_after_pairs(state, plan, log)
+            plan = replan_and_record(state, plan, state.timings()["pairs_s"], log)
             sized = replace(sized, k=plan.k)
 
         log("[2/4] training DPO")
@@ -259,6 +300,7 @@ def run_demo(output_dir: str | Path = "runs/demo", task: SentimentTask | None = 
         eval_result = {"model": str(out / "final"), "ref_model": task.model, "task": asdict(sized),
                        **(state.results.get("eval_after") or {}), "generation": generation,
                        "plan": state.plan, "replan": state.data.get("replan"),
+                       "held_out_replan": state.data.get("held_out_replan"),
                        "timings": state.timings()}
         state.write_json("eval.json", eval_result)
         report = write_report(out, eval_result)

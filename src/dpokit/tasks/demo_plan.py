@@ -39,10 +39,14 @@ win rate. With that, the step floor is 20 (it was 30), so a 45 GFLOP/s CPU (issu
 fit 15 minutes (not yet run on one). A machine shared with another busy process is not: the best-of-5 matmul probe
 reads its free moments (docs/RESULTS.md, "A slow day, simulated").
 
-Re-plan. So the pairs phase, minutes of sampling, is the second measurement: when it took more than REPLAN_SLACK ×
-its prediction, `replan` predicts the rest on a machine that many times slower and cuts steps (lr rescaled), then
-k, to what is left of the budget. The sampled prompts and held-out pairs stay; sampling waits for busy cores as
-training does, though not always as much (on the simulated slow day pairs ran 1.7×, training 2.0× the plan).
+Re-plan. So sampling, minutes of it, is the second measurement, taken twice. The demo samples the held-out
+prompts first: when they took more than REPLAN_SLACK × their prediction, `replan` predicts the rest on a machine
+that many times slower and cuts steps (lr rescaled) — the training prompts, not sampled yet, following them down —
+then k, to what is left of the budget; so a busy machine samples no more training prompts than its cut steps use (on the
+simulated slow day before this, 99 prompts were sampled where the re-plan's 20 steps used ~56). After the
+training pairs the same check runs once more on the whole pairs phase (prompts and held-out pairs now stay, so
+only steps and k are cut), on the machine the first re-plan found. Sampling waits for busy cores as training
+does, though not always as much (on the simulated slow day pairs ran 1.7×, training 2.0× the plan).
 
 Sizing. The plan starts from the task's full sizes (one pass over every pair, or --epochs passes) and
 applies cuts in a fixed order until the predicted total fits: training prompts down to those whose pairs
@@ -143,10 +147,10 @@ def tokens_per_pair(prompt: float, new: int, samples: int, pairing: str, batch_s
 def predict(plan: Plan, m: Machine) -> dict:
     """Seconds per phase for `plan` on machine `m` (module docstring)."""
     n, prompt, new = m.params, m.prompt_tokens, plan.max_new_tokens
-    sampling, compute = m.matmul_gflops * 1e9 * SAMPLE_EFFICIENCY, m.matmul_gflops * 1e9 * TRAIN_EFFICIENCY
+    compute = m.matmul_gflops * 1e9 * TRAIN_EFFICIENCY
 
     def sample_s(rows):
-        return math.ceil(rows / SAMPLE_BATCH) * new * m.step_overhead_s + rows * (prompt + new) * 2 * n / sampling
+        return sampling_s(rows, plan, m)
     pair_tokens = prompt + 2 * new          # a held-out (best-vs-worst) pair
     train_pair_tokens = tokens_per_pair(prompt, new, plan.samples, plan.pairing, plan.batch_size)
     train_pairs = plan.train_prompts * pairs_per_prompt(plan.samples, plan.pairing)
@@ -160,6 +164,13 @@ def predict(plan: Plan, m: Machine) -> dict:
     eval_s = sample_s(plan.eval_prompts * plan.k) + scored * 2 * n / compute
     times = dict(pairs_s=pairs_s, train_s=train_s, eval_s=eval_s, overhead_s=OVERHEAD_S)
     return {k: round(v, 1) for k, v in times.items()} | {"total_s": round(sum(times.values()), 1)}
+
+
+def sampling_s(rows: int, plan: Plan, m: Machine) -> float:
+    """Seconds to sample `rows` continuations of plan.max_new_tokens tokens in batches of SAMPLE_BATCH."""
+    flops = rows * (m.prompt_tokens + plan.max_new_tokens) * 2 * m.params
+    return (math.ceil(rows / SAMPLE_BATCH) * plan.max_new_tokens * m.step_overhead_s
+            + flops / (m.matmul_gflops * 1e9 * SAMPLE_EFFICIENCY))
 
 
 def full_steps(train_prompts: int, samples: int, pairing: str, batch_size: int, epochs: int) -> int:
@@ -229,37 +240,56 @@ def lr_scale(plan: Plan) -> float:
     return round(min(LR_SCALE_MAX, full / plan.steps), 3) if plan.steps < full else 1.0
 
 
-def replan(plan: Plan, machine: Machine, pairs_s: float, elapsed_s: float) -> tuple[Plan, float]:
-    """After the pairs phase: (the plan for the rest of the budget, how many times slower sampling ran than
-    predicted). A machine shared with a busy process reads fast in the probe's best-of-5 matmul and then runs
-    slower (module docstring); sampling and training wait for the cores alike, so when the pairs took over
-    REPLAN_SLACK × their prediction the rest is predicted on a machine that much slower and cut to what is left
-    of `plan.minutes` after `elapsed_s`: steps first (lr rescaled), then k. The pairs are made, so training
-    prompts, samples and held-out prompts stay. A faster machine keeps its plan (the prompts sampled bound
-    the steps)."""
-    slower = pairs_s / max(plan.predicted_s.get("pairs_s", 0.0), 1e-9)
+def slowed(machine: Machine, factor: float) -> Machine:
+    """`machine` running `factor` times slower (a busy one: module docstring, re-plan)."""
+    return replace(machine, matmul_gflops=machine.matmul_gflops / factor,
+                   step_overhead_s=machine.step_overhead_s * factor)
+
+
+def replan(plan: Plan, machine: Machine, pairs_s: float, elapsed_s: float,
+           held_out_only: bool = False) -> tuple[Plan, float]:
+    """(the plan for the rest of the budget, how many times slower sampling ran than predicted), once sampling
+    has been timed. A machine shared with a busy process reads fast in the probe's best-of-5 matmul and then runs
+    slower (module docstring); sampling and training wait for the cores alike, so when sampling took over
+    REPLAN_SLACK × its prediction the rest is predicted on a machine that much slower and cut to what is left of
+    `plan.minutes` after `elapsed_s`: steps first (lr rescaled), then k.
+      * held_out_only: `pairs_s` timed the held-out samples alone (the demo draws them first), so the training
+        prompts are still to sample: they follow the steps down (prompts_for) and their sampling is in the rest;
+      * else `pairs_s` timed both pair files: what was sampled stays.
+    A faster machine keeps its plan (the prompts sampled bound the steps)."""
+    held_out_s = sampling_s(plan.eval_prompts * plan.samples, plan, machine)
+    slower = pairs_s / max(held_out_s if held_out_only else plan.predicted_s.get("pairs_s", 0.0), 1e-9)
     if slower <= REPLAN_SLACK:
         return plan, slower
-    busy = replace(machine, matmul_gflops=machine.matmul_gflops / slower,
-                   step_overhead_s=machine.step_overhead_s * slower)
-    left = plan.minutes * 60 - elapsed_s
+    busy, left = slowed(machine, slower), plan.minutes * 60 - elapsed_s
+
+    def to_sample(p: Plan) -> float:  # the training prompts' sampling, when it is still to come
+        return sampling_s(p.train_prompts * p.samples, p, busy) if held_out_only else 0.0
 
     def rest(p: Plan) -> float:
         t = predict(p, busy)
-        return t["train_s"] + t["eval_s"] + t["overhead_s"]
+        return to_sample(p) + t["train_s"] + t["eval_s"] + t["overhead_s"]
 
-    new = replace(plan, cuts=list(plan.cuts))
+    def prompts_follow(p: Plan) -> Plan:
+        floor = min(FLOORS["train_prompts"], plan.train_prompts)
+        return replace(p, train_prompts=max(floor, min(p.train_prompts, prompts_for(p)))) if held_out_only else p
+
+    new = prompts_follow(replace(plan, cuts=list(plan.cuts)))
+    why = f"{'held-out samples' if held_out_only else 'pairs'} took {slower:.2f}× their prediction"
     for name in ("steps", "k"):
         floor = min(FLOORS[name], getattr(plan, name))
         while rest(new) > left and getattr(new, name) > floor:
             new = replace(new, **{name: smaller(new, name, floor)})
+            new = prompts_follow(new) if name == "steps" else new
+    for name in ("train_prompts", "steps", "k"):
         if getattr(new, name) != getattr(plan, name):
-            new.cuts.append(f"{name} {getattr(plan, name)} → {getattr(new, name)} (pairs took {slower:.2f}× "
-                            "their prediction)")
+            new.cuts.append(f"{name} {getattr(plan, name)} → {getattr(new, name)} ({why})")
     over = rest(new) > left
-    if (new.steps, new.k) == (plan.steps, plan.k) and not over:
+    if (new.train_prompts, new.steps, new.k) == (plan.train_prompts, plan.steps, plan.k) and not over:
         return plan, slower  # it fits as planned (on a tiny model the fixed costs dwarf every prediction)
-    new.predicted_s = predict(new, busy) | {"pairs_s": round(pairs_s, 1), "total_s": round(elapsed_s + rest(new), 1)}
+    done_s = pairs_s + to_sample(new)
+    new.predicted_s = predict(new, busy) | {"pairs_s": round(done_s if held_out_only else pairs_s, 1),
+                                            "total_s": round(elapsed_s + rest(new), 1)}
     new.lr_scale = lr_scale(new) if new.steps != plan.steps else plan.lr_scale  # unchanged steps: unchanged lr
     if over:
         new.warning = (f"sampling ran {slower:.2f}× slower than predicted: even at the floors the rest needs about "
