@@ -246,7 +246,7 @@ def test_demo_cuts_training_prompts_when_held_out_sampling_is_slow(tmp_path, tin
     out, real, calls = tmp_path / "demo", demo_plan.replan, []
 
     def slow_held_out(plan, machine, sampled_s, elapsed_s, held_out_only=False):
-        calls.append(held_out_only)
+        calls.append((held_out_only, machine))
         return real(plan, machine, sampled_s * (1e4 if held_out_only else 1.0), elapsed_s, held_out_only)
 
     monkeypatch.setattr(demo_plan, "replan", slow_held_out)
@@ -257,7 +257,9 @@ def test_demo_cuts_training_prompts_when_held_out_sampling_is_slow(tmp_path, tin
         printed.index("train pairs:")  # held-out first, then only the prompts the cut plan uses
     record = json.loads((out / "demo.json").read_text())
     early = record["held_out_replan"]
-    assert calls == [True, False] and early["cut"] and early["slower"] > 1e3
+    probe = Machine(**record["machine"])
+    assert calls == [(True, probe), (False, demo_plan.slowed(probe, early["slower"]))]
+    assert early["cut"] and early["slower"] > 1e3
     assert early["train_prompts"] == [4, 2] and record["plan"]["train_prompts"] == 2
     rows = {name: sum(1 for _ in open(out / f"pairs_{name}.jsonl")) for name in ("train", "eval")}
     assert 1 <= rows["train"] <= 2 and rows["eval"] > 1

@@ -34,7 +34,7 @@ from dpokit.models import load_model, load_tokenizer
 from dpokit.generation import Samples, sample
 from dpokit.tasks.pairs import make_pairs, pairs_from_samples, write_jsonl
 
-HELD_OUT_SAMPLES = "reference_eval_samples.json"  # the reference's held-out samples, drawn once (make_task_pairs)
+HELD_OUT_SAMPLES = "reference_eval_samples.json"  # the reference's held-out samples, drawn once (make_part_pairs)
 
 
 @dataclass
@@ -130,7 +130,7 @@ def make_part_pairs(name: str, task: SentimentTask, output_dir: Path, models, re
 
 
 def held_out_reference_samples(output_dir: Path, task: SentimentTask) -> tuple[Samples, list[float]] | None:
-    """The reference's held-out samples make_task_pairs kept, when they can stand for the k samples generation
+    """The reference's held-out samples make_part_pairs kept, when they can stand for the k samples generation
     metrics would draw (as many per prompt, the same prompts and length; all are T = 1 draws); else None (a demo
     folder from before they were kept: evaluation samples the reference again)."""
     path = output_dir / HELD_OUT_SAMPLES
@@ -178,8 +178,8 @@ def make_demo_pairs(state, plan, task: SentimentTask, out: Path, models, log=pri
     models = models or (load_tokenizer(task.model), load_model(task.model))
     reward, digest = load_reward(task.reward), {}
     fresh = not (out / "pairs_eval.jsonl").is_file() and not (out / "pairs_train.jsonl").is_file()
-    if fresh:
-        digest["weights"] = weights_digest(models[1])  # outside the timed part: the prediction is sampling only
+    if fresh:  # hashed outside the timed part, whose prediction is sampling only (the second re-plan times the
+        digest["weights"] = weights_digest(models[1])  # whole pairs phase, hashing and scoring included, as before)
     start = time.perf_counter()
     make_part_pairs("eval", task, out, models, reward, log, reuse=True, digest=digest)
     if fresh and "held_out_replan" not in state.data:
@@ -204,10 +204,13 @@ def replan_and_record(state, plan, sampled_s: float, log=print, held_out_only: b
     what = "the held-out samples" if held_out_only else "the pairs"
     predicted = demo_plan.sampling_s(plan.eval_prompts * plan.samples, plan, machine) if held_out_only \
         else plan.predicted_s["pairs_s"]
-    state.data["held_out_replan" if held_out_only else "replan"] = {
-        "sampled_s": round(sampled_s, 1), "predicted_s": round(predicted, 1), "slower": round(slower, 3),
-        "cut": new is not plan, "train_prompts": [plan.train_prompts, new.train_prompts],
-        "steps": [plan.steps, new.steps], "k": [plan.k, new.k]}
+    record = {"sampled_s": round(sampled_s, 1), "predicted_s": round(predicted, 1), "slower": round(slower, 3),
+              "cut": new is not plan, "train_prompts": [plan.train_prompts, new.train_prompts],
+              "steps": [plan.steps, new.steps], "k": [plan.k, new.k]}
+    # the record and the plan it describes in one update: a stop between the two would leave a cut recorded on
+    # the uncut plan (a resume would then sample every training prompt and slow the machine twice)
+    state.data.update({"held_out_replan" if held_out_only else "replan": record, "plan": new.to_dict()})
+    state.save()
     if new is not plan:
         log(f"re-plan: {what} took {sampled_s / 60:.1f} min, {slower:.2f}× the {predicted / 60:.1f} predicted (the "
             f"machine is busier than its probe read); for the {(plan.minutes * 60 - elapsed) / 60:.1f} min left: "
@@ -215,8 +218,6 @@ def replan_and_record(state, plan, sampled_s: float, log=print, held_out_only: b
             + f"{new.steps} steps, k={new.k}, lr × {new.lr_scale:g}; total now predicted "
             f"{new.predicted_s['total_s'] / 60:.1f} min"
             + (f"\nwarning: {new.warning}" if new.warning and new.warning != plan.warning else ""))
-        state.data["plan"] = new.to_dict()
-    state.save()
     return new
 
 

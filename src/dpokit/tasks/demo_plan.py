@@ -45,8 +45,9 @@ that many times slower and cuts steps (lr rescaled) — the training prompts, no
 then k, to what is left of the budget; so a busy machine samples no more training prompts than its cut steps use (on the
 simulated slow day before this, 99 prompts were sampled where the re-plan's 20 steps used ~56). After the
 training pairs the same check runs once more on the whole pairs phase (prompts and held-out pairs now stay, so
-only steps and k are cut), on the machine the first re-plan found. Sampling waits for busy cores as training
-does, though not always as much (on the simulated slow day pairs ran 1.7×, training 2.0× the plan).
+only steps and k are cut), on the machine the first re-plan found when it cut (else the probe's). Sampling waits
+for busy cores as training does, though not always as much (on the simulated slow day pairs ran 1.7×, training
+2.0× the plan).
 
 Sizing. The plan starts from the task's full sizes (one pass over every pair, or --epochs passes) and
 applies cuts in a fixed order until the predicted total fits: training prompts down to those whose pairs
@@ -74,7 +75,7 @@ OVERHEAD_S = 25.0
 SAMPLE_PROBE, PROBE_STEPS = 4, 4
 FLOORS = dict(train_prompts=64, steps=20, eval_prompts=24, k=2)
 LR_SCALE_MAX = 4.0
-REPLAN_SLACK = 1.15           # replan: pairs slower than predicted by more than this re-size the rest
+REPLAN_SLACK = 1.15           # replan: sampling slower than predicted by more than this re-sizes the rest
 
 
 @dataclass
@@ -256,7 +257,7 @@ def replan(plan: Plan, machine: Machine, pairs_s: float, elapsed_s: float,
       * held_out_only: `pairs_s` timed the held-out samples alone (the demo draws them first), so the training
         prompts are still to sample: they follow the steps down (prompts_for) and their sampling is in the rest;
       * else `pairs_s` timed both pair files: what was sampled stays.
-    A faster machine keeps its plan (the prompts sampled bound the steps)."""
+    A faster machine keeps its plan (the full plan's prompts bound the steps)."""
     held_out_s = sampling_s(plan.eval_prompts * plan.samples, plan, machine)
     slower = pairs_s / max(held_out_s if held_out_only else plan.predicted_s.get("pairs_s", 0.0), 1e-9)
     if slower <= REPLAN_SLACK:
