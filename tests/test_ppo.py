@@ -150,7 +150,7 @@ def test_kl_penalty_at_every_token_and_the_score_at_the_last_real_token():
 # ---- micro-batch additivity on the tiny model ---------------------------------------------------------------
 def test_micro_batch_gradients_add_up_to_the_batch_gradient(tokenizer):
     from dpokit.loop.online import token_logps
-    from dpokit.loop.ppo import token_values
+    from dpokit.loop.ppo import micro_batch_backward, token_values
     cfg = TrainConfig.from_dict({"loss": "ppo", "kl_coef": 0.05, "device": "cpu"})
     policy = make_tiny_model(len(tokenizer), seed=1)
     value_model = _value_model(tokenizer)
@@ -161,11 +161,17 @@ def test_micro_batch_gradients_add_up_to_the_batch_gradient(tokenizer):
     old, adv, old_v, ret = (torch.randn(4, width, generator=g) * 0.3 for _ in range(4))
     tokens = float(sum(mask_lengths))
 
-    def grads(parts):
+    def grads(parts, one_model_at_a_time=False):
         for p in list(policy.parameters()) + list(value_model.parameters()):
             p.grad = None
         for part in parts:
             sub = [rows[i] for i in part]
+            if one_model_at_a_time:  # as ppo_step takes them: the policy's backward, then the value model's
+                with torch.no_grad():
+                    now = token_logps(policy, sub, 0, CPU, cfg)[0]
+                rollout = (old[part, :now.shape[1]] + now, adv[part], old_v[part], ret[part])
+                micro_batch_backward(policy, value_model, sub, rollout, tokens, 1.0, 0, CPU, cfg, 0)
+                continue
             logps, mask = token_logps(policy, sub, 0, CPU, cfg)
             values = token_values(value_model, sub, 0, CPU, cfg)
             w = logps.shape[1]
@@ -176,6 +182,8 @@ def test_micro_batch_gradients_add_up_to_the_batch_gradient(tokenizer):
         return [p.grad.clone() for p in list(policy.parameters()) + list(value_model.parameters())]
     whole, halves = grads([[0, 1, 2, 3]]), grads([[0, 1], [2, 3]])
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(whole, halves))
+    # backpropagated one model at a time: the joint loss's gradients, exactly (the two terms share no parameter)
+    assert all(torch.equal(a, b) for a, b in zip(halves, grads([[0, 1], [2, 3]], one_model_at_a_time=True)))
     assert any(a.abs().sum() > 0 for a in whole[-1:])  # the value head gets a gradient
 
 

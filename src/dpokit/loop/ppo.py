@@ -14,7 +14,8 @@ last one. It starts
   * else from the policy's own weights with a fresh head, drawn from N(0, initializer_range²) seeded by --seed.
 A reward folder with several labels and no #LABEL is refused: which logit is the reward is then a guess.
 Policy and value model share one optimizer (one parameter list, one schedule, one gradient-norm clip over
-both), as TRL's PolicyAndValueWrapper, and one backward of L_policy + vf_coef · L_value per micro-batch.
+both), as TRL's PolicyAndValueWrapper, and the gradient of L_policy + vf_coef · L_value per micro-batch, taken
+one model at a time (`micro_batch_backward`: the same gradients, one model's activations held at once).
 With --lora-r the value model stays a separate model but trains as the policy does: its own LoRA adapters (the
 same r, α and targets) and its head in full, its backbone frozen in --model-dtype — a fully trained value model
 would bring back the gradients and AdamW state of a whole model that LoRA saves on the policy. (It does not share
@@ -61,8 +62,7 @@ from dpokit.loop.online_dist import ONE
 from dpokit.loop.steps import NonFiniteError
 from dpokit.loop.update import update
 from dpokit.models.lora import add_lora, base_weights, disable_dropout
-from dpokit.objectives import OBJECTIVES, OnlineInputs
-from dpokit.objectives.ppo import explained_variance, gae, token_rewards, whiten
+from dpokit.objectives.ppo import explained_variance, gae, ppo_policy_loss, ppo_value_loss, token_rewards, whiten
 
 
 def ppo_method(cfg, policy, tokenizer, device, log):
@@ -228,6 +228,32 @@ def rollout_rows(samples, rewards, cfg, step: int, shard=ONE) -> tuple[list, lis
     return [parts[r][0][i] for r, i in order], [parts[r][1][i] for r, i in order]
 
 
+def micro_batch_backward(trained, valued, part, rollout_part, normalizer: float, weight: float, pad_id, device, cfg,
+                         step: int, check_finite: bool = True) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    """One micro-batch's L_policy + vf_coef · L_value (objectives/ppo.py `ppo_loss`), backpropagated one model at a
+    time: the two terms share no parameter, so the gradients are those of their sum, while only one model's
+    activations are held at once (the policy's are freed before the value model's forward). `rollout_part`: the
+    micro-batch's rows of (log π_old, advantages, V_old, returns). Returns (the loss, detached; ppo_loss's stats;
+    the mask of real completion tokens)."""
+    old, advantages, old_values, returns = rollout_part
+    logps, mask = token_logps(trained, part, pad_id, device, cfg)
+    w = logps.shape[1]
+    policy, stats = ppo_policy_loss(logps, old[:, :w], advantages[:, :w], mask, cfg.epsilon_low, cfg.epsilon_high,
+                                    normalizer)
+    if check_finite and not torch.isfinite(policy):
+        raise NonFiniteError(f"step {step + 1}: non-finite PPO policy loss")
+    (policy if weight == 1.0 else policy * weight).backward()
+    del logps
+    values = token_values(valued, part, pad_id, device, cfg)
+    value, value_stats = ppo_value_loss(values, old_values[:, :w], returns[:, :w], mask, cfg.cliprange_value,
+                                        normalizer)
+    if check_finite and not torch.isfinite(value):
+        raise NonFiniteError(f"step {step + 1}: non-finite PPO value loss")
+    (cfg.vf_coef * value * weight).backward()
+    policy, value = policy.detach(), value.detach()
+    return policy + cfg.vf_coef * value, {**stats, **value_stats, "loss/policy": policy, "loss/value": value}, mask
+
+
 def ppo_step(policy, value_model, params, reference, samples, rewards, cfg, optimizer, scheduler, pad_id, device,
              step, shard=ONE) -> dict:
     """Rollout passes, rewards, GAE, then num_ppo_epochs × num_mini_batches updates (module docstring). Under
@@ -255,15 +281,9 @@ def ppo_step(policy, value_model, params, reference, samples, rewards, cfg, opti
                 m, weight = (shard.share(m), 1.0) if shard.share(m) else (m[:1], 0.0)
                 part = [rows[i] for i in m]
                 with shard.sync(last=k == len(mini) - 1):
-                    logps, part_mask = token_logps(trained, part, pad_id, device, cfg)
-                    values = token_values(valued, part, pad_id, device, cfg)
-                    w = logps.shape[1]
-                    loss, stats = OBJECTIVES["ppo"].compute(OnlineInputs(
-                        logps, old[m, :w], advantages[m, :w], part_mask, None, tokens / shard.world, values,
-                        old_values[m, :w], returns[m, :w]), cfg)
-                    if shard.check_finite and not torch.isfinite(loss):
-                        raise NonFiniteError(f"step {step + 1}: non-finite PPO loss")
-                    (loss if weight == 1.0 else loss * weight).backward()
+                    loss, stats, part_mask = micro_batch_backward(
+                        trained, valued, part, (old[m], advantages[m], old_values[m], returns[m]),
+                        tokens / shard.world, weight, pad_id, device, cfg, step, shard.check_finite)
                 # the micro-batches' losses add up to the mini-batch's (over every rank's: ÷ processes)
                 sums["loss"] += loss.item() * weight / shard.world
                 sums["loss/policy"] += stats.pop("loss/policy").item() * weight / shard.world
