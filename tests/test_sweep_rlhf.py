@@ -42,8 +42,10 @@ def test_sweep_puts_rlhf_and_ppo_gt_on_the_frontier_with_costs_and_reuses_them(t
     for kl in (0.05, 0.1):
         cfg = TrainConfig.from_yaml(str(out / f"rlhf-kl{kl:g}" / "config.yaml"))
         assert (cfg.loss, cfg.kl_coef, cfg.reward) == ("ppo", kl, rm["final"])
+        assert (cfg.batch_size, cfg.grad_accum) == (4, 4)  # 16 prompts a step in micro-batches of 4 (less memory)
     gt = TrainConfig.from_yaml(str(out / "ppo-gt" / "config.yaml"))
-    assert (gt.loss, gt.kl_coef, gt.reward) == ("ppo", 0.05, "conftest:letter_reward")
+    assert (gt.loss, gt.kl_coef, gt.reward, gt.batch_size, gt.grad_accum) == \
+        ("ppo", 0.05, "conftest:letter_reward", 4, 4)
     assert f"held-out accuracy {rm['accuracy']:.3f}" in (out / "report.html").read_text()
     assert any(n.startswith("Budget:") for n in frontier["notes"])
 
