@@ -242,8 +242,7 @@ def micro_batch_backward(trained, valued, part, rollout_part, normalizer: float,
                                     normalizer)
     if check_finite and not torch.isfinite(policy):
         raise NonFiniteError(f"step {step + 1}: non-finite PPO policy loss")
-    (policy if weight == 1.0 else policy * weight).backward()
-    del logps
+    (policy if weight == 1.0 else policy * weight).backward()  # frees the policy's activations
     values = token_values(valued, part, pad_id, device, cfg)
     value, value_stats = ppo_value_loss(values, old_values[:, :w], returns[:, :w], mask, cfg.cliprange_value,
                                         normalizer)

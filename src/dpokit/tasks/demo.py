@@ -202,8 +202,7 @@ def replan_and_record(state, plan, sampled_s: float, log=print, held_out_only: b
     elapsed = state.timings()["total_s"]
     new, slower = demo_plan.replan(plan, machine, sampled_s, elapsed, held_out_only)
     what = "the held-out samples" if held_out_only else "the pairs"
-    predicted = demo_plan.sampling_s(plan.eval_prompts * plan.samples, plan, machine) if held_out_only \
-        else plan.predicted_s["pairs_s"]
+    predicted = sampled_s / slower if slower else 0.0  # what replan compared sampled_s with
     record = {"sampled_s": round(sampled_s, 1), "predicted_s": round(predicted, 1), "slower": round(slower, 3),
               "cut": new is not plan, "train_prompts": [plan.train_prompts, new.train_prompts],
               "steps": [plan.steps, new.steps], "k": [plan.k, new.k]}

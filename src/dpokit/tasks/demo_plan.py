@@ -258,8 +258,9 @@ def replan(plan: Plan, machine: Machine, pairs_s: float, elapsed_s: float,
         prompts are still to sample: they follow the steps down (prompts_for) and their sampling is in the rest;
       * else `pairs_s` timed both pair files: what was sampled stays.
     A faster machine keeps its plan (the full plan's prompts bound the steps)."""
-    held_out_s = sampling_s(plan.eval_prompts * plan.samples, plan, machine)
-    slower = pairs_s / max(held_out_s if held_out_only else plan.predicted_s.get("pairs_s", 0.0), 1e-9)
+    predicted = sampling_s(plan.eval_prompts * plan.samples, plan, machine) if held_out_only \
+        else plan.predicted_s.get("pairs_s", 0.0)
+    slower = pairs_s / max(predicted, 1e-9)
     if slower <= REPLAN_SLACK:
         return plan, slower
     busy, left = slowed(machine, slower), plan.minutes * 60 - elapsed_s
@@ -288,8 +289,7 @@ def replan(plan: Plan, machine: Machine, pairs_s: float, elapsed_s: float,
     over = rest(new) > left
     if (new.train_prompts, new.steps, new.k) == (plan.train_prompts, plan.steps, plan.k) and not over:
         return plan, slower  # it fits as planned (on a tiny model the fixed costs dwarf every prediction)
-    done_s = pairs_s + to_sample(new)
-    new.predicted_s = predict(new, busy) | {"pairs_s": round(done_s if held_out_only else pairs_s, 1),
+    new.predicted_s = predict(new, busy) | {"pairs_s": round(pairs_s + to_sample(new), 1),
                                             "total_s": round(elapsed_s + rest(new), 1)}
     new.lr_scale = lr_scale(new) if new.steps != plan.steps else plan.lr_scale  # unchanged steps: unchanged lr
     if over:

@@ -18,7 +18,7 @@ def result_options(cfg: TrainConfig) -> dict:
 
 
 # PPO's kl_coef and reward: tasks/sweep_rl.py. PPO takes its 16 prompts per step as 4 micro-batches of 4: the same
-# updates (ppo_step divides each micro-batch by its mini-batch's tokens; one RLHF step measured equal to 1e-6), a
+# updates (ppo_step divides each micro-batch by its mini-batch's tokens; one RLHF step's loss measured equal to 4e-6), a
 # quarter of the activations (peak 7.9 GB against 13.4 GB), and faster on a CPU (173 s a step against 235 s;
 # 2026-12-03, docs/RESULTS.md "PPO's memory")
 ONLINE_OBJECTIVES = {"GRPO": {"loss": "grpo"}, "Online DPO": {"online_dpo": True, "pack_tokens": 0},
